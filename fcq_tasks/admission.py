@@ -1,0 +1,58 @@
+"""Host memory admission: starts never book more than vm_max_total_memory.
+
+What a running VM books is the memory recorded in its identity file when it
+was started, counted only while its QEMU process is alive. The check and the
+start happen under one host-wide flock, so two starts of different VMs can
+not both squeeze into the last free gigabyte.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import MemoryLimitExceeded, QemuError
+from .hazmat.qemu import QemuProcess, VMRunPaths, read_identity_files
+
+#: How often a start waiting for the admission lock looks again.
+RETRY_INTERVAL = 0.05
+
+
+def booked_memory(run_dir: Path, qmp_timeout: float, exclude: str = "") -> dict[str, int]:
+    """name → MB for every VM whose QEMU runs on this host (but *exclude*)."""
+    out = {}
+    for name, ident in read_identity_files(run_dir).items():
+        if name == exclude:
+            continue
+        if QemuProcess(VMRunPaths(run_dir, name), qmp_timeout).find() is not None:
+            out[name] = int(ident.get("memory_mb", 0))
+    return out
+
+
+@contextmanager
+def admission(run_dir: Path, vm: str, memory_mb: int, limit_mb: int, qmp_timeout: float,
+              wait: float) -> Iterator[None]:
+    """Admit VM *vm* or raise MemoryLimitExceeded; hold the host lock while the caller starts it."""
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(run_dir / "admission.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise QemuError(f"{vm}: another start holds the admission lock for "
+                                    f"more than {wait} s", vm=vm) from None
+                time.sleep(RETRY_INTERVAL)
+        booked = sum(booked_memory(run_dir, qmp_timeout, exclude=vm).values())
+        if booked + memory_mb > limit_mb:
+            raise MemoryLimitExceeded(vm, memory_mb, booked, limit_mb)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,401 @@
+"""The agent for one VM on this host: observe, plan, act, observe again.
+
+``VMAgent`` is what the CLI's local commands and (from the Cluster issue on)
+the Celery tasks call. Every public operation holds the VM's operation lock,
+logs ``wanted=… found=… action=…`` for each step, and returns a JSON-safe
+result. Decisions come from :func:`fcq_tasks.plan.plan`; this module only
+carries them out, and undoes its own partial work when a start fails, so a
+failure never leaves a half-started VM or a leaked lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import psutil
+import structlog
+
+from . import admission
+from .errors import (
+    FcqError,
+    Inconsistent,
+    LockedByOtherHost,
+    QemuError,
+    QmpError,
+    Refused,
+    ShrinkRefused,
+)
+from .fileio import write_atomically
+from .hazmat.accel import cpu_model, detect_accelerator
+from .hazmat.guestagent import GuestAgent
+from .hazmat.qemu import QemuProcess, VMRunPaths
+from .oplock import operation_lock
+from .plan import Action, Do, Observed, Run, plan, wanted
+from .settings import HostSettings
+from .storage import VOLUMES, Storage, open_storage
+from .template import RunPaths, render_qemu_config
+from .vmspec import VMSpec, load_vm_spec
+
+#: QMP runstates that mean "guest code may run".
+RUNNING_STATES = frozenset({"running"})
+
+
+class VMAgent:
+    """Operations on VM *name* on the host *settings* describe. No I/O here."""
+
+    def __init__(self, settings: HostSettings, name: str, storage: Storage | None = None) -> None:
+        self.settings = settings
+        self.name = name
+        self.paths = VMRunPaths(settings.run_dir, name)
+        self.qemu = QemuProcess(self.paths, settings.qmp_timeout)
+        self.storage = storage if storage is not None else open_storage(settings)
+        self.log = structlog.get_logger().bind(vm=name, host=settings.host)
+
+    # -- observing --------------------------------------------------------
+
+    def spec(self) -> VMSpec:
+        spec = load_vm_spec(self.settings.vm_config_dir, self.name)
+        for warning in spec.warnings:
+            self.log.warning("config-warning", detail=warning)
+        return spec
+
+    def _process(self) -> psutil.Process | None:
+        return self.qemu.find()
+
+    def observe(self) -> Observed:
+        vols = self.storage.volumes(self.name)
+        owners = {v.name: v.lock_owner for v in vols}
+        root = next((v.size for v in vols if v.name == "root"), None)
+        if self._process() is None:
+            run = Run.CRASHED if self.paths.leftovers() else Run.STOPPED
+            return Observed(run, owners, root)
+        try:
+            with self.qemu.qmp() as qmp:
+                state = qmp.runstate()
+                blocks = qmp.execute("query-block")
+        except QmpError as err:
+            self.log.warning("qmp-unreachable", error=str(err))
+            return Observed(Run.UNRESPONSIVE, owners, root)
+        if state in RUNNING_STATES:
+            run = Run.RUNNING
+        elif state == "inmigrate":
+            run = Run.INMIGRATE
+        elif state == "postmigrate":
+            run = Run.POSTMIGRATE
+        else:
+            run = Run.PAUSED
+        iops = 0
+        for block in blocks:
+            if block.get("device") == "root" and "inserted" in block:
+                iops = int(block["inserted"].get("iops", 0))
+                root = int(block["inserted"]["image"]["virtual-size"])
+        return Observed(run, owners, root, iops)
+
+    def status(self) -> dict[str, Any]:
+        """What runs and who holds what, without changing anything."""
+        result: dict[str, Any] = {"vm": self.name, "host": self.settings.host}
+        try:
+            spec: VMSpec | None = self.spec()
+        except FcqError as err:
+            spec = None
+            result["config_error"] = err.message
+        obs = self.observe()
+        proc = self._process()
+        ident = self.qemu.identity()
+        result.update({
+            "status": obs.run.value,
+            "wanted": wanted(spec, self.settings.host) if spec else None,
+            "pid": proc.pid if proc else None,
+            "memory_mb": ident.memory_mb if proc and ident else None,
+            "root_bytes": obs.root_bytes,
+            "locks": obs.lock_owners,
+            "iops": obs.iops,
+        })
+        if obs.run is Run.RUNNING:
+            result["guest_agent"] = self._guest_agent_answers(timeout=1.0)
+        return result
+
+    def _guest_agent_answers(self, timeout: float) -> bool:
+        try:
+            with GuestAgent(str(self.paths.ga), timeout, self.name) as ga:
+                ga.ping()
+            return True
+        except FcqError:
+            return False
+
+    # -- operations -------------------------------------------------------
+
+    def _locked(self) -> Any:
+        return operation_lock(self.settings.run_dir, self.name, self.settings.operation_wait)
+
+    def ensure(self) -> dict[str, Any]:
+        """Converge the VM to its config on this host."""
+        with self._locked():
+            spec = self.spec()
+            return self._converge(spec, "ensure")
+
+    def _converge(self, spec: VMSpec, operation: str) -> dict[str, Any]:
+        found = self.observe()
+        actions = plan(spec, found, self.settings.host)
+        want = wanted(spec, self.settings.host)
+        done: list[str] = []
+        refusals: list[Action] = []
+        for action in actions:
+            self.log.info("decision", action=action.do.value, wanted=want, found=found.run.value,
+                          reason=action.reason)
+            if action.do is Do.REFUSE:
+                refusals.append(action)
+                continue
+            self._execute(action, spec)
+            done.append(action.do.value)
+        after = self.observe()
+        result = self._result(operation, want, found, done, after)
+        if refusals:
+            raise self._refusal_error(refusals[0], spec, found, result)
+        return result
+
+    def _result(self, operation: str, want: str, found: Observed, done: list[str],
+                after: Observed) -> dict[str, Any]:
+        return {"vm": self.name, "host": self.settings.host, "operation": operation,
+                "wanted": want, "found": found.run.value, "actions": done,
+                "status": after.run.value}
+
+    def _refusal_error(self, action: Action, spec: VMSpec, found: Observed,
+                       result: dict[str, Any]) -> FcqError:
+        err: FcqError
+        if action.refusal == "locked":
+            volume = next(v for v, o in found.lock_owners.items() if o == action.host)
+            err = LockedByOtherHost(self.name, volume, action.host)
+        elif action.refusal == "shrink":
+            err = ShrinkRefused(self.name, "root", found.root_bytes or 0, spec.disk_bytes)
+        else:
+            err = Inconsistent(self.name, found.run.value, action.reason)
+        err.fields["result"] = result
+        self.log.error("refused", action=action.refusal, reason=err.message)
+        return err
+
+    def _execute(self, action: Action, spec: VMSpec) -> None:
+        do = action.do
+        if do is Do.START:
+            self._start(spec)
+        elif do is Do.STOP:
+            self._stop()
+        elif do is Do.KILL:
+            self._kill()
+        elif do is Do.PAUSE:
+            with self.qemu.qmp() as qmp:
+                qmp.execute("stop")
+        elif do is Do.CLEAN_UP:
+            self._clean_up()
+        elif do is Do.TAKE_LOCKS:
+            self._take_locks()
+        elif do is Do.GROW_ROOT:
+            with self.qemu.qmp() as qmp:
+                qmp.execute("block_resize", device="root", size=action.size)
+            self.log.info("grown", action="grow-root", size=action.size)
+        elif do is Do.SET_IOPS:
+            self._set_iops(action.iops)
+        elif do is Do.OUTMIGRATE:
+            self.log.warning("needs-outmigration", action="outmigrate", to=action.host)
+        elif do is Do.NOTHING:
+            pass
+
+    def orphan(self) -> dict[str, Any]:
+        """A VM with run files here but no config: clean up, never stop it.
+
+        A running VM whose config vanished is left running and reported: a
+        lost file is not an order to power a guest off.
+        """
+        with self._locked():
+            found = self.observe()
+            if self._process() is not None:
+                self.log.warning("orphan-running", action="nothing", found=found.run.value,
+                                 detail="runs without a config file: restore or remove it")
+                return self._result("ensure", "unknown", found, [], found)
+            self._clean_up()
+            return self._result("ensure", "unknown", found, ["clean-up"], self.observe())
+
+    def start(self) -> dict[str, Any]:
+        """Start the VM here if it is not running (the config must allow this host)."""
+        with self._locked():
+            spec = self.spec()
+            if spec.kvm_host not in (None, self.settings.host):
+                raise Refused(f"{self.name}: config puts it on host {spec.kvm_host}; "
+                              "starting it here could run it twice", vm=self.name,
+                              kvm_host=spec.kvm_host)
+            if not spec.online:
+                self.log.warning("start-offline-vm", action="start",
+                                 detail="config says online: false; the next ensure stops it")
+            found = self.observe()
+            if found.run in (Run.RUNNING, Run.PAUSED, Run.INMIGRATE):
+                return self._result("start", "here", found, [], found)
+            online = dataclasses.replace(spec, online=True, kvm_host=self.settings.host)
+            return self._converge(online, "start")
+
+    def stop(self) -> dict[str, Any]:
+        """Power the VM off gracefully (ACPI, then quit, then kill) and release its locks."""
+        with self._locked():
+            found = self.observe()
+            done = []
+            if self._process() is not None:
+                self._stop()
+                done.append("stop")
+            if found.run is not Run.STOPPED or any(
+                    o == self.settings.host for o in found.lock_owners.values()):
+                self._clean_up()
+                done.append("clean-up")
+            return self._result("stop", "stopped", found, done, self.observe())
+
+    def restart(self) -> dict[str, Any]:
+        with self._locked():
+            self.stop()
+            result = self.start()
+            result["operation"] = "restart"
+            return result
+
+    def kill(self) -> dict[str, Any]:
+        """SIGKILL the VM's QEMU and release its locks."""
+        with self._locked():
+            found = self.observe()
+            done = []
+            if self._process() is not None:
+                self._kill()
+                done.append("kill")
+            self._clean_up()
+            done.append("clean-up")
+            return self._result("kill", "stopped", found, done, self.observe())
+
+    def force_unlock(self) -> dict[str, Any]:
+        """Break every lock of the VM's volumes, whoever holds them.
+
+        Refused while the VM's QEMU runs here: breaking our own live lock
+        would invite a second writer. For a lock of another host the
+        operator vouches that that host's QEMU is gone.
+        """
+        with self._locked():
+            if self._process() is not None:
+                raise Refused(f"{self.name}: runs on this host; stop it before breaking locks",
+                              vm=self.name)
+            broken = {}
+            for volume in VOLUMES:
+                owner = self.storage.force_unlock(self.name, volume)
+                if owner is not None:
+                    broken[volume] = owner
+                    self.log.warning("lock-broken", action="force-unlock", volume=volume,
+                                     previous_owner=owner)
+            return {"vm": self.name, "host": self.settings.host, "operation": "force-unlock",
+                    "broken": broken}
+
+    # -- steps ------------------------------------------------------------
+
+    def _take_locks(self) -> list[str]:
+        taken = []
+        try:
+            for volume in VOLUMES:
+                if self.storage.lock(self.name, volume):
+                    taken.append(volume)
+        except BaseException:
+            for volume in taken:
+                self.storage.unlock(self.name, volume)
+            raise
+        return taken
+
+    def _release_locks(self) -> None:
+        for volume in VOLUMES:
+            if self.storage.unlock(self.name, volume):
+                self.log.info("unlocked", action="release-lock", volume=volume)
+
+    def _clean_up(self) -> None:
+        if self._process() is not None:
+            raise Inconsistent(self.name, "running", "clean-up asked while QEMU runs")
+        removed = self.qemu.clean_up()
+        if removed:
+            self.log.info("cleaned-up", action="clean-up", removed=removed)
+        self._release_locks()
+
+    def argv(self, accel: str) -> list[str]:
+        p = self.paths
+        return [self.settings.qemu_binary, "-nodefaults", "-no-user-config",
+                "-display", "none", "-cpu", cpu_model(accel),
+                "-serial", f"file:{p.serial_log}", "-msg", "timestamp=on",
+                "-readconfig", str(p.config),
+                "-daemonize", "-pidfile", str(p.pidfile)]
+
+    def _start(self, spec: VMSpec) -> None:
+        s = self.settings
+        s.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        accel = detect_accelerator(s.accelerator)
+        drives = [self.storage.drive(self.name, v) for v in VOLUMES]
+        config = render_qemu_config(s, spec, accel, drives,
+                                    RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga)))
+        argv = self.argv(accel)
+        t0 = time.monotonic()
+        with admission.admission(s.run_dir, self.name, spec.memory_mb, s.vm_max_total_memory,
+                                 s.qmp_timeout, wait=s.start_timeout):
+            created = self.storage.ensure_volumes(spec)
+            if created:
+                self.log.info("volumes-created", action="start", volumes=created)
+            root = next(v.size for v in self.storage.volumes(self.name) if v.name == "root")
+            if root is not None and root < spec.disk_bytes:
+                self.storage.grow(self.name, "root", spec.disk_bytes)
+                self.log.info("grown", action="grow-root", size=spec.disk_bytes)
+            taken = self._take_locks()
+            try:
+                write_atomically(self.paths.config, config)
+                self.log.info("qemu-start", action="start", argv=" ".join(argv),
+                              accel=accel, memory_mb=spec.memory_mb)
+                self.qemu.start(argv, spec.memory_mb, s.start_timeout)
+                if spec.iops:
+                    self._set_iops(spec.iops)
+            except BaseException:
+                self._undo_start(taken)
+                raise
+        self.log.info("started", action="start", seconds=round(time.monotonic() - t0, 3))
+
+    def _undo_start(self, taken: list[str]) -> None:
+        """Leave no half-started VM: kill what we started, give back what we took."""
+        proc = self._process()
+        if proc is not None:
+            self.qemu.kill(proc)
+        self.qemu.clean_up()
+        for volume in taken:
+            self.storage.unlock(self.name, volume)
+        self.log.warning("start-undone", action="start", released=taken)
+
+    def _set_iops(self, iops: int) -> None:
+        with self.qemu.qmp() as qmp:
+            for volume in VOLUMES:
+                qmp.execute("block_set_io_throttle", device=volume, bps=0, bps_rd=0, bps_wr=0,
+                            iops=iops, iops_rd=0, iops_wr=0)
+        self.log.info("iops-set", action="set-iops", iops=iops)
+
+    def _stop(self) -> None:
+        proc = self._process()
+        if proc is None:
+            return
+        grace = self.settings.shutdown_grace
+        try:
+            with self.qemu.qmp() as qmp:
+                qmp.execute("system_powerdown")
+            self.log.info("powerdown-sent", action="stop", grace=grace)
+            if self.qemu.wait_gone(proc, grace):
+                self.log.info("stopped", action="stop", how="acpi")
+                return
+            with self.qemu.qmp() as qmp:
+                self.log.warning("quit", action="stop", detail=f"guest ignored ACPI for {grace} s")
+                qmp.execute("quit")
+            if self.qemu.wait_gone(proc, self.settings.qmp_timeout):
+                self.log.info("stopped", action="stop", how="quit")
+                return
+        except QemuError as err:
+            self.log.warning("qmp-failed-during-stop", action="stop", error=str(err))
+        self.log.warning("kill", action="stop", detail="QEMU did not exit: SIGKILL")
+        self.qemu.kill(proc)
+
+    def _kill(self) -> None:
+        proc = self._process()
+        if proc is not None:
+            self.qemu.kill(proc)
+            self.log.warning("killed", action="kill", pid=proc.pid)

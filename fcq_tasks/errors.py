@@ -1,0 +1,151 @@
+"""The one exception tree of fcq.
+
+Every error fcq raises on purpose derives from :class:`FcqError` and carries
+the fields an operator needs to act on it. The tree is short on purpose::
+
+    FcqError
+     ├── UserError                 the request or the config is wrong; retrying won't help
+     │    ├── ConfigError          a file or field breaks a rule (file, field, rule)
+     │    ├── BadRequest           a command/task argument breaks a rule (field, rule)
+     │    ├── UnknownVM            no config for this VM on this host
+     │    └── Refused              a safety rule forbids the operation now
+     │         ├── VMBusy          another operation holds the VM's operation lock
+     │         ├── MemoryLimitExceeded
+     │         ├── ShrinkRefused   disks never shrink
+     │         ├── LockedByOtherHost
+     │         └── Inconsistent    what we observed needs an operator's decision
+     └── SystemFailure              the machine failed us (QEMU, QMP, storage, commands)
+          ├── QemuError
+          ├── QmpError
+          ├── GuestAgentError
+          └── StorageError
+
+The CLI maps the branches to exit codes (see ``docs/cli.md``); the Celery
+tasks put ``UserError`` subclasses into ``Task.throws`` so they are logged
+without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FcqError(Exception):
+    """Root of every error fcq raises deliberately."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-safe description for ``--json`` output and task results."""
+        out: dict[str, object] = {"error": type(self).__name__, "message": self.message}
+        out.update({k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
+                    for k, v in self.fields.items()})
+        return out
+
+
+class UserError(FcqError):
+    """The request or the configuration is wrong; the system is fine."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A configuration file or one of its fields breaks a rule."""
+
+    def __init__(self, file: str, field: str, rule: str) -> None:
+        super().__init__(f"{file}: {field}: {rule}", file=file, field=field, rule=rule)
+        self.file = file
+        self.field = field
+        self.rule = rule
+
+
+class BadRequest(UserError):
+    """An argument of a command or task breaks a rule."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}", field=field, rule=rule)
+        self.field = field
+        self.rule = rule
+
+
+class UnknownVM(UserError):
+    """This host has no configuration for the VM."""
+
+    def __init__(self, vm: str, config_dir: str) -> None:
+        super().__init__(f"{vm}: no config in {config_dir}", vm=vm, config_dir=config_dir)
+        self.vm = vm
+
+
+class Refused(UserError):
+    """A safety rule forbids the operation at this moment."""
+
+    exit_code = 4
+
+
+class VMBusy(Refused):
+    """Another operation holds the VM's operation lock."""
+
+    exit_code = 3
+
+    def __init__(self, vm: str, holder: str = "") -> None:
+        detail = f" ({holder})" if holder else ""
+        super().__init__(f"{vm}: busy with another operation{detail}", vm=vm, holder=holder)
+        self.vm = vm
+
+
+class MemoryLimitExceeded(Refused):
+    """Starting the VM would book more memory than vm-max-total-memory."""
+
+    def __init__(self, vm: str, wanted_mb: int, booked_mb: int, limit_mb: int) -> None:
+        super().__init__(
+            f"{vm}: needs {wanted_mb} MB but {booked_mb} of {limit_mb} MB "
+            "(vm_max_total_memory) are booked by running VMs",
+            vm=vm, wanted_mb=wanted_mb, booked_mb=booked_mb, limit_mb=limit_mb)
+
+
+class ShrinkRefused(Refused):
+    """A disk would become smaller than it is."""
+
+    def __init__(self, vm: str, volume: str, current: int, wanted: int) -> None:
+        super().__init__(
+            f"{vm}: {volume} is {current} bytes, config asks for {wanted}: disks never shrink",
+            vm=vm, volume=volume, current_bytes=current, wanted_bytes=wanted)
+
+
+class LockedByOtherHost(Refused):
+    """A volume lock is held by another host, which may be alive."""
+
+    def __init__(self, vm: str, volume: str, owner: str) -> None:
+        super().__init__(f"{vm}: volume {volume} is locked by host {owner}",
+                         vm=vm, volume=volume, owner=owner)
+        self.owner = owner
+
+
+class Inconsistent(Refused):
+    """What fcq observed cannot be resolved safely without an operator."""
+
+    def __init__(self, vm: str, found: str, why: str) -> None:
+        super().__init__(f"{vm}: inconsistent state ({found}): {why}", vm=vm, found=found)
+
+
+class SystemFailure(FcqError):
+    """The machine failed us: a process, socket, command or disk."""
+
+
+class QemuError(SystemFailure):
+    """Starting, stopping or talking to a QEMU process failed."""
+
+
+class QmpError(QemuError):
+    """A QMP connection or command failed or timed out."""
+
+
+class GuestAgentError(QemuError):
+    """The guest agent did not answer as expected."""
+
+
+class StorageError(SystemFailure):
+    """Creating, resizing, locking or removing a volume failed."""

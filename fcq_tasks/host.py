@@ -1,0 +1,80 @@
+"""This host as a whole: which VMs it knows, what it books, the ensure sweep.
+
+The sweep follows Nova's ``_sync_power_states`` lesson: each VM's failure is
+isolated (one broken config or one hung QEMU never aborts the sweep) and a VM
+with an operation in flight is skipped, not waited for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import structlog
+
+from .admission import booked_memory
+from .agent import VMAgent
+from .errors import FcqError, VMBusy
+from .hazmat.qemu import read_identity_files
+from .settings import HostSettings
+from .storage import open_storage
+from .validate import NAME_RE
+
+log = structlog.get_logger()
+
+
+def configured_vms(settings: HostSettings) -> list[str]:
+    """Names of the VM config files in this host's config directory."""
+    try:
+        entries = os.listdir(settings.vm_config_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(e[:-4] for e in entries if e.endswith(".cfg") and NAME_RE.match(e[:-4]))
+
+
+def known_vms(settings: HostSettings) -> list[str]:
+    """Configured VMs plus any that left run files here without a config."""
+    names = set(configured_vms(settings))
+    names.update(n for n in read_identity_files(settings.run_dir) if NAME_RE.match(n))
+    return sorted(names)
+
+
+def list_vms(settings: HostSettings) -> list[dict[str, Any]]:
+    storage = open_storage(settings)
+    rows = []
+    for name in known_vms(settings):
+        try:
+            rows.append(VMAgent(settings, name, storage).status())
+        except FcqError as err:
+            rows.append({"vm": name, "host": settings.host, "status": "error",
+                         "error": err.message})
+    return rows
+
+
+def ensure_all(settings: HostSettings) -> dict[str, Any]:
+    """Ensure every VM this host knows; one VM's failure never stops the others."""
+    storage = open_storage(settings)
+    results: dict[str, Any] = {}
+    failed = 0
+    configured = set(configured_vms(settings))
+    for name in known_vms(settings):
+        agent = VMAgent(settings, name, storage)
+        try:
+            results[name] = agent.ensure() if name in configured else agent.orphan()
+        except VMBusy:
+            results[name] = {"vm": name, "outcome": "skipped", "reason": "operation in flight"}
+        except FcqError as err:
+            failed += 1
+            results[name] = {"vm": name, "outcome": "error", **err.to_dict()}
+        except Exception as err:  # a bug in one VM's path must not end the sweep
+            failed += 1
+            log.exception("ensure-crashed", vm=name)
+            results[name] = {"vm": name, "outcome": "error", "error": type(err).__name__,
+                             "message": str(err)}
+    return {"host": settings.host, "vms": results, "failed": failed}
+
+
+def memory_summary(settings: HostSettings) -> dict[str, Any]:
+    booked = booked_memory(settings.run_dir, settings.qmp_timeout)
+    return {"host": settings.host, "booked_mb": sum(booked.values()),
+            "limit_mb": settings.vm_max_total_memory, "vms": booked}

@@ -1,0 +1,185 @@
+"""Host settings: one YAML file on top of built-in defaults.
+
+The defaults below are the single place where a default lives (fc.qemu's
+default.conf lesson). ``load_host_settings`` reads the operator's file, checks
+every key, and returns a frozen :class:`HostSettings` that is passed
+explicitly to everything that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from . import validate as v
+from .errors import ConfigError
+
+#: Where the operator's file lives unless ``--config`` or ``FCQ_CONFIG`` say otherwise.
+DEFAULT_SETTINGS_FILE = "/etc/fcq/host.yaml"
+
+#: Memory kept back for the host itself when vm_max_total_memory is "auto".
+HOST_RESERVED_MB = 2048
+
+DEFAULT_CREATE_VM = ("qemu-img", "create", "-q", "-f", "raw", "{path}", "{size}")
+
+DEFAULTS: dict[str, Any] = {
+    "host": None,                       # short host name from the OS
+    "vm_config_dir": "/etc/qemu/vm",
+    "run_dir": "/run/fcq",
+    "state_dir": "/var/lib/fcq",
+    "log_file": "/var/log/fcq/fcq.log",
+    "log_level": "info",
+    "storage": "local",
+    "qemu_binary": "qemu-system-x86_64",
+    "accelerator": "auto",
+    "vm_max_total_memory": "auto",
+    "shutdown_grace": 60.0,
+    "qmp_timeout": 5.0,
+    "start_timeout": 30.0,
+    "guest_agent_timeout": 10.0,
+    "operation_wait": 0.0,
+    "template": None,                   # built-in fcq_tasks/qemu.cfg.j2
+    "create_vm": list(DEFAULT_CREATE_VM),
+    "nic_mode": "tap",
+    "direct_boot": None,
+}
+
+CREATE_VM_PLACEHOLDERS = frozenset({"name", "path", "size", "size_bytes", "volume"})
+
+
+@dataclass(frozen=True)
+class DirectBoot:
+    """A kernel booted by QEMU itself instead of firmware (development, tests)."""
+
+    kernel: str
+    initrd: str
+    append: str
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    host: str
+    vm_config_dir: Path
+    run_dir: Path
+    state_dir: Path
+    log_file: Path | None
+    log_level: str
+    storage: str
+    qemu_binary: str
+    accelerator: str
+    vm_max_total_memory: int            # MB
+    shutdown_grace: float               # s: ACPI power-off until "quit"
+    qmp_timeout: float                  # s: one QMP connect or command
+    start_timeout: float                # s: QEMU start until QMP answers
+    guest_agent_timeout: float          # s: one guest agent exchange
+    operation_wait: float               # s: how long a busy VM is waited for
+    template: Path | None
+    create_vm: tuple[str, ...]
+    nic_mode: str
+    direct_boot: DirectBoot | None = None
+    source: str = field(default="<defaults>", compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def volume_dir(self) -> Path:
+        return self.state_dir / "volumes"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.state_dir / "locks"
+
+
+def load_host_settings(path: str | os.PathLike[str] | None = None) -> HostSettings:
+    """Read host settings from *path* (or the defaults alone when it is None)."""
+    raw: dict[str, Any] = dict(DEFAULTS)
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(source, "(file)", f"cannot be read: {err.strerror}") from err
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(source, "(file)", f"is not valid YAML: {err}") from err
+        if data is not None:
+            raw.update(v.check_mapping(source, "(top level)", data))
+    return parse_host_settings(raw, source)
+
+
+def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
+    f = source
+    warnings = tuple(f"{f}: {k}: unknown setting, ignored"
+                     for k in v.unknown_keys(raw, frozenset(DEFAULTS), ""))
+    host = raw["host"] if raw["host"] is not None else socket.gethostname().split(".")[0]
+    log_file = raw["log_file"]
+    template = raw["template"]
+    return HostSettings(
+        host=v.check_name(f, "host", host),
+        vm_config_dir=Path(v.check_abs_path(f, "vm_config_dir", raw["vm_config_dir"])),
+        run_dir=Path(v.check_abs_path(f, "run_dir", raw["run_dir"])),
+        state_dir=Path(v.check_abs_path(f, "state_dir", raw["state_dir"])),
+        log_file=None if log_file is None else Path(v.check_abs_path(f, "log_file", log_file)),
+        log_level=v.check_choice(f, "log_level", raw["log_level"],
+                                 ("debug", "info", "warning", "error")),
+        storage=v.check_choice(f, "storage", raw["storage"], ("local",)),
+        qemu_binary=v.check_str(f, "qemu_binary", raw["qemu_binary"]),
+        accelerator=v.check_choice(f, "accelerator", raw["accelerator"], ("auto", "kvm", "tcg")),
+        vm_max_total_memory=_memory_limit(f, raw["vm_max_total_memory"]),
+        shutdown_grace=v.check_number(f, "shutdown_grace", raw["shutdown_grace"], 0, 3600),
+        qmp_timeout=v.check_number(f, "qmp_timeout", raw["qmp_timeout"], 0.1, 600),
+        start_timeout=v.check_number(f, "start_timeout", raw["start_timeout"], 1, 600),
+        guest_agent_timeout=v.check_number(f, "guest_agent_timeout",
+                                           raw["guest_agent_timeout"], 0.1, 600),
+        operation_wait=v.check_number(f, "operation_wait", raw["operation_wait"], 0, 3600),
+        template=None if template is None else Path(v.check_abs_path(f, "template", template)),
+        create_vm=_create_vm(f, raw["create_vm"]),
+        nic_mode=v.check_choice(f, "nic_mode", raw["nic_mode"], ("tap", "user", "none")),
+        direct_boot=_direct_boot(f, raw["direct_boot"]),
+        source=source,
+        warnings=warnings,
+    )
+
+
+def _memory_limit(f: str, value: object) -> int:
+    if value == "auto":
+        total_mb = psutil.virtual_memory().total // 2**20
+        return max(0, total_mb - HOST_RESERVED_MB)
+    return v.check_int(f, "vm_max_total_memory", value, 0, 2**30)
+
+
+def _create_vm(f: str, value: object) -> tuple[str, ...]:
+    # An argv list, never a shell string: placeholders are filled per
+    # argument, so a VM name can never become shell syntax.
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise ConfigError(f, "create_vm",
+                          "must be a non-empty list of strings (an argv, not a shell line)")
+    for arg in value:
+        for _, name, _, _ in string.Formatter().parse(arg):
+            if name is not None and name not in CREATE_VM_PLACEHOLDERS:
+                raise ConfigError(f, "create_vm", f"unknown placeholder {{{name}}}; known: "
+                                  + ", ".join(sorted(CREATE_VM_PLACEHOLDERS)))
+    return tuple(value)
+
+
+def _direct_boot(f: str, value: object) -> DirectBoot | None:
+    if value is None:
+        return None
+    m = v.check_mapping(f, "direct_boot", value)
+    bad = v.unknown_keys(m, frozenset({"kernel", "initrd", "append"}), "direct_boot")
+    if bad:
+        raise ConfigError(f, bad[0], "unknown key; known: kernel, initrd, append")
+    append = m.get("append", "")
+    if not isinstance(append, str) or "\n" in append or '"' in append:
+        raise ConfigError(f, "direct_boot.append", "must be one line without double quotes")
+    return DirectBoot(kernel=v.check_abs_path(f, "direct_boot.kernel", m.get("kernel")),
+                      initrd=v.check_abs_path(f, "direct_boot.initrd", m.get("initrd")),
+                      append=append)

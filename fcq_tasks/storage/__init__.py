@@ -1,0 +1,22 @@
+"""Volumes and their locks, behind one interface with one backend per kind.
+
+``local`` keeps volumes as sparse image files and locks as small files next
+to them (the embedded default for one machine). ``rbd`` (Ceph) will follow
+the same interface. The agent never looks behind it.
+"""
+
+from __future__ import annotations
+
+from ..settings import HostSettings
+from .base import VOLUMES, Storage, VolumeInfo
+from .local import LocalStorage
+
+
+def open_storage(settings: HostSettings) -> Storage:
+    """The storage backend this host is configured for."""
+    if settings.storage == "local":
+        return LocalStorage(settings)
+    raise AssertionError(f"unknown storage {settings.storage!r}: settings validation missed it")
+
+
+__all__ = ["VOLUMES", "LocalStorage", "Storage", "VolumeInfo", "open_storage"]

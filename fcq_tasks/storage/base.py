@@ -1,0 +1,59 @@
+"""The storage interface every backend implements.
+
+A VM has three volumes: ``root`` (made by the host's create-vm command, grows
+with the config's ``disk``, never shrinks), ``swap`` and ``tmp`` (made by
+fcq, labelled ``swap`` and ``tmp``, moderate sizes). Each volume has an
+exclusive lock that names the host holding it: a host runs a VM only while
+it holds all of that VM's locks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..template import Drive
+from ..vmspec import VMSpec
+
+VOLUMES = ("root", "swap", "tmp")
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    size: int | None          # bytes; None: the volume does not exist
+    lock_owner: str | None    # host name holding its lock
+
+
+class Storage(Protocol):
+    """What the agent needs from a storage backend."""
+
+    host: str
+
+    def volumes(self, vm: str) -> list[VolumeInfo]:
+        """Size and lock owner of each of the VM's volumes."""
+        ...
+
+    def ensure_volumes(self, spec: VMSpec) -> list[str]:
+        """Create the volumes that do not exist yet; return what was created."""
+        ...
+
+    def grow(self, vm: str, volume: str, size: int) -> None:
+        """Grow a volume that no running QEMU has open. Refuses to shrink."""
+        ...
+
+    def lock(self, vm: str, volume: str) -> bool:
+        """Take the volume's lock for this host; True if it was taken now."""
+        ...
+
+    def unlock(self, vm: str, volume: str) -> bool:
+        """Release this host's lock on the volume; True if it was released now."""
+        ...
+
+    def force_unlock(self, vm: str, volume: str) -> str | None:
+        """Break the lock whoever holds it; return the previous owner."""
+        ...
+
+    def drive(self, vm: str, volume: str) -> Drive:
+        """How QEMU opens the volume."""
+        ...

@@ -1,0 +1,161 @@
+"""Local storage: volumes as sparse image files, locks as small files.
+
+Layout under the host's state directory::
+
+    volumes/<vm>.<volume>        raw image file (sparse)
+    locks/<vm>.<volume>.lock     JSON {"host": ..., "since": ...}
+
+A lock file is created complete under a temporary name and hard-linked into
+place, so taking a lock is atomic and a reader never sees a half-written
+owner. These locks mean what RBD's advisory locks mean, but only for
+processes sharing this file system: not for multi-host production use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import LockedByOtherHost, ShrinkRefused, StorageError
+from ..settings import HostSettings
+from ..template import Drive
+from ..vmspec import VMSpec
+from .base import VOLUMES, VolumeInfo
+
+#: Longest a create-vm / mkswap / mkfs command may run.
+COMMAND_TIMEOUT = 300.0
+
+
+def _run(argv: list[str], vm: str, what: str) -> None:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True,
+                                timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise StorageError(f"{vm}: {what} failed: {err}", vm=vm, argv=" ".join(argv)) from err
+    if result.returncode != 0:
+        raise StorageError(f"{vm}: {what} exited with {result.returncode}: "
+                           f"{(result.stderr or result.stdout).strip()[-1000:]}",
+                           vm=vm, argv=" ".join(argv))
+
+
+class LocalStorage:
+    def __init__(self, settings: HostSettings) -> None:
+        self.settings = settings
+        self.host = settings.host
+        self.volume_dir = settings.volume_dir
+        self.lock_dir = settings.lock_dir
+
+    def _image(self, vm: str, volume: str) -> Path:
+        return self.volume_dir / f"{vm}.{volume}"
+
+    def _lockfile(self, vm: str, volume: str) -> Path:
+        return self.lock_dir / f"{vm}.{volume}.lock"
+
+    def _prepare_dirs(self) -> None:
+        for d in (self.volume_dir, self.lock_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- volumes ----------------------------------------------------------
+
+    def volumes(self, vm: str) -> list[VolumeInfo]:
+        out = []
+        for volume in VOLUMES:
+            try:
+                size: int | None = self._image(vm, volume).stat().st_size
+            except FileNotFoundError:
+                size = None
+            out.append(VolumeInfo(volume, size, self.lock_owner(vm, volume)))
+        return out
+
+    def ensure_volumes(self, spec: VMSpec) -> list[str]:
+        self._prepare_dirs()
+        created = []
+        root = self._image(spec.name, "root")
+        if not root.exists():
+            values = {"name": spec.name, "path": str(root), "volume": "root",
+                      "size": f"{spec.disk_gib}G", "size_bytes": str(spec.disk_bytes)}
+            _run([arg.format(**values) for arg in self.settings.create_vm], spec.name,
+                 "create-vm")
+            if not root.exists():
+                raise StorageError(f"{spec.name}: create-vm ran but {root} does not exist",
+                                   vm=spec.name)
+            created.append("root")
+        for volume, size, argv in (
+                ("swap", spec.swap_bytes, ["mkswap", "-L", "swap"]),
+                ("tmp", spec.tmp_bytes, ["mkfs.xfs", "-q", "-L", "tmp"])):
+            image = self._image(spec.name, volume)
+            if image.exists():
+                continue
+            # Build under a temporary name: a crash never leaves an
+            # unformatted volume that looks finished.
+            fd, tmp = tempfile.mkstemp(dir=self.volume_dir, prefix=f".{spec.name}.{volume}.")
+            try:
+                os.ftruncate(fd, size)
+                os.close(fd)
+                _run([*argv, tmp], spec.name, f"making {volume}")
+                os.replace(tmp, image)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            created.append(volume)
+        return created
+
+    def grow(self, vm: str, volume: str, size: int) -> None:
+        image = self._image(vm, volume)
+        current = image.stat().st_size
+        if size < current:
+            raise ShrinkRefused(vm, volume, current, size)
+        if size > current:
+            os.truncate(image, size)
+
+    # -- locks ------------------------------------------------------------
+
+    def lock_owner(self, vm: str, volume: str) -> str | None:
+        try:
+            data = json.loads(self._lockfile(vm, volume).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise StorageError(f"{vm}: lock of {volume} is unreadable: {err}",
+                               vm=vm, volume=volume) from err
+        return str(data["host"])
+
+    def lock(self, vm: str, volume: str) -> bool:
+        self._prepare_dirs()
+        path = self._lockfile(vm, volume)
+        fd, tmp = tempfile.mkstemp(dir=self.lock_dir, prefix=f".{vm}.{volume}.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"host": self.host, "since": time.time()}, fh)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            owner = self.lock_owner(vm, volume)
+            if owner == self.host:
+                return False
+            raise LockedByOtherHost(vm, volume, owner or "?") from None
+        finally:
+            os.unlink(tmp)
+
+    def unlock(self, vm: str, volume: str) -> bool:
+        owner = self.lock_owner(vm, volume)
+        if owner != self.host:
+            return False
+        self._lockfile(vm, volume).unlink(missing_ok=True)
+        return True
+
+    def force_unlock(self, vm: str, volume: str) -> str | None:
+        owner = self.lock_owner(vm, volume)
+        self._lockfile(vm, volume).unlink(missing_ok=True)
+        return owner
+
+    def drive(self, vm: str, volume: str) -> Drive:
+        # writeback: local files are never opened by a second host, and
+        # cache=none needs O_DIRECT, which tmpfs (tests) does not offer.
+        return Drive(id=volume, file=str(self._image(vm, volume)), format="raw",
+                     cache="writeback")
+

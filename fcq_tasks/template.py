@@ -1,0 +1,88 @@
+"""Render a VM's QEMU configuration (``-readconfig`` format) from a template.
+
+The built-in template ``qemu.cfg.j2`` sits next to this module; a host can
+point ``template`` in its settings at its own. Rendering is strict: an
+unknown variable or a value that could break out of its quotes is an error,
+never silently empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import jinja2
+
+from .errors import ConfigError
+from .settings import HostSettings
+from .vmspec import VMSpec
+
+#: Linux interface names are at most 15 characters (IFNAMSIZ - 1).
+IFNAME_MAX = 15
+
+
+@dataclass(frozen=True)
+class Drive:
+    """One disk as QEMU sees it: ``id`` doubles as drive id and serial."""
+
+    id: str
+    file: str
+    format: str
+    cache: str
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    qmp: str
+    ga: str
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if '"' in text or "\n" in text or "\\" in text:
+        raise ValueError(f"value {text!r} cannot be quoted in a QEMU config")
+    return f'"{text}"'
+
+
+def load_template(settings: HostSettings) -> tuple[str, str]:
+    """(text, name) of the template this host uses."""
+    if settings.template is None:
+        text = resources.files("fcq_tasks").joinpath("qemu.cfg.j2").read_text()
+        return text, "<built-in qemu.cfg.j2>"
+    try:
+        return settings.template.read_text(), str(settings.template)
+    except OSError as err:
+        raise ConfigError(settings.source, "template", f"cannot be read: {err.strerror}") from err
+
+
+def render_qemu_config(settings: HostSettings, spec: VMSpec, accel: str,
+                       drives: list[Drive], paths: RunPaths) -> str:
+    text, name = load_template(settings)
+    # Not HTML: values are guarded by the "q" filter, which refuses quotes.
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,  # noqa: S701
+                             keep_trailing_newline=True)
+    env.filters["q"] = _quote
+    nics = []
+    for nic in spec.nics:
+        ifname = f"t{nic.net}{spec.id}"
+        if settings.nic_mode == "tap" and len(ifname) > IFNAME_MAX:
+            raise ConfigError(spec.source, f"parameters.nics.{nic.net}",
+                              f"tap name {ifname!r} is longer than {IFNAME_MAX} characters "
+                              "(shorten the network name or the id)")
+        nics.append({"net": nic.net, "mac": nic.mac, "ifname": ifname})
+    context: dict[str, Any] = {
+        "vm": spec,
+        "accel": accel,
+        "drives": [asdict(d) for d in drives],
+        "nics": nics if settings.nic_mode != "none" else [],
+        "nic_mode": settings.nic_mode,
+        "paths": asdict(paths),
+        "boot": None if settings.direct_boot is None else asdict(settings.direct_boot),
+        "host": settings.host,
+    }
+    try:
+        return env.from_string(text).render(context)
+    except (jinja2.TemplateError, ValueError) as err:
+        raise ConfigError(name, "template", f"cannot be rendered for {spec.name}: {err}") from err
+

@@ -1,0 +1,188 @@
+"""Per-VM desired state: one YAML file per VM, parsed into a frozen VMSpec.
+
+The file format is fc.qemu's seed format (``name`` plus ``parameters``).
+Every field is checked; the first broken one raises :class:`ConfigError`
+naming the file, the field and the rule. Keys fcq does not know are kept as
+warnings (inventory systems write more keys than a hypervisor needs), and
+``fcq config check --strict`` turns them into errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import validate as v
+from .errors import ConfigError, UnknownVM
+
+GiB = 2**30
+MiB = 2**20
+
+NET_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+NET_RULE = "network names are 1-8 characters of a-z and 0-9, starting with a letter"
+
+KNOWN_TOP = frozenset({"name", "parameters"})
+KNOWN_PARAMETERS = frozenset({
+    "id", "resource_group", "online", "kvm_host", "disk", "memory", "cores", "nics",
+    "rbd_pool", "iops",
+})
+
+
+@dataclass(frozen=True)
+class Nic:
+    net: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    id: int
+    resource_group: str
+    online: bool
+    kvm_host: str | None
+    disk_gib: int
+    memory_mb: int
+    cores: int
+    nics: tuple[Nic, ...]
+    rbd_pool: str | None = None
+    iops: int = 0                       # 0: no limit
+    source: str = field(default="<memory>", compare=False)
+    mtime: float = field(default=0.0, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk_gib * GiB
+
+    @property
+    def swap_bytes(self) -> int:
+        """Swap grows with memory only up to 2 GiB: big VMs don't need huge swap."""
+        return min(max(self.memory_mb * MiB, 256 * MiB), 2 * GiB)
+
+    @property
+    def tmp_bytes(self) -> int:
+        """tmp is a quarter of the root disk, at least 1 GiB and at most 16 GiB.
+
+        xfs refuses file systems of 300 MB or less, hence the floor.
+        """
+        return min(max(self.disk_bytes // 4, 1 * GiB), 16 * GiB)
+
+
+def spec_path(config_dir: Path, name: str) -> Path:
+    return config_dir / f"{name}.cfg"
+
+
+def load_vm_spec(config_dir: Path, name: str) -> VMSpec:
+    """The spec of VM *name* from this host's config directory."""
+    v.check_name("(request)", "vm", name)
+    path = spec_path(config_dir, name)
+    if not path.exists():
+        raise UnknownVM(name, str(config_dir))
+    return parse_vm_file(path)
+
+
+def parse_vm_file(path: Path) -> VMSpec:
+    f = str(path)
+    try:
+        text = path.read_text()
+        mtime = os.stat(path).st_mtime
+    except OSError as err:
+        raise ConfigError(f, "(file)", f"cannot be read: {err.strerror}") from err
+    spec = parse_vm_text(text, f, mtime=mtime)
+    if path.suffix == ".cfg" and path.stem != spec.name:
+        raise ConfigError(f, "name", f"must match the file name {path.stem!r} (got {spec.name!r})")
+    return spec
+
+
+def parse_vm_text(text: str, source: str, mtime: float = 0.0) -> VMSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(source, "(file)", f"is not valid YAML: {err}") from err
+    return parse_vm_data(data, source, mtime)
+
+
+def parse_vm_data(data: object, source: str, mtime: float = 0.0) -> VMSpec:
+    f = source
+    top = v.check_mapping(f, "(top level)", data)
+    warnings = [f"{f}: {k}: unknown key, ignored" for k in v.unknown_keys(top, KNOWN_TOP, "")]
+    name = v.check_name(f, "name", top.get("name"))
+    p = v.check_mapping(f, "parameters", top.get("parameters"))
+    warnings += [f"{f}: {k}: unknown key, ignored"
+                 for k in v.unknown_keys(p, KNOWN_PARAMETERS, "parameters")]
+
+    def need(key: str) -> object:
+        if key not in p:
+            raise ConfigError(f, f"parameters.{key}", "is required")
+        return p[key]
+
+    kvm_host = p.get("kvm_host")
+    rbd_pool = p.get("rbd_pool")
+    return VMSpec(
+        name=name,
+        id=v.check_int(f, "parameters.id", need("id"), 0, 2**31 - 1),
+        resource_group=v.check_name(f, "parameters.resource_group", need("resource_group")),
+        online=v.check_bool(f, "parameters.online", need("online")),
+        kvm_host=(None if kvm_host in (None, "")
+                  else v.check_name(f, "parameters.kvm_host", kvm_host)),
+        disk_gib=v.check_int(f, "parameters.disk", need("disk"), 1, 65536),
+        memory_mb=v.check_int(f, "parameters.memory", need("memory"), 32, 4 * 2**20),
+        cores=v.check_int(f, "parameters.cores", need("cores"), 1, 255),
+        nics=_nics(f, p.get("nics", [])),
+        rbd_pool=None if rbd_pool is None else v.check_name(f, "parameters.rbd_pool", rbd_pool),
+        iops=v.check_int(f, "parameters.iops", p.get("iops", 0), 0, 10**7),
+        source=source,
+        mtime=mtime,
+        warnings=tuple(warnings),
+    )
+
+
+def _nics(f: str, value: object) -> tuple[Nic, ...]:
+    # Seed format: a list of one-key mappings {net: mac}; a mapping of
+    # net -> mac is accepted too because inventory systems emit both.
+    if isinstance(value, Mapping):
+        items: list[tuple[object, object]] = list(value.items())
+    elif isinstance(value, list):
+        items = []
+        for i, entry in enumerate(value):
+            if not isinstance(entry, Mapping) or len(entry) != 1:
+                raise ConfigError(f, f"parameters.nics[{i}]",
+                                  "must be a one-key mapping like {srv: 02-00-00-00-00-01}")
+            items.extend(entry.items())
+    else:
+        raise ConfigError(f, "parameters.nics", "must be a list of {network: MAC} mappings")
+    nics: list[Nic] = []
+    seen_nets: set[str] = set()
+    seen_macs: set[str] = set()
+    for net, mac in items:
+        field_name = f"parameters.nics.{net}"
+        net_s = v.check_str(f, field_name, net, NET_RE, NET_RULE)
+        mac_s = v.check_mac(f, field_name, mac)
+        if net_s in seen_nets:
+            raise ConfigError(f, field_name, "each network may appear only once")
+        if mac_s in seen_macs:
+            raise ConfigError(f, field_name, f"MAC {mac_s} is used twice")
+        seen_nets.add(net_s)
+        seen_macs.add(mac_s)
+        nics.append(Nic(net_s, mac_s))
+    return tuple(nics)
+
+
+def dump_vm_spec(spec: VMSpec) -> str:
+    """The seed-format YAML of *spec* (used by the demo and tests to write configs)."""
+    params: dict[str, object] = {
+        "id": spec.id, "resource_group": spec.resource_group, "online": spec.online,
+        "kvm_host": spec.kvm_host, "disk": spec.disk_gib, "memory": spec.memory_mb,
+        "cores": spec.cores, "nics": [{n.net: n.mac.replace(":", "-")} for n in spec.nics],
+    }
+    if spec.rbd_pool is not None:
+        params["rbd_pool"] = spec.rbd_pool
+    if spec.iops:
+        params["iops"] = spec.iops
+    return yaml.safe_dump({"name": spec.name, "parameters": params}, sort_keys=False)

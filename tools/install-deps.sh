@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install what fcq's demo and tests need on Debian 12, idempotently:
+# apt packages (only the missing ones), a virtualenv with fcq in it, and the
+# tiny test guest. A second run with nothing to do takes about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+APT_PACKAGES=(
+    qemu-system-x86 qemu-utils qemu-guest-agent qemu-block-extra seabios
+    busybox-static xfsprogs util-linux kmod cpio gzip
+    python3 python3-venv python3-dev
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: apt-get install ${missing[*]}"
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-deps: need root to install packages" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "install-deps: creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+fi
+stamp="$VENV/.fcq-installed"
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+    echo "install-deps: pip install -e '.[test]'"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+
+"$VENV/bin/python" tools/guest/build.py build/guest
