@@ -26,13 +26,14 @@ from .vmspec import parse_vm_file
 
 EXIT_OK, EXIT_SYSTEM, EXIT_INPUT = 0, 1, 2
 
-VM_COMMANDS: dict[str, Callable[[VMAgent], dict[str, Any]]] = {
-    "start": VMAgent.start,
-    "stop": VMAgent.stop,
-    "restart": VMAgent.restart,
-    "kill": VMAgent.kill,
-    "force-unlock": VMAgent.force_unlock,
-    "status": VMAgent.status,
+VM_COMMANDS: dict[str, tuple[Callable[[VMAgent], dict[str, Any]], str]] = {
+    "start": (VMAgent.start, "start VMs here (their config must allow this host)"),
+    "stop": (VMAgent.stop, "power VMs off (ACPI, then quit, then kill) and release locks"),
+    "restart": (VMAgent.restart, "stop, then start"),
+    "kill": (VMAgent.kill, "SIGKILL VMs' QEMU at once and release locks"),
+    "force-unlock": (VMAgent.force_unlock,
+                     "break VMs' volume locks (refused while the VM runs here)"),
+    "status": (VMAgent.status, "show state, process, locks and guest agent of VMs"),
 }
 
 
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("ls", help="list the VMs this host knows and their state")
     sub.add_parser("memory", help="memory booked by running VMs and the host limit")
-    for name, func in VM_COMMANDS.items():
-        sp = sub.add_parser(name, help=(func.__doc__ or "").strip().splitlines()[0])
+    for name, (_, text) in VM_COMMANDS.items():
+        sp = sub.add_parser(name, help=text)
         sp.add_argument("vms", nargs="+", metavar="VM")
     sp = sub.add_parser("ensure", help="converge VMs to their config on this host")
     sp.add_argument("vms", nargs="*", metavar="VM")
@@ -140,7 +141,7 @@ def run_vm_command(settings: HostSettings, command: str, vms: list[str], out: Ou
             if not NAME_RE.match(vm):
                 raise BadRequest("VM", f"{NAME_RULE} (got {vm!r})")
             agent = VMAgent(settings, vm)
-            result = agent.ensure() if command == "ensure" else VM_COMMANDS[command](agent)
+            result = agent.ensure() if command == "ensure" else VM_COMMANDS[command][0](agent)
             out.result(result, describe_status(result) if command == "status"
                        else describe(result))
         except FcqError as err:

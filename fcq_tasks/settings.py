@@ -27,6 +27,9 @@ DEFAULT_SETTINGS_FILE = "/etc/fcq/host.yaml"
 #: Memory kept back for the host itself when vm_max_total_memory is "auto".
 HOST_RESERVED_MB = 2048
 
+#: Longest run directory: 107 bytes of socket path - "/" - 63-char name - ".qmp.sock".
+RUN_DIR_MAX = 107 - 1 - 63 - len(".qmp.sock")
+
 DEFAULT_CREATE_VM = ("qemu-img", "create", "-q", "-f", "raw", "{path}", "{size}")
 
 DEFAULTS: dict[str, Any] = {
@@ -125,7 +128,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
     return HostSettings(
         host=v.check_name(f, "host", host),
         vm_config_dir=Path(v.check_abs_path(f, "vm_config_dir", raw["vm_config_dir"])),
-        run_dir=Path(v.check_abs_path(f, "run_dir", raw["run_dir"])),
+        run_dir=_run_dir(f, raw["run_dir"]),
         state_dir=Path(v.check_abs_path(f, "state_dir", raw["state_dir"])),
         log_file=None if log_file is None else Path(v.check_abs_path(f, "log_file", log_file)),
         log_level=v.check_choice(f, "log_level", raw["log_level"],
@@ -147,6 +150,16 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         source=source,
         warnings=warnings,
     )
+
+
+def _run_dir(f: str, value: object) -> Path:
+    path = v.check_abs_path(f, "run_dir", value)
+    # QMP and agent sockets live here: <run_dir>/<63-char name>.qmp.sock must
+    # fit the 107 bytes a unix socket path may have.
+    if len(path.rstrip("/")) > RUN_DIR_MAX:
+        raise ConfigError(f, "run_dir", f"must be at most {RUN_DIR_MAX} characters long: "
+                          f"unix socket paths are limited to 107 bytes (got {len(path)})")
+    return Path(path)
 
 
 def _memory_limit(f: str, value: object) -> int:

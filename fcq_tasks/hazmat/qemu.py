@@ -135,7 +135,6 @@ class QemuProcess:
         for stale in (self.paths.pidfile, self.paths.qmp, self.paths.ga):
             stale.unlink(missing_ok=True)
         try:
-            # umask 077: QEMU creates the QMP and agent sockets as 0600.
             result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                                     umask=0o077, stdin=subprocess.DEVNULL, check=False)
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -149,6 +148,11 @@ class QemuProcess:
         if pid is None:
             raise QemuError(f"{self.paths.name}: QEMU started but wrote no pidfile",
                             vm=self.paths.name)
+        # -daemonize resets QEMU's umask to 027; the sockets exist once the
+        # parent has exited, so tighten them to owner-only now.
+        for sock in (self.paths.qmp, self.paths.ga):
+            if sock.exists():
+                os.chmod(sock, 0o600)
         try:
             create_time = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess as err:

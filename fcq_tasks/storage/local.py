@@ -83,6 +83,8 @@ class LocalStorage:
             if not root.exists():
                 raise StorageError(f"{spec.name}: create-vm ran but {root} does not exist",
                                    vm=spec.name)
+            # Guest data: readable by root only, whatever create-vm's umask was.
+            os.chmod(root, 0o600)
             created.append("root")
         for volume, size, argv in (
                 ("swap", spec.swap_bytes, ["mkswap", "-L", "swap"]),

@@ -1,0 +1,148 @@
+"""Shared fixtures: the tiny real guest, throwaway hosts, and process hygiene.
+
+A "host" here is a set of directories and a HostSettings pointing at them,
+exactly what a production host has, under a short temp path (unix socket
+paths must stay under 107 bytes). Every QEMU a test starts is found by its
+command line (which names the host's run directory) and killed afterwards,
+so a failing test never leaves guests running.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from fcq_tasks.agent import VMAgent
+from fcq_tasks.settings import HostSettings, load_host_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST_DIR = ROOT / "build" / "guest"
+
+
+@pytest.fixture(scope="session")
+def guest() -> Path:
+    """Kernel and initramfs of the test guest (built once, cached in build/guest)."""
+    subprocess.run([sys.executable, str(ROOT / "tools" / "guest" / "build.py"), str(GUEST_DIR)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return GUEST_DIR
+
+
+def vm_params(**overrides: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {"id": 1000, "resource_group": "test", "online": True,
+                              "kvm_host": "alpha", "disk": 1, "memory": 128, "cores": 1,
+                              "nics": [{"srv": "02-00-00-00-00-01"}]}
+    params.update(overrides)
+    return params
+
+
+@dataclass
+class Host:
+    base: Path
+    settings: HostSettings
+    settings_file: Path
+    started: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.settings.host
+
+    def write_vm(self, name: str, **overrides: Any) -> Path:
+        path = self.settings.vm_config_dir / f"{name}.cfg"
+        params = vm_params(**{"kvm_host": self.name, **overrides})
+        path.write_text(yaml.safe_dump({"name": name, "parameters": params}, sort_keys=False))
+        return path
+
+    def agent(self, name: str) -> VMAgent:
+        return VMAgent(self.settings, name)
+
+    def fcq(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "FCQ_CONFIG": str(self.settings_file)}
+        return subprocess.run([sys.executable, "-m", "fcq_tasks", *args], env=env, text=True,
+                              capture_output=True, check=check, timeout=120)
+
+    def fcq_async(self, *args: str) -> subprocess.Popen[str]:
+        env = {**os.environ, "FCQ_CONFIG": str(self.settings_file)}
+        return subprocess.Popen([sys.executable, "-m", "fcq_tasks", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def wait_for_oplock_holder(self, vm: str, timeout: float = 30) -> None:
+        """Wait until some process holds VM *vm*'s operation lock (probing with flock)."""
+        path = self.settings.run_dir / f"{vm}.op.lock"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists():
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    return
+                finally:
+                    os.close(fd)
+            time.sleep(0.02)
+        raise AssertionError(f"nobody took {vm}'s operation lock within {timeout} s")
+
+    def qemu_processes(self) -> list[psutil.Process]:
+        return processes_mentioning(str(self.settings.run_dir))
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in cmd) \
+                and "qemu" in (cmd[0] if cmd else ""):
+            out.append(proc)
+    return out
+
+
+HostFactory = Callable[..., Host]
+
+
+@pytest.fixture
+def make_host(guest: Path) -> Iterator[HostFactory]:
+    """Create throwaway hosts; kill their QEMUs and remove their files afterwards."""
+    hosts: list[Host] = []
+
+    def factory(name: str = "alpha", **settings: Any) -> Host:
+        base = Path(tempfile.mkdtemp(prefix="fcq-", dir="/tmp"))
+        for d in ("vm", "run", "state"):
+            (base / d).mkdir()
+        raw: dict[str, Any] = {
+            "host": name, "vm_config_dir": str(base / "vm"), "run_dir": str(base / "run"),
+            "state_dir": str(base / "state"), "log_file": str(base / "fcq.log"),
+            "nic_mode": "user", "shutdown_grace": 15, "accelerator": "auto",
+            "direct_boot": {"kernel": str(guest / "vmlinuz"),
+                            "initrd": str(guest / "initrd.gz"),
+                            "append": (guest / "cmdline").read_text().strip()},
+        }
+        raw.update(settings)
+        settings_file = base / "host.yaml"
+        settings_file.write_text(yaml.safe_dump(raw))
+        host = Host(base, load_host_settings(settings_file), settings_file)
+        hosts.append(host)
+        return host
+
+    yield factory
+    for host in hosts:
+        for proc in host.qemu_processes():
+            proc.kill()
+        shutil.rmtree(host.base, ignore_errors=True)
+
+
+@pytest.fixture
+def host(make_host: HostFactory) -> Host:
+    return make_host()

@@ -1,0 +1,45 @@
+"""Small waits and probes the QEMU tests share (no fakes: they read real state)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fcq_tasks.agent import VMAgent
+from fcq_tasks.hazmat.guestagent import GuestAgent
+from fcq_tasks.errors import FcqError
+
+#: Under TCG the guest agent answers ~3 s after start (FACTS.md); leave room
+#: for a loaded CI machine.
+GUEST_BOOT_TIMEOUT = 60.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def guest_answers(agent: VMAgent) -> bool:
+    try:
+        with GuestAgent(str(agent.paths.ga), 2.0, agent.name) as ga:
+            ga.ping()
+        return True
+    except FcqError:
+        return False
+
+
+def wait_guest(agent: VMAgent) -> None:
+    wait_for(lambda: guest_answers(agent), GUEST_BOOT_TIMEOUT, f"{agent.name}'s guest agent",
+             interval=0.3)
+
+
+def qmp(agent: VMAgent, command: str, **args: object) -> Any:
+    with agent.qemu.qmp() as session:
+        return session.execute(command, **args)

@@ -1,0 +1,156 @@
+"""Validation of VM files and host settings: every error names file, field and rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fcq_tasks.cli import main
+from fcq_tasks.errors import ConfigError
+from fcq_tasks.settings import load_host_settings
+from fcq_tasks.vmspec import parse_vm_file, parse_vm_text
+
+GOOD = """\
+name: test00
+parameters:
+  id: 12345
+  resource_group: test
+  online: true
+  kvm_host: alpha
+  disk: 5
+  memory: 512
+  cores: 1
+  nics:
+  - srv: 00-01-02-03-05-06
+  - fe: 00-01-02-03-05-07
+"""
+
+
+def test_seed_example_parses() -> None:
+    """The seed format from fc.qemu parses into typed values."""
+    spec = parse_vm_text(GOOD, "test00.cfg")
+    assert (spec.name, spec.id, spec.online, spec.kvm_host) == ("test00", 12345, True, "alpha")
+    assert (spec.disk_gib, spec.memory_mb, spec.cores) == (5, 512, 1)
+    assert [(n.net, n.mac) for n in spec.nics] == [("srv", "00:01:02:03:05:06"),
+                                                   ("fe", "00:01:02:03:05:07")]
+    assert spec.warnings == ()
+
+
+# (replace this line of GOOD, with this, expected field, words of the rule)
+BROKEN = [
+    ("name: test00", "name: ../etc", "name", "a-z, 0-9"),
+    ("name: test00", "name: 'test 00'", "name", "a-z, 0-9"),
+    ("name: test00", "name: a/b", "name", "a-z, 0-9"),
+    ("  id: 12345", "  id: -1", "parameters.id", "between"),
+    ("  id: 12345", "  id: twelve", "parameters.id", "whole number"),
+    ("  online: true", "  online: yes please", "parameters.online", "true or false"),
+    ("  kvm_host: alpha", "  kvm_host: Alpha_1", "parameters.kvm_host", "a-z, 0-9"),
+    ("  disk: 5", "  disk: 0", "parameters.disk", "between 1"),
+    ("  disk: 5", "  disk: 5.5", "parameters.disk", "whole number"),
+    ("  memory: 512", "  memory: 8", "parameters.memory", "between 32"),
+    ("  memory: 512", "  memory: true", "parameters.memory", "whole number"),
+    ("  cores: 1", "  cores: 0", "parameters.cores", "between 1"),
+    ("  - srv: 00-01-02-03-05-06", "  - srv: 00-01-02-03-05", "parameters.nics.srv", "MAC"),
+    ("  - srv: 00-01-02-03-05-06", "  - srv: 01-01-02-03-05-06", "parameters.nics.srv",
+     "unicast"),
+    ("  - fe: 00-01-02-03-05-07", "  - fe: 00-01-02-03-05-06", "parameters.nics.fe",
+     "used twice"),
+    ("  - srv: 00-01-02-03-05-06", "  - Srv!: 00-01-02-03-05-06", "parameters.nics.Srv!",
+     "network names"),
+    ("  resource_group: test\n", "", "parameters.resource_group", "required"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "field", "rule"), BROKEN)
+def test_broken_vm_file_names_field_and_rule(tmp_path: Path, old: str, new: str, field: str,
+                                             rule: str) -> None:
+    """A broken VM file raises ConfigError with its path, the field and the rule broken."""
+    assert old in GOOD
+    path = tmp_path / "test00.cfg"
+    path.write_text(GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        parse_vm_file(path)
+    assert info.value.file == str(path)
+    assert info.value.field == field
+    assert rule in info.value.rule
+
+
+def test_name_must_match_file_name(tmp_path: Path) -> None:
+    """vm02.cfg claiming to be test00 is refused: the file name is the VM's identity."""
+    path = tmp_path / "vm02.cfg"
+    path.write_text(GOOD)
+    with pytest.raises(ConfigError, match="must match the file name"):
+        parse_vm_file(path)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
+    """Garbage and lists are refused at the top level, naming the file."""
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_vm_text("name: [unclosed", "x.cfg")
+    with pytest.raises(ConfigError, match=r"\(top level\): must be a mapping"):
+        parse_vm_text("- a\n- b\n", "x.cfg")
+
+
+def test_unknown_keys_are_warnings() -> None:
+    """Unknown keys don't break a VM but are reported by their dotted name."""
+    spec = parse_vm_text(GOOD + "  memroy: 1024\nextra: 1\n", "test00.cfg")
+    assert any("parameters.memroy" in w for w in spec.warnings)
+    assert any("extra" in w for w in spec.warnings)
+
+
+def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fcq config check` exits 0 for good files, 2 for broken ones, and writes nothing."""
+    good = tmp_path / "test00.cfg"
+    good.write_text(GOOD)
+    bad = tmp_path / "vm02.cfg"
+    bad.write_text(GOOD.replace("name: test00", "name: vm02").replace("disk: 5", "disk: -5"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["config", "check", str(good)]) == 0
+    assert main(["config", "check", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "parameters.disk" in err and str(bad) in err
+    strict = tmp_path / "test01.cfg"
+    strict.write_text(GOOD.replace("name: test00", "name: test01") + "  memroy: 1\n")
+    assert main(["config", "check", str(strict)]) == 0
+    assert main(["config", "check", "--strict", str(strict)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "test01.cfg"])
+
+
+def test_host_settings_defaults_and_overrides(tmp_path: Path) -> None:
+    """Built-in defaults apply first; the file overrides only what it names."""
+    f = tmp_path / "host.yaml"
+    f.write_text("host: alpha\nrun_dir: /tmp/x/run\nshutdown_grace: 5\n")
+    s = load_host_settings(f)
+    assert (s.host, str(s.run_dir), s.shutdown_grace) == ("alpha", "/tmp/x/run", 5.0)
+    assert str(s.vm_config_dir) == "/etc/qemu/vm"
+    assert s.accelerator == "auto" and s.storage == "local"
+    assert s.vm_max_total_memory > 0
+
+
+@pytest.mark.parametrize(("text", "field", "rule"), [
+    ("host: ../x\n", "host", "a-z"),
+    ("run_dir: relative/dir\n", "run_dir", "absolute path"),
+    ("state_dir: /var/../etc\n", "state_dir", "'..'"),
+    ("accelerator: hvf\n", "accelerator", "auto, kvm, tcg"),
+    ("shutdown_grace: -1\n", "shutdown_grace", "between"),
+    ("vm_max_total_memory: lots\n", "vm_max_total_memory", "whole number"),
+    ("create_vm: 'rbd create {name}'\n", "create_vm", "argv"),
+    ("create_vm: [touch, '{nmae}']\n", "create_vm", "unknown placeholder"),
+    ("direct_boot: {kernel: /k, initrd: /i, append: 'a\"b'}\n", "direct_boot.append", "quotes"),
+])
+def test_broken_host_settings(tmp_path: Path, text: str, field: str, rule: str) -> None:
+    """A broken host setting raises ConfigError naming the file, setting and rule."""
+    f = tmp_path / "host.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_host_settings(f)
+    assert (info.value.file, info.value.field) == (str(f), field)
+    assert rule in info.value.rule
+
+
+def test_unknown_host_setting_is_a_warning(tmp_path: Path) -> None:
+    """A misspelt setting is reported, not silently ignored."""
+    f = tmp_path / "host.yaml"
+    f.write_text("shutdown_grase: 5\n")
+    assert any("shutdown_grase" in w for w in load_host_settings(f).warnings)

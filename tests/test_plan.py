@@ -1,0 +1,112 @@
+"""The planner as a table: every (wanted, found, locks) cell has one expected plan."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fcq_tasks.plan import Do, Observed, Run, plan
+from fcq_tasks.vmspec import GiB, VMSpec
+
+HOST = "alpha"
+BASE = VMSpec(name="vm01", id=1, resource_group="test", online=True, kvm_host=HOST,
+              disk_gib=5, memory_mb=256, cores=1, nics=())
+
+WANTED = {
+    "offline": dataclasses.replace(BASE, online=False),
+    "unplaced": dataclasses.replace(BASE, kvm_host=None),
+    "elsewhere": dataclasses.replace(BASE, kvm_host="beta"),
+    "here": BASE,
+}
+LOCKS = {
+    "free": {"root": None, "swap": None, "tmp": None},
+    "ours": {"root": HOST, "swap": HOST, "tmp": HOST},
+    "partial": {"root": HOST, "swap": None, "tmp": None},
+    "other": {"root": "beta", "swap": "beta", "tmp": "beta"},
+}
+K, CU, ST, SP, PA, TL = Do.KILL, Do.CLEAN_UP, Do.START, Do.STOP, Do.PAUSE, Do.TAKE_LOCKS
+N, R, OUT = Do.NOTHING, Do.REFUSE, Do.OUTMIGRATE
+
+# (wanted, found, locks) -> actions, for a root volume of the configured size.
+TABLE: dict[tuple[str, Run, str], list[Do]] = {}
+for w in WANTED:
+    for locks in LOCKS:
+        # Not running here.
+        held = locks in ("ours", "partial")
+        for run in (Run.STOPPED, Run.CRASHED):
+            acts = [CU] if run is Run.CRASHED or held else []
+            if w != "here":
+                acts = acts or [N]
+            elif locks == "other":
+                acts = [*acts, R]
+            else:
+                acts = [*acts, ST]
+            TABLE[(w, run, locks)] = acts
+        # A QEMU without a monitor is killed, then planned as crashed.
+        TABLE[(w, Run.UNRESPONSIVE, locks)] = [K, *TABLE[(w, Run.CRASHED, locks)]]
+        # Migration states.
+        TABLE[(w, Run.INMIGRATE, locks)] = [K, CU] if w == "offline" else [N]
+        TABLE[(w, Run.POSTMIGRATE, locks)] = [K, CU]
+        # Running or paused here.
+        for run in (Run.RUNNING, Run.PAUSED):
+            if w == "offline":
+                acts = [SP, CU]
+            elif locks == "other":
+                acts = [R] if run is Run.PAUSED else [PA, R]
+            elif w == "elsewhere":
+                acts = [OUT]
+            else:
+                take = [TL] if locks in ("free", "partial") else []
+                acts = take or [N]
+            TABLE[(w, run, locks)] = acts
+
+
+@pytest.mark.parametrize(("w", "run", "locks"), sorted(TABLE, key=str))
+def test_plan_table(w: str, run: Run, locks: str) -> None:
+    """Each cell of wanted × found × locks gives exactly the expected actions."""
+    observed = Observed(run, LOCKS[locks], root_bytes=BASE.disk_bytes, iops=0)
+    got = [a.do for a in plan(WANTED[w], observed, HOST)]
+    assert got == TABLE[(w, run, locks)]
+
+
+def test_table_covers_every_cell() -> None:
+    """No combination of wanted, run state and lock state is left out of the table."""
+    assert len(TABLE) == len(WANTED) * len(Run) * len(LOCKS)
+
+
+def test_running_here_grows_root_and_never_shrinks() -> None:
+    """A smaller root grows to the config; a larger one is refused as a shrink."""
+    small = plan(BASE, Observed(Run.RUNNING, LOCKS["ours"], 2 * GiB, 0), HOST)
+    assert [(a.do, a.size) for a in small] == [(Do.GROW_ROOT, 5 * GiB)]
+    big = plan(BASE, Observed(Run.RUNNING, LOCKS["ours"], 8 * GiB, 0), HOST)
+    assert [(a.do, a.refusal) for a in big] == [(Do.REFUSE, "shrink")]
+
+
+def test_stopped_with_larger_root_starts_and_reports_shrink() -> None:
+    """The VM still starts on its bigger disk; the shrink request is refused, not obeyed."""
+    acts = plan(BASE, Observed(Run.STOPPED, LOCKS["free"], 8 * GiB), HOST)
+    assert [a.do for a in acts] == [Do.START, Do.REFUSE]
+    assert acts[1].refusal == "shrink"
+
+
+def test_iops_converge() -> None:
+    """A running VM whose throttle differs from the config gets the config's limit."""
+    spec = dataclasses.replace(BASE, iops=500)
+    acts = plan(spec, Observed(Run.RUNNING, LOCKS["ours"], BASE.disk_bytes, 0), HOST)
+    assert [(a.do, a.iops) for a in acts] == [(Do.SET_IOPS, 500)]
+
+
+def test_refusals_name_the_other_host() -> None:
+    """A start refused for a foreign lock and a split brain both say which host holds it."""
+    locked = plan(BASE, Observed(Run.STOPPED, LOCKS["other"]), HOST)
+    assert (locked[-1].refusal, locked[-1].host) == ("locked", "beta")
+    split = plan(BASE, Observed(Run.RUNNING, LOCKS["other"], BASE.disk_bytes, 0), HOST)
+    assert (split[-1].refusal, split[-1].host) == ("split-brain", "beta")
+
+
+def test_outmigrate_names_destination() -> None:
+    """Config moving a running VM elsewhere yields an outmigration to that host."""
+    acts = plan(WANTED["elsewhere"], Observed(Run.RUNNING, LOCKS["ours"], BASE.disk_bytes, 0),
+                HOST)
+    assert acts[0].host == "beta"
