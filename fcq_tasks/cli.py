@@ -9,6 +9,7 @@ inconsistent state). With several VMs the highest code wins.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +36,15 @@ VM_COMMANDS: dict[str, tuple[Callable[[VMAgent], dict[str, Any]], str]] = {
                      "break VMs' volume locks (refused while the VM runs here)"),
     "status": (VMAgent.status, "show state, process, locks and guest agent of VMs"),
 }
+
+
+def say(text: str, err: bool = False) -> None:
+    """Print, but a closed or broken stdout/stderr never turns a done job into a failure."""
+    stream = sys.stderr if err else sys.stdout
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,19 +91,19 @@ class Output:
     def result(self, record: dict[str, Any], text: str) -> None:
         self.records.append(record)
         if not self.as_json:
-            print(text)
+            say(text)
 
     def error(self, err: FcqError, vm: str | None = None) -> None:
         self.code = max(self.code, err.exit_code)
         record = {"vm": vm, **err.to_dict()} if vm else err.to_dict()
         self.records.append(record)
         if not self.as_json:
-            print(f"fcq: error: {err.message}", file=sys.stderr)
+            say(f"fcq: error: {err.message}", err=True)
 
     def finish(self) -> int:
         if self.as_json:
-            print(json.dumps(self.records if len(self.records) != 1 else self.records[0],
-                             indent=2, default=str))
+            say(json.dumps(self.records if len(self.records) != 1 else self.records[0],
+                           indent=2, default=str))
         return self.code
 
 
@@ -157,7 +167,7 @@ def check_configs(files: list[str], strict: bool, out: Output) -> None:
             continue
         if spec.warnings:
             for w in spec.warnings:
-                print(f"fcq: {'error' if strict else 'warning'}: {w}", file=sys.stderr)
+                say(f"fcq: {'error' if strict else 'warning'}: {w}", err=True)
             if strict:
                 out.code = max(out.code, EXIT_INPUT)
                 out.records.append({"file": name, "ok": False, "warnings": list(spec.warnings)})
@@ -180,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_file, settings.log_level,
                    stream=None if args.quiet or args.json else sys.stderr)
     for warning in settings.warnings:
-        print(f"fcq: warning: {warning}", file=sys.stderr)
+        say(f"fcq: warning: {warning}", err=True)
     try:
         if args.command == "ls":
             rows = list_vms(settings)
             out.records.extend(rows)
             if not args.json:
-                print(ls_table(rows))
+                say(ls_table(rows))
         elif args.command == "memory":
             summary = memory_summary(settings)
             out.result(summary, f"{settings.host}: {summary['booked_mb']} of "

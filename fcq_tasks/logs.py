@@ -67,7 +67,10 @@ def configure(log_file: Path | None, level: str = "info",
               stream: TextIO | None = sys.stderr, colors: bool | None = None) -> None:
     """Set up structlog for this process (the CLI and the worker call it once)."""
     if colors is None:
-        colors = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        try:
+            colors = bool(stream is not None and stream.isatty())
+        except (OSError, ValueError):
+            colors = False  # a closed stream: it won't be written to anyway
     console = structlog.dev.ConsoleRenderer(colors=colors, pad_event_to=24)
     tee = TeeLogger(log_file, stream)
     structlog.configure(

@@ -19,7 +19,7 @@ WANTED = {
     "elsewhere": dataclasses.replace(BASE, kvm_host="beta"),
     "here": BASE,
 }
-LOCKS = {
+LOCKS: dict[str, dict[str, str | None]] = {
     "free": {"root": None, "swap": None, "tmp": None},
     "ours": {"root": HOST, "swap": HOST, "tmp": HOST},
     "partial": {"root": HOST, "swap": None, "tmp": None},
