@@ -1,7 +1,17 @@
-"""fcq_beat: the Celery beat schedule of ensure sweeps (grows in the Cluster issue).
+"""fcq_beat: Celery beat sending ensure sweeps to every live host, exactly once.
 
-For now it only names what a sweep is: ``fcq ensure --all`` on each host.
+``fcq beat`` runs :func:`run_beat`; the schedule is built by
+:class:`fcq_beat.scheduler.SweepScheduler` from the host registry.
 """
 
-#: Default seconds between two ensure sweeps of one host.
-DEFAULT_SWEEP_INTERVAL = 60.0
+from __future__ import annotations
+
+from fcq_tasks.celeryapp import configure
+from fcq_tasks.settings import HostSettings
+
+
+def run_beat(settings: HostSettings, loglevel: str = "INFO") -> None:
+    app = configure(settings)
+    app.conf.fcq_settings = settings
+    app.start(["beat", "--scheduler", "fcq_beat.scheduler:SweepScheduler",
+               "--loglevel", loglevel, "--max-interval", "5"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -38,6 +39,15 @@ from .storage import VOLUMES, Storage, open_storage
 from .template import RunPaths, render_qemu_config
 from .vmspec import VMSpec, load_vm_spec
 
+#: Called with a step name and details while a long operation runs (the
+#: Celery task publishes them as task state for Flower and `fcq` to show).
+Progress = Callable[..., None]
+
+
+def _no_progress(step: str, **details: Any) -> None:
+    pass
+
+
 #: QMP runstates that mean "guest code may run".
 RUNNING_STATES = frozenset({"running"})
 
@@ -45,8 +55,10 @@ RUNNING_STATES = frozenset({"running"})
 class VMAgent:
     """Operations on VM *name* on the host *settings* describe. No I/O here."""
 
-    def __init__(self, settings: HostSettings, name: str, storage: Storage | None = None) -> None:
+    def __init__(self, settings: HostSettings, name: str, storage: Storage | None = None,
+                 progress: Progress | None = None) -> None:
         self.settings = settings
+        self.progress: Progress = progress if progress is not None else _no_progress
         self.name = name
         self.paths = VMRunPaths(settings.run_dir, name)
         self.qemu = QemuProcess(self.paths, settings.qmp_timeout)
@@ -127,12 +139,13 @@ class VMAgent:
 
     # -- operations -------------------------------------------------------
 
-    def _locked(self) -> Any:
+    def locked(self) -> Any:
+        """The VM's operation lock (reentrant): hold it across several steps."""
         return operation_lock(self.settings.run_dir, self.name, self.settings.operation_wait)
 
     def ensure(self) -> dict[str, Any]:
         """Converge the VM to its config on this host."""
-        with self._locked():
+        with self.locked():
             spec = self.spec()
             return self._converge(spec, "ensure")
 
@@ -208,7 +221,7 @@ class VMAgent:
         A running VM whose config vanished is left running and reported: a
         lost file is not an order to power a guest off.
         """
-        with self._locked():
+        with self.locked():
             found = self.observe()
             if self._process() is not None:
                 self.log.warning("orphan-running", action="nothing", found=found.run.value,
@@ -219,7 +232,7 @@ class VMAgent:
 
     def start(self) -> dict[str, Any]:
         """Start the VM here if it is not running (the config must allow this host)."""
-        with self._locked():
+        with self.locked():
             spec = self.spec()
             if spec.kvm_host not in (None, self.settings.host):
                 raise Refused(f"{self.name}: config puts it on host {spec.kvm_host}; "
@@ -236,7 +249,7 @@ class VMAgent:
 
     def stop(self) -> dict[str, Any]:
         """Power the VM off gracefully (ACPI, then quit, then kill) and release its locks."""
-        with self._locked():
+        with self.locked():
             found = self.observe()
             done = []
             if self._process() is not None:
@@ -249,7 +262,7 @@ class VMAgent:
             return self._result("stop", "stopped", found, done, self.observe())
 
     def restart(self) -> dict[str, Any]:
-        with self._locked():
+        with self.locked():
             self.stop()
             result = self.start()
             result["operation"] = "restart"
@@ -257,7 +270,7 @@ class VMAgent:
 
     def kill(self) -> dict[str, Any]:
         """SIGKILL the VM's QEMU and release its locks."""
-        with self._locked():
+        with self.locked():
             found = self.observe()
             done = []
             if self._process() is not None:
@@ -274,7 +287,7 @@ class VMAgent:
         would invite a second writer. For a lock of another host the
         operator vouches that that host's QEMU is gone.
         """
-        with self._locked():
+        with self.locked():
             if self._process() is not None:
                 raise Refused(f"{self.name}: runs on this host; stop it before breaking locks",
                               vm=self.name)
@@ -332,8 +345,10 @@ class VMAgent:
                                     RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga)))
         argv = self.argv(accel)
         t0 = time.monotonic()
+        self.progress("admission", memory_mb=spec.memory_mb)
         with admission.admission(s.run_dir, self.name, spec.memory_mb, s.vm_max_total_memory,
                                  s.qmp_timeout, wait=s.start_timeout):
+            self.progress("volumes")
             created = self.storage.ensure_volumes(spec)
             if created:
                 self.log.info("volumes-created", action="start", volumes=created)
@@ -344,6 +359,7 @@ class VMAgent:
             taken = self._take_locks()
             try:
                 write_atomically(self.paths.config, config)
+                self.progress("qemu-start")
                 self.log.info("qemu-start", action="start", argv=" ".join(argv),
                               accel=accel, memory_mb=spec.memory_mb)
                 self.qemu.start(argv, spec.memory_mb, s.start_timeout)
@@ -380,6 +396,7 @@ class VMAgent:
             with self.qemu.qmp() as qmp:
                 qmp.execute("system_powerdown")
             self.log.info("powerdown-sent", action="stop", grace=grace)
+            self.progress("powerdown", grace=grace)
             if self.qemu.wait_gone(proc, grace):
                 self.log.info("stopped", action="stop", how="acpi")
                 return

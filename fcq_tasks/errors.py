@@ -149,3 +149,30 @@ class GuestAgentError(QemuError):
 
 class StorageError(SystemFailure):
     """Creating, resizing, locking or removing a volume failed."""
+
+
+class TaskRejected(Exception):
+    """Raised by a Celery task whose request broke a rule (a UserError there).
+
+    Not an FcqError on purpose: Celery rebuilds a failed task's exception on
+    the client as ``cls(*args)``, so the only argument is the JSON-safe dict
+    of the original error (``FcqError.to_dict()``).
+    """
+
+    def __init__(self, info: dict[str, object]) -> None:
+        super().__init__(info)
+        self.info = info
+
+
+class TaskFailed(TaskRejected):
+    """Raised by a Celery task that failed for a system reason (traceback kept)."""
+
+
+class RemoteError(FcqError):
+    """A task on a host ended in an FcqError; carries its original class name."""
+
+    def __init__(self, info: dict[str, object]) -> None:
+        fields = {k: v for k, v in info.items() if k not in ("message",)}
+        super().__init__(str(info.get("message", info)), **fields)
+        original = globals().get(str(info.get("error")))
+        self.exit_code = getattr(original, "exit_code", 1)

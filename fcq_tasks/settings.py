@@ -19,6 +19,7 @@ import psutil
 import yaml
 
 from . import validate as v
+from .clustersettings import ClusterSettings, parse_cluster_settings
 from .errors import ConfigError
 
 #: Where the operator's file lives unless ``--config`` or ``FCQ_CONFIG`` say otherwise.
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "create_vm": list(DEFAULT_CREATE_VM),
     "nic_mode": "tap",
     "direct_boot": None,
+    "cluster": None,                    # see clustersettings.CLUSTER_DEFAULTS
 }
 
 CREATE_VM_PLACEHOLDERS = frozenset({"name", "path", "size", "size_bytes", "volume"})
@@ -87,6 +89,8 @@ class HostSettings:
     create_vm: tuple[str, ...]
     nic_mode: str
     direct_boot: DirectBoot | None = None
+    cluster: ClusterSettings = field(
+        default_factory=lambda: parse_cluster_settings("<defaults>", None))
     source: str = field(default="<defaults>", compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -147,6 +151,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         create_vm=_create_vm(f, raw["create_vm"]),
         nic_mode=v.check_choice(f, "nic_mode", raw["nic_mode"], ("tap", "user", "none")),
         direct_boot=_direct_boot(f, raw["direct_boot"]),
+        cluster=parse_cluster_settings(f, raw["cluster"]),
         source=source,
         warnings=warnings,
     )

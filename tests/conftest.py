@@ -68,14 +68,17 @@ class Host:
     def agent(self, name: str) -> VMAgent:
         return VMAgent(self.settings, name)
 
-    def fcq(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def fcq(self, *args: str, check: bool = False,
+            local: bool = True) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "FCQ_CONFIG": str(self.settings_file)}
-        return subprocess.run([sys.executable, "-m", "fcq_tasks", *args], env=env, text=True,
+        flag = ["--local"] if local else []
+        return subprocess.run([sys.executable, "-m", "fcq_tasks", *flag, *args], env=env, text=True,
                               capture_output=True, check=check, timeout=120)
 
     def fcq_async(self, *args: str) -> subprocess.Popen[str]:
         env = {**os.environ, "FCQ_CONFIG": str(self.settings_file)}
-        return subprocess.Popen([sys.executable, "-m", "fcq_tasks", *args], env=env, text=True,
+        return subprocess.Popen([sys.executable, "-m", "fcq_tasks", "--local", *args], env=env,
+                                text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def wait_for_oplock_holder(self, vm: str, timeout: float = 30) -> None:

@@ -51,7 +51,7 @@ def test_several_vms_worst_exit_code_wins(host: Host) -> None:
     host.write_vm("vm01")
     cli = host.fcq("ensure", "vm01", "ghost")
     assert cli.returncode == 2
-    assert "vm01: ensure: found stopped, did start; now running" in cli.stdout
+    assert "vm01@alpha: ensure: found stopped, did start; now running" in cli.stdout
     assert "ghost: no config" in cli.stderr
 
 

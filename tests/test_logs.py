@@ -39,7 +39,7 @@ def test_vm_start_with_unwritable_log_and_closed_stdout(make_host: HostFactory) 
     host = make_host(log_file="/proc/fcq-no/fcq.log")
     host.write_vm("vm01")
     # sh closes fds 1 and 2 before exec: fcq starts with no stdout/stderr at all.
-    argv = ["sh", "-c", 'exec "$0" -m fcq_tasks -c "$1" start vm01 >&- 2>&-',
+    argv = ["sh", "-c", 'exec "$0" -m fcq_tasks --local -c "$1" start vm01 >&- 2>&-',
             sys.executable, str(host.settings_file)]
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False, timeout=120)
     assert proc.returncode == 0

@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "build" / "guest"
 BASE = Path("/tmp/fcq-demo")
-FCQ = [sys.executable, "-m", "fcq_tasks"]
+FCQ = [sys.executable, "-m", "fcq_tasks", "--local"]
 
 VM_CONFIG = """\
 name: demo01

@@ -1,0 +1,173 @@
+"""The orchestrator's Python API: enqueue work for the right host and wait.
+
+    from fcq_tasks.api import Orchestrator
+    orch = Orchestrator(load_host_settings("/etc/fcq/host.yaml"))
+    job = orch.submit("start", "vm01")          # returns at once
+    result = orch.wait(job, on_progress=print)  # or poll orch.state(job)
+
+The VM's host is looked up in the host registry (the live host whose config
+declares ``kvm_host`` = itself for that VM) unless the caller names one.
+Work is sent only to a host whose worker is alive: a request for a host that
+is down is refused at once instead of waiting silently in its queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery.result import AsyncResult
+
+from . import registry
+from .celeryapp import configure, host_queue
+from .errors import BadRequest, FcqError, RemoteError, SystemFailure, TaskRejected
+from .settings import HostSettings
+from .validate import NAME_RE, NAME_RULE
+from .vmspec import parse_vm_file
+
+VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
+
+#: How often wait() polls the result backend.
+POLL_INTERVAL = 0.2
+
+
+class Orchestrator:
+    """Submit VM operations to host queues and follow them. No I/O in here."""
+
+    def __init__(self, settings: HostSettings) -> None:
+        self.settings = settings
+        self.app = configure(settings)
+        self._client: redis.Redis | None = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = registry.connect(self.settings)
+        return self._client
+
+    def _registry(self) -> dict[str, dict[str, Any]]:
+        try:
+            return registry.hosts(self.client)
+        except redis.RedisError as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        return self._registry()
+
+    def locate(self, vm: str) -> str:
+        """The live host that should act on *vm*."""
+        hosts = self._registry()
+        declared = [h for h, rec in hosts.items() if rec["vms"].get(vm, {}).get("kvm_host") == h]
+        if len(declared) == 1:
+            return declared[0]
+        knowing = [h for h, rec in hosts.items() if vm in rec["vms"]]
+        if len(knowing) == 1:
+            return knowing[0]
+        if not knowing:
+            raise BadRequest("vm", f"no live host has a config for {vm!r}")
+        raise BadRequest("host", f"{vm!r} is known to hosts {', '.join(knowing)} and none "
+                         "is its kvm_host: name one with --host")
+
+    def _check_host(self, host: str) -> None:
+        if not NAME_RE.match(host):
+            raise BadRequest("host", f"{NAME_RULE} (got {host!r})")
+        if host not in self._registry():
+            raise BadRequest("host", f"host {host!r} has no live worker (no heartbeat within "
+                             f"{self.settings.cluster.registry_ttl} s)")
+
+    def submit(self, operation: str, vm: str, host: str | None = None) -> str:
+        """Enqueue *operation* on *vm*; return the task id."""
+        if operation not in VM_OPERATIONS:
+            raise BadRequest("operation", f"must be one of {', '.join(VM_OPERATIONS)}")
+        if not NAME_RE.match(vm):
+            raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        target = host or self.locate(vm)
+        self._check_host(target)
+        return self._send(f"fcq.{operation}", {"vm": vm, "host": target}, target,
+                          operation, vm)
+
+    def apply_config(self, path: Path, hosts: list[str] | None = None) -> dict[str, str]:
+        """Push a VM file to its kvm_host (and to hosts that know it): host → task id."""
+        spec = parse_vm_file(path)  # refuse a broken file before anything is sent
+        targets = set(hosts or [])
+        if not hosts:
+            if spec.kvm_host:
+                targets.add(spec.kvm_host)
+            targets.update(h for h, rec in self._registry().items() if spec.name in rec["vms"])
+        if not targets:
+            raise BadRequest("kvm_host", f"{spec.name} names no host and no host knows it: "
+                             "name one with --host")
+        for target in sorted(targets):
+            self._check_host(target)
+        text = path.read_text()
+        version = path.stat().st_mtime
+        return {t: self._send("fcq.apply_config", {"vm": spec.name, "config": text,
+                                                   "version": version, "host": t},
+                              t, "apply-config", spec.name)
+                for t in sorted(targets)}
+
+    def sweep(self, host: str) -> str:
+        self._check_host(host)
+        return self._send("fcq.ensure_host", {"host": host}, host, "sweep", "*")
+
+    def _send(self, task: str, kwargs: dict[str, Any], host: str, operation: str,
+              vm: str) -> str:
+        try:
+            result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host))
+            registry.record_job(self.client, result.id, operation, vm, host,
+                                self.settings.cluster.result_expires)
+        except redis.RedisError as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        return str(result.id)
+
+    def state(self, task_id: str) -> tuple[str, Any]:
+        res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
+        return res.state, res.info
+
+    def wait(self, task_id: str, timeout: float | None = None,
+             on_progress: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+        """Wait for a task; return its result or raise the host's error as RemoteError."""
+        res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: tuple[str, str] | None = None
+        while True:
+            state, info = res.state, res.info
+            if on_progress is not None and (state, repr(info)) != last:
+                on_progress(state, info)
+                last = (state, repr(info))
+            if state == "SUCCESS":
+                assert isinstance(info, dict)
+                return info
+            if state == "FAILURE":
+                raise remote_error(info)
+            if deadline is not None and time.monotonic() > deadline:
+                raise SystemFailure(f"task {task_id} not finished after {timeout} s "
+                                    f"(state {state})", task_id=task_id, state=state)
+            time.sleep(POLL_INTERVAL)
+
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recent submitted tasks with their current state."""
+        try:
+            rows = registry.recent_jobs(self.client, limit)
+        except redis.RedisError as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        for row in rows:
+            state, info = self.state(row["id"])
+            row["state"] = state
+            if state == "PROGRESS" and isinstance(info, dict):
+                row["step"] = info.get("step")
+            elif state == "FAILURE":
+                row["error"] = remote_error(info).message
+        return rows
+
+
+def remote_error(info: Any) -> FcqError:
+    """The error a failed task raised, as an FcqError with the right exit code."""
+    if isinstance(info, TaskRejected):
+        return RemoteError(info.info)
+    if isinstance(info, BaseException):
+        return RemoteError({"error": type(info).__name__, "message": str(info)})
+    return RemoteError({"error": "Unknown", "message": repr(info)})

@@ -1,0 +1,91 @@
+"""The Celery application, configured from the settings' ``cluster:`` section.
+
+One module-level ``app`` is how Celery finds tasks; it is configured exactly
+once per process by :func:`configure` (worker, beat, orchestrator), from the
+frozen settings, never from environment writes. The choices here come from
+measurements on this project's machines (FACTS.md):
+
+* JSON only, in both directions: no pickles cross the broker.
+* ``acks_late`` + ``task_reject_on_worker_lost`` + prefetch 1: a task whose
+  worker dies is delivered again, to a worker of the same host queue.
+* The Redis ``visibility_timeout`` must exceed the longest task, and kombu's
+  scan for unacknowledged tasks is made frequent (``restore_interval``, a
+  throttle of 1) so that redelivery after ``kill -9`` takes seconds, not the
+  ~105 s of the defaults.
+* Sent and task events on, so Flower sees tasks queued for a host whose
+  worker is down.
+* Nothing is routed by default: publishing a task without an explicit queue
+  is refused (see :func:`refuse_unrouted`), so no message can land in a
+  queue nobody consumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import before_task_publish
+
+from .settings import HostSettings
+
+#: The queue a host's worker consumes.
+QUEUE_PREFIX = "host."
+
+#: Celery's default queue. Nobody consumes it; nothing may be sent there.
+UNROUTED = "fcq.unrouted"
+
+app = Celery("fcq", include=["fcq_tasks.tasks"])
+
+
+def host_queue(host: str) -> str:
+    return f"{QUEUE_PREFIX}{host}"
+
+
+def celery_config(settings: HostSettings) -> dict[str, Any]:
+    c = settings.cluster
+    url = c.url_with_password()
+    transport = {
+        "visibility_timeout": c.visibility_timeout,
+        "unacked_restore_interval": c.restore_interval,
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": c.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_extended": True,
+        "result_expires": c.result_expires,
+        "task_default_queue": UNROUTED,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "enable_utc": True,
+    }
+
+
+def configure(settings: HostSettings) -> Celery:
+    """Configure the process's Celery app for *settings* and return it."""
+    app.conf.update(celery_config(settings))
+    app.conf.fcq_settings_source = settings.source
+    return app
+
+
+@before_task_publish.connect
+def refuse_unrouted(sender: str | None = None, routing_key: str | None = None,
+                    **_: Any) -> None:
+    """Refuse to publish a task to the default queue, which no worker consumes."""
+    if routing_key in (UNROUTED, "celery", None, ""):
+        raise RuntimeError(f"task {sender} has no queue: fcq routes every task explicitly "
+                           "(host.<name>); refusing to publish it where nobody consumes it")

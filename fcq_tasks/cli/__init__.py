@@ -1,0 +1,125 @@
+"""The ``fcq`` command.
+
+By default VM commands go through the cluster: they are enqueued to the
+VM's host queue and followed until done (``--no-wait`` prints the task id).
+``--local`` acts on this host directly, without Celery, for debugging on a
+host. Services: ``fcq worker``, ``fcq beat``, ``fcq flower``.
+
+Exit codes (docs/cli.md): 0 done; 1 the system failed; 2 bad input; 3 the VM
+is busy; 4 refused by a safety rule. With several VMs the highest code wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .. import __version__, logs
+from ..errors import FcqError
+from ..settings import DEFAULT_SETTINGS_FILE, load_host_settings
+from . import local, remote, services
+from .output import Output, say
+
+VM_COMMANDS = {
+    "start": "start VMs (their config must allow the host)",
+    "stop": "power VMs off (ACPI, then quit, then kill) and release locks",
+    "restart": "stop, then start",
+    "ensure": "converge VMs to their config",
+    "kill": "SIGKILL VMs' QEMU at once and release locks",
+    "force-unlock": "break VMs' volume locks (refused while the VM runs there)",
+}
+LOCAL_ONLY = {"status", "memory"}
+CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fcq", description="Manage QEMU VMs across hosts.")
+    p.add_argument("--version", action="version", version=f"fcq {__version__}")
+    p.add_argument("-c", "--config", help=f"settings file (default: $FCQ_CONFIG, else "
+                   f"{DEFAULT_SETTINGS_FILE} if it exists, else built-in defaults)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no log or progress lines")
+    p.add_argument("--local", action="store_true",
+                   help="act on this host directly, without the cluster")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("ls", help="VMs and where they run (--local: this host in detail)")
+    for name, text in VM_COMMANDS.items():
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("vms", nargs="*" if name == "ensure" else "+", metavar="VM")
+        if name == "ensure":
+            sp.add_argument("--all", action="store_true",
+                            help="sweep every VM (every live host; --local: this host)")
+        _wait_options(sp)
+        sp.add_argument("--host", help="the host to act on (default: the VM's kvm_host)")
+    sp = sub.add_parser("status", help="state, process, locks, guest agent (this host)")
+    sp.add_argument("vms", nargs="+", metavar="VM")
+    sub.add_parser("memory", help="memory booked by running VMs and the limit (this host)")
+    sub.add_parser("hosts", help="live hosts: VMs, memory booked and limit, last heartbeat")
+    sp = sub.add_parser("jobs", help="recent tasks, their VM, host and state")
+    sp.add_argument("--limit", type=int, default=20)
+    sp = sub.add_parser("wait", help="follow tasks by id until they finish")
+    sp.add_argument("ids", nargs="+", metavar="TASK_ID")
+    sp.add_argument("--timeout", type=float, default=None)
+    sp = sub.add_parser("apply-config", help="push VM files to their hosts, then ensure")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--host", action="append", help="push to this host (repeatable)")
+    _wait_options(sp)
+    cp = sub.add_parser("config", help="configuration tools")
+    csub = cp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = csub.add_parser("check", help="validate VM config files; writes nothing")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--strict", action="store_true", help="unknown keys are errors too")
+    sp = sub.add_parser("worker", help="run this host's Celery worker")
+    sp.add_argument("--host", help="host name (default: the settings' host)")
+    sub.add_parser("beat", help="run Celery beat: ensure sweeps for every live host")
+    sp = sub.add_parser("flower", help="run Flower (basic auth unless --no-auth)")
+    sp.add_argument("--no-auth", action="store_true", help="demo only: no authentication")
+    return p
+
+
+def _wait_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--no-wait", action="store_true", help="print the task id and return")
+    sp.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+
+
+def settings_path(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    env = os.environ.get("FCQ_CONFIG")
+    if env:
+        return env
+    return DEFAULT_SETTINGS_FILE if Path(DEFAULT_SETTINGS_FILE).exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Output(args.json)
+    if args.command == "config":
+        local.check_configs(args.files, args.strict, out)
+        return out.finish()
+    if args.local and args.command in CLUSTER_ONLY:
+        parser.error(f"{args.command} is a cluster command; drop --local")
+    if args.command == "ensure" and not args.vms and not args.all:
+        parser.error("ensure: name at least one VM, or --all")
+    try:
+        settings = load_host_settings(settings_path(args.config))
+        if args.command in ("worker", "beat", "flower"):
+            return services.run(settings, args)
+    except FcqError as err:
+        out.error(err)
+        return out.finish()
+    logs.configure(settings.log_file, settings.log_level,
+                   stream=None if args.quiet or args.json else sys.stderr)
+    for warning in settings.warnings:
+        say(f"fcq: warning: {warning}", err=True)
+    try:
+        if args.local or args.command in LOCAL_ONLY:
+            local.run(settings, args, out)
+        else:
+            remote.run(settings, args, out)
+    except FcqError as err:
+        out.error(err)
+    return out.finish()

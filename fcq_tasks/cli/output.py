@@ -1,0 +1,97 @@
+"""How the fcq command prints: results on stdout (text or JSON), errors on stderr.
+
+Printing never fails a finished job: a closed or broken stdout costs the
+output, not the exit code of the work that was done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any
+
+from ..errors import FcqError
+
+EXIT_OK, EXIT_SYSTEM, EXIT_INPUT = 0, 1, 2
+
+
+def say(text: str, err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream, flush=True)
+
+
+class Output:
+    """Collects results and errors; the worst exit code wins."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.code = EXIT_OK
+        self.records: list[dict[str, Any]] = []
+
+    def result(self, record: dict[str, Any], text: str) -> None:
+        self.records.append(record)
+        if not self.as_json:
+            say(text)
+
+    def table(self, rows: list[dict[str, Any]], text: str) -> None:
+        self.records.extend(rows)
+        if not self.as_json:
+            say(text)
+
+    def error(self, err: FcqError, vm: str | None = None) -> None:
+        self.code = max(self.code, err.exit_code)
+        record = {"vm": vm, **err.to_dict()} if vm else err.to_dict()
+        self.records.append(record)
+        if not self.as_json:
+            say(f"fcq: error: {err.message}", err=True)
+
+    def finish(self) -> int:
+        if self.as_json:
+            say(json.dumps(self.records if len(self.records) != 1 else self.records[0],
+                           indent=2, default=str))
+        return self.code
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line for a finished operation."""
+    if result.get("operation") == "force-unlock":
+        broken = result["broken"]
+        return f"{result['vm']}: force-unlock: " + (
+            ", ".join(f"{v} (was {o})" for v, o in broken.items()) if broken else "no locks held")
+    if result.get("outcome") == "ignored":
+        return f"{result['vm']}: {result.get('operation')}: ignored: {result.get('reason')}"
+    actions = ", ".join(result.get("actions") or []) or "nothing to do"
+    where = f"@{result['host']}" if result.get("host") else ""
+    return (f"{result['vm']}{where}: {result.get('operation')}: found {result.get('found')}, "
+            f"did {actions}; now {result.get('status')}")
+
+
+def describe_status(row: dict[str, Any]) -> str:
+    locks = row.get("locks") or {}
+    holders = sorted({o for o in locks.values() if o})
+    lines = [f"{row['vm']}: {row['status']}" + (f" (config: {row['wanted']})"
+                                               if row.get("wanted") else "")]
+    if row.get("config_error"):
+        lines.append(f"  config error: {row['config_error']}")
+    if row.get("pid"):
+        lines.append(f"  pid {row['pid']}, {row.get('memory_mb')} MB")
+    if row.get("root_bytes") is not None:
+        lines.append(f"  root {row['root_bytes'] / 2**30:.1f} GiB")
+    lines.append(f"  locks: {', '.join(holders) if holders else 'none'}")
+    if "guest_agent" in row:
+        lines.append(f"  guest agent: {'answers' if row['guest_agent'] else 'silent'}")
+    return "\n".join(lines)
+
+
+def ls_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'VM':<20} {'STATUS':<13} {'CONFIG':<10} {'PID':>8} {'MB':>6}  LOCKS"
+    lines = [header]
+    for r in rows:
+        holders = ",".join(sorted({o for o in (r.get("locks") or {}).values() if o})) or "-"
+        lines.append(f"{r['vm']:<20} {r['status']:<13} {r.get('wanted') or '?':<10} "
+                     f"{r.get('pid') or '-':>8} {r.get('memory_mb') or '-':>6}  {holders}")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Cluster commands: enqueue to host queues through the orchestrator and wait."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..api import Orchestrator
+from ..errors import FcqError
+from ..settings import HostSettings
+from .output import EXIT_SYSTEM, Output, describe, say
+
+
+class Progress:
+    """Shows a task's state changes on stderr while `fcq` waits."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label = label
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+
+    def __call__(self, state: str, info: Any) -> None:
+        if self.quiet:
+            return
+        detail = ""
+        if state == "PROGRESS" and isinstance(info, dict):
+            extra = {k: v for k, v in info.items()
+                     if k not in ("vm", "host", "operation", "step")}
+            detail = f" {info.get('step')}" + "".join(f" {k}={v}" for k, v in extra.items())
+        elif state == "PENDING":
+            detail = " (queued)"
+        say(f"  {self.label}: {state.lower()}{detail}  [{time.monotonic() - self.t0:.1f}s]",
+            err=True)
+
+
+def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
+    orch = Orchestrator(settings)
+    quiet = bool(args.quiet or args.json)
+    cmd = args.command
+    if cmd == "hosts":
+        hosts = orch.hosts()
+        rows = [{"host": h, "queue": r["queue"], "vms": len(r["vms"]),
+                 "running": len(r["running"]), "booked_mb": r["booked_mb"],
+                 "limit_mb": r["limit_mb"], "seen_ago": round(time.time() - r["seen"], 1)}
+                for h, r in hosts.items()]
+        lines = [f"{'HOST':<16} {'VMS':>4} {'RUNNING':>8} {'MB BOOKED':>10} {'LIMIT':>8}  SEEN"]
+        lines += [f"{r['host']:<16} {r['vms']:>4} {r['running']:>8} {r['booked_mb']:>10} "
+                  f"{r['limit_mb']:>8}  {r['seen_ago']}s ago" for r in rows]
+        out.table(rows, "\n".join(lines) if rows else "no live hosts")
+    elif cmd == "ls":
+        rows = fleet_rows(orch.hosts())
+        lines = [f"{'VM':<20} {'KVM_HOST':<12} {'ONLINE':<7} RUNNING ON"]
+        lines += [f"{r['vm']:<20} {r['kvm_host'] or '-':<12} {str(r['online']).lower():<7} "
+                  f"{','.join(r['running_on']) or '-'}" for r in rows]
+        out.table(rows, "\n".join(lines))
+    elif cmd == "jobs":
+        rows = orch.jobs(args.limit)
+        lines = [f"{'TASK':<36} {'OP':<13} {'VM':<16} {'HOST':<10} STATE"]
+        lines += [f"{r['id']:<36} {r['op']:<13} {r['vm']:<16} {r['host']:<10} {r['state']}"
+                  + (f" ({r['step']})" if r.get("step") else "")
+                  + (f": {r['error']}" if r.get("error") else "") for r in rows]
+        out.table(rows, "\n".join(lines))
+    elif cmd == "wait":
+        for task_id in args.ids:
+            follow(orch, task_id, task_id[:8], args, out, quiet)
+    elif cmd == "apply-config":
+        for name in args.files:
+            try:
+                jobs = orch.apply_config(Path(name), args.host or None)
+            except FcqError as err:
+                out.error(err)
+                continue
+            for host, task_id in jobs.items():
+                follow_or_print(orch, task_id, f"{name}@{host}", args, out, quiet)
+    elif cmd == "ensure" and args.all:
+        for host in sorted(orch.hosts()):
+            follow_or_print(orch, orch.sweep(host), f"sweep@{host}", args, out, quiet)
+    else:
+        op = cmd.replace("-", "_")
+        for vm in args.vms:
+            try:
+                task_id = orch.submit(op, vm, args.host)
+            except FcqError as err:
+                out.error(err, vm)
+                continue
+            follow_or_print(orch, task_id, vm, args, out, quiet)
+
+
+def follow_or_print(orch: Orchestrator, task_id: str, label: str, args: argparse.Namespace,
+                    out: Output, quiet: bool) -> None:
+    if args.no_wait:
+        out.result({"task_id": task_id, "label": label}, task_id)
+    else:
+        follow(orch, task_id, label, args, out, quiet)
+
+
+def follow(orch: Orchestrator, task_id: str, label: str, args: argparse.Namespace,
+           out: Output, quiet: bool) -> None:
+    try:
+        result = orch.wait(task_id, timeout=args.timeout, on_progress=Progress(label, quiet))
+    except FcqError as err:
+        out.error(err, label)
+        return
+    if result.get("operation") == "sweep":
+        text = f"{result['host']}: sweep: " + ", ".join(
+            f"{vm}={'+'.join(a) if isinstance(a, list) else a}"
+            for vm, a in result["vms"].items())
+        if result.get("failed"):
+            out.code = max(out.code, EXIT_SYSTEM)
+        out.result(result, text)
+    else:
+        out.result(result, describe(result))
+
+
+def fleet_rows(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per VM: what its config says, and which hosts run it."""
+    rows: dict[str, dict[str, Any]] = {}
+    for host, rec in hosts.items():
+        for vm, conf in rec["vms"].items():
+            row = rows.setdefault(vm, {"vm": vm, "kvm_host": None, "online": None,
+                                       "running_on": [], "known_on": []})
+            row["known_on"].append(host)
+            if conf.get("kvm_host") == host or row["kvm_host"] is None:
+                row["kvm_host"] = conf.get("kvm_host")
+                row["online"] = conf.get("online")
+        for vm in rec["running"]:
+            rows.setdefault(vm, {"vm": vm, "kvm_host": None, "online": None, "running_on": [],
+                                 "known_on": []})["running_on"].append(host)
+    return [rows[k] for k in sorted(rows)]

@@ -1,0 +1,54 @@
+"""`fcq worker`, `fcq beat`, `fcq flower`: the long-running processes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from .. import logs
+from ..celeryapp import configure
+from ..errors import ConfigError
+from ..settings import HostSettings
+from ..validate import check_name
+
+
+def run(settings: HostSettings, args: argparse.Namespace) -> int:
+    logs.configure(settings.log_file, settings.log_level, stream=sys.stderr)
+    if args.command == "worker":
+        from ..worker import run_worker
+        if args.host:
+            settings = dataclasses.replace(settings, host=check_name("--host", "host", args.host))
+        run_worker(settings)
+    elif args.command == "beat":
+        from fcq_beat import run_beat
+        run_beat(settings)
+    else:
+        run_flower(settings, no_auth=args.no_auth)
+    return 0
+
+
+def run_flower(settings: HostSettings, no_auth: bool) -> None:
+    c = settings.cluster
+    argv = ["flower", f"--address={c.flower_address}", f"--port={c.flower_port}",
+            "--persistent=False", "--purge_offline_workers=600"]
+    if not no_auth:
+        if c.flower_auth_file is None:
+            raise ConfigError(settings.source, "cluster.flower_auth_file",
+                              "is required for Flower (a file with user:password lines); "
+                              "--no-auth only for demos")
+        try:
+            creds = ",".join(line.strip() for line in c.flower_auth_file.read_text().splitlines()
+                             if line.strip())
+        except OSError as err:
+            raise ConfigError(str(c.flower_auth_file), "cluster.flower_auth_file",
+                              f"cannot be read: {err.strerror}") from err
+        if ":" not in creds:
+            raise ConfigError(str(c.flower_auth_file), "cluster.flower_auth_file",
+                              "must hold user:password lines")
+        # Flower reads its options from the environment too; passing the
+        # credentials there keeps them out of the process's command line.
+        os.environ["FLOWER_BASIC_AUTH"] = creds
+    app = configure(settings)
+    app.start(argv)

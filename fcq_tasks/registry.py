@@ -1,0 +1,91 @@
+"""What the cluster knows about itself, kept in Redis next to the queues.
+
+* ``fcq:host:<name>``: a worker's heartbeat (expires after ``registry_ttl``):
+  its queue, memory booked and limit, and the VMs its config directory
+  declares (name → kvm_host, online, memory). Beat sweeps the hosts listed
+  here; the orchestrator finds the host of a VM here.
+* ``fcq:jobs`` / ``fcq:job:<id>``: the tasks the orchestrator submitted, for
+  ``fcq jobs`` (task states themselves live in Celery's result backend).
+* ``fcq:beat``: the lock that keeps beat single (see fcq_beat).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, cast
+
+import redis
+
+from .admission import booked_memory
+from .errors import ConfigError, FcqError
+from .host import configured_vms
+from .settings import HostSettings
+from .vmspec import load_vm_spec
+
+HOST_KEY = "fcq:host:"
+JOBS_KEY = "fcq:jobs"
+JOB_KEY = "fcq:job:"
+#: How many submitted jobs `fcq jobs` can look back on.
+JOBS_KEPT = 1000
+
+
+def connect(settings: HostSettings) -> redis.Redis:
+    url = settings.cluster.url_with_password()
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10,
+                                decode_responses=True)
+
+
+def host_record(settings: HostSettings) -> dict[str, Any]:
+    """This host's heartbeat: cheap (config files and the process table, no QMP)."""
+    vms: dict[str, Any] = {}
+    for name in configured_vms(settings):
+        try:
+            spec = load_vm_spec(settings.vm_config_dir, name)
+            vms[name] = {"kvm_host": spec.kvm_host, "online": spec.online,
+                         "memory_mb": spec.memory_mb}
+        except (ConfigError, FcqError) as err:
+            vms[name] = {"error": err.message}
+    booked = booked_memory(settings.run_dir, settings.qmp_timeout)
+    return {"host": settings.host, "queue": f"host.{settings.host}", "seen": time.time(),
+            "booked_mb": sum(booked.values()), "limit_mb": settings.vm_max_total_memory,
+            "running": sorted(booked), "vms": vms}
+
+
+def publish_host(client: redis.Redis, settings: HostSettings) -> None:
+    client.set(HOST_KEY + settings.host, json.dumps(host_record(settings)),
+               ex=settings.cluster.registry_ttl)
+
+
+def withdraw_host(client: redis.Redis, host: str) -> None:
+    client.delete(HOST_KEY + host)
+
+
+def hosts(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """name → last heartbeat of every host alive within its ttl."""
+    out = {}
+    for key in sorted(client.scan_iter(HOST_KEY + "*", count=1000)):
+        raw = client.get(key)
+        if raw:
+            record = json.loads(raw)
+            out[record["host"]] = record
+    return out
+
+
+def record_job(client: redis.Redis, task_id: str, op: str, vm: str, host: str,
+               expires: int) -> None:
+    now = time.time()
+    pipe = client.pipeline()
+    pipe.set(JOB_KEY + task_id, json.dumps({"id": task_id, "op": op, "vm": vm, "host": host,
+                                            "submitted": now}), ex=expires)
+    pipe.zadd(JOBS_KEY, {task_id: now})
+    pipe.zremrangebyrank(JOBS_KEY, 0, -JOBS_KEPT - 1)
+    pipe.execute()
+
+
+def recent_jobs(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
+    ids = cast(list[str], client.zrevrange(JOBS_KEY, 0, limit - 1))
+    if not ids:
+        return []
+    raws = cast(list[str | None], client.mget([JOB_KEY + i for i in ids]))
+    return [json.loads(r) for r in raws if r]

@@ -1,0 +1,202 @@
+"""The Celery tasks: thin, idempotent, delegating to the agent.
+
+Every task takes keyword arguments only (extra keys are tolerated, so old
+and new orchestrators can talk to each other during a rolling upgrade),
+validates them before anything happens, and returns a JSON-safe result
+``{vm, host, operation, actions, status, ...}``. Expected refusals (bad
+request, busy, memory limit, shrink, foreign lock) raise :class:`TaskRejected`,
+which is in ``Task.throws``: logged without a traceback. System failures
+raise :class:`TaskFailed` and keep their traceback.
+
+A task on a VM that is busy with another operation waits
+``task_busy_wait`` seconds, then is retried later (``busy_retries`` ×
+``busy_retry_delay``): never dropped, never interleaved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from celery import Task
+from celery.exceptions import Retry
+
+from . import registry
+from .agent import VMAgent
+from .celeryapp import app
+from .errors import (
+    BadRequest,
+    FcqError,
+    TaskFailed,
+    TaskRejected,
+    UserError,
+    VMBusy,
+)
+from .fileio import write_atomically
+from .host import ensure_all
+from .settings import HostSettings
+from .validate import NAME_RE, NAME_RULE
+from .vmspec import parse_vm_text, spec_path
+
+log = structlog.get_logger()
+
+
+def current_settings() -> HostSettings:
+    settings = app.conf.get("fcq_settings")
+    if settings is None:
+        raise RuntimeError("this process has no fcq settings: start it with `fcq worker`")
+    assert isinstance(settings, HostSettings)
+    return settings
+
+
+def check_vm(vm: object) -> str:
+    if not isinstance(vm, str) or not NAME_RE.match(vm):
+        raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+    return vm
+
+
+class FcqTask(Task):  # type: ignore[type-arg]
+    """Base of fcq's tasks: JSON results, user errors without tracebacks."""
+
+    throws = (TaskRejected,)
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def fail(self, err: FcqError) -> TaskRejected:
+        info = err.to_dict()
+        if isinstance(err, UserError):
+            return TaskRejected(info)
+        return TaskFailed(info)
+
+
+def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
+              op: Callable[[VMAgent], dict[str, Any]]) -> dict[str, Any]:
+    settings = current_settings()
+    try:
+        name = check_vm(vm)
+        if host is not None and host != settings.host:
+            raise BadRequest("host", f"task for host {host!r} reached host {settings.host!r}")
+        tasksettings = dataclasses.replace(settings,
+                                           operation_wait=settings.cluster.task_busy_wait)
+
+        def progress(step: str, **details: Any) -> None:
+            if task.request.id:
+                task.update_state(state="PROGRESS", meta={
+                    "vm": name, "host": settings.host, "operation": operation, "step": step,
+                    **details})
+
+        agent = VMAgent(tasksettings, name, progress=progress)
+        structlog.contextvars.bind_contextvars(task_id=task.request.id, vm=name)
+        try:
+            return op(agent)
+        finally:
+            structlog.contextvars.unbind_contextvars("task_id", "vm")
+    except VMBusy as err:
+        c = settings.cluster
+        if task.request.retries < c.busy_retries:
+            log.info("busy-retry", vm=vm, operation=operation, retries=task.request.retries)
+            raise task.retry(countdown=c.busy_retry_delay, max_retries=c.busy_retries) from err
+        raise task.fail(err) from err
+    except Retry:
+        raise
+    except FcqError as err:
+        raise task.fail(err) from err
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.start")
+def start(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+          **_: Any) -> dict[str, Any]:
+    return run_on_vm(self, "start", vm, host, VMAgent.start)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.stop")
+def stop(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+         **_: Any) -> dict[str, Any]:
+    return run_on_vm(self, "stop", vm, host, VMAgent.stop)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.restart")
+def restart(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+            **_: Any) -> dict[str, Any]:
+    return run_on_vm(self, "restart", vm, host, VMAgent.restart)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.ensure")
+def ensure(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+           **_: Any) -> dict[str, Any]:
+    return run_on_vm(self, "ensure", vm, host, VMAgent.ensure)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.kill")
+def kill(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+         **_: Any) -> dict[str, Any]:
+    return run_on_vm(self, "kill", vm, host, VMAgent.kill)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.force_unlock")
+def force_unlock(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+                 **_: Any) -> dict[str, Any]:
+    return run_on_vm(self, "force-unlock", vm, host, VMAgent.force_unlock)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.apply_config")
+def apply_config(self: FcqTask, /, vm: str | None = None, config: str | None = None,
+                 version: float | None = None, host: str | None = None,
+                 **_: Any) -> dict[str, Any]:
+    """Write a VM's config file on this host (unless it has a newer one), then ensure it."""
+    settings = current_settings()
+    try:
+        name = check_vm(vm)
+        if not isinstance(config, str):
+            raise BadRequest("config", "must be the VM file's YAML text")
+        if isinstance(version, bool) or not isinstance(version, (int, float)):
+            raise BadRequest("version", "must be a number (the file's modification time)")
+        spec = parse_vm_text(config, f"<apply_config {name}>")
+        if spec.name != name:
+            raise BadRequest("config", f"names VM {spec.name!r}, not {name!r}")
+    except FcqError as err:
+        raise self.fail(err) from err
+    path = spec_path(settings.vm_config_dir, name)
+    text, stamp = config, float(version)
+
+    def write_and_ensure(agent: VMAgent) -> dict[str, Any]:
+        # Under the VM's operation lock: no ensure reads a half-applied change.
+        with agent.locked():
+            try:
+                current: float | None = path.stat().st_mtime
+            except FileNotFoundError:
+                current = None
+            if current is not None and current > stamp:
+                return {"vm": name, "host": settings.host, "operation": "apply-config",
+                        "actions": [], "status": None, "outcome": "ignored",
+                        "reason": f"this host has a newer config ({current} > {stamp})"}
+            settings.vm_config_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, text, mode=0o644)
+            os.utime(path, (stamp, stamp))
+            result = agent.ensure()
+        result["operation"] = "apply-config"
+        result["actions"] = ["write-config", *result["actions"]]
+        return result
+
+    return run_on_vm(self, "apply-config", name, host, write_and_ensure)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.ensure_host")
+def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str, Any]:
+    """The sweep: ensure every VM of this host; skip busy ones; isolate failures."""
+    settings = current_settings()
+    if host is not None and host != settings.host:
+        raise self.fail(BadRequest("host", f"sweep for {host!r} reached {settings.host!r}"))
+    sweep = ensure_all(dataclasses.replace(settings, operation_wait=0))
+    try:
+        registry.publish_host(registry.connect(settings), settings)
+    except Exception as err:  # the sweep's work is done; a missed heartbeat is not fatal
+        log.warning("heartbeat-failed", error=str(err))
+    summary = {name: (r.get("actions") or r.get("outcome")) for name, r in sweep["vms"].items()}
+    errors = {name: r.get("message") for name, r in sweep["vms"].items()
+              if r.get("outcome") == "error"}
+    return {"host": settings.host, "operation": "sweep", "vms": summary, "errors": errors,
+            "failed": sweep["failed"]}

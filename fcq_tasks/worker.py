@@ -1,0 +1,76 @@
+"""`fcq worker`: this host's Celery worker, consuming only ``host.<name>``.
+
+Threads pool: tasks wait on QEMU and sockets, not on the CPU, and one
+process keeps memory small (FACTS.md). Celery's ``time_limit`` does not work
+with threads, so every wait inside the agent has its own named timeout.
+While the worker runs, a heartbeat thread publishes this host to the
+registry so beat sweeps it and the orchestrator can find its VMs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import structlog
+from celery.signals import worker_ready, worker_shutdown
+
+from . import registry
+from .celeryapp import configure, host_queue
+from .clustersettings import sanitized
+from .settings import HostSettings
+
+log = structlog.get_logger()
+
+
+class Heartbeat:
+    """Publishes the host record every ttl/3 seconds until stopped."""
+
+    def __init__(self, settings: HostSettings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fcq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.settings.cluster.registry_ttl / 3
+        while not self._stop.is_set():
+            try:
+                registry.publish_host(registry.connect(self.settings), self.settings)
+            except Exception as err:  # Redis away: keep trying, the worker reconnects too
+                log.warning("heartbeat-failed", host=self.settings.host, error=str(err))
+            self._stop.wait(interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            registry.withdraw_host(registry.connect(self.settings), self.settings.host)
+        except Exception as err:  # shutting down anyway; the record expires by itself
+            log.warning("withdraw-failed", host=self.settings.host, error=str(err))
+
+
+def run_worker(settings: HostSettings, loglevel: str = "INFO") -> None:
+    app = configure(settings)
+    app.conf.fcq_settings = settings
+    heartbeat = Heartbeat(settings)
+
+    def on_ready(**_: Any) -> None:
+        heartbeat.start()
+        log.info("worker-ready", host=settings.host, queue=host_queue(settings.host),
+                 broker=sanitized(app.conf.broker_url))
+
+    def on_shutdown(**_: Any) -> None:
+        heartbeat.stop()
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
+    app.worker_main([
+        "worker", "--queues", host_queue(settings.host),
+        "--hostname", f"{settings.host}@{socket.gethostname()}",
+        "--pool", "threads", "--concurrency", str(settings.cluster.worker_concurrency),
+        "--without-mingle", "--without-gossip", "--task-events",
+        "--loglevel", loglevel,
+    ])
