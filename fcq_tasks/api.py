@@ -22,7 +22,7 @@ import redis
 from celery.result import AsyncResult
 
 from . import registry
-from .celeryapp import configure, host_queue
+from .celeryapp import client_app, host_queue
 from .errors import BadRequest, FcqError, RemoteError, SystemFailure, TaskRejected
 from .settings import HostSettings
 from .validate import NAME_RE, NAME_RULE
@@ -39,7 +39,7 @@ class Orchestrator:
 
     def __init__(self, settings: HostSettings) -> None:
         self.settings = settings
-        self.app = configure(settings)
+        self.app = client_app(settings)
         self._client: redis.Redis | None = None
 
     @property

@@ -14,7 +14,7 @@ measurements on this project's machines (FACTS.md):
   ~105 s of the defaults.
 * Sent and task events on, so Flower sees tasks queued for a host whose
   worker is down.
-* Nothing is routed by default: publishing a task without an explicit queue
+* Nothing is routed by default: sending a task without an explicit queue
   is refused (see :func:`refuse_unrouted`), so no message can land in a
   queue nobody consumes.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import before_task_publish
 
 from .settings import HostSettings
 
@@ -68,6 +67,7 @@ def celery_config(settings: HostSettings) -> dict[str, Any]:
         "result_extended": True,
         "result_expires": c.result_expires,
         "task_default_queue": UNROUTED,
+        "task_routes": (refuse_unrouted,),
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
@@ -76,16 +76,36 @@ def celery_config(settings: HostSettings) -> dict[str, Any]:
 
 
 def configure(settings: HostSettings) -> Celery:
-    """Configure the process's Celery app for *settings* and return it."""
+    """Configure the process's task app (worker, beat) for *settings* and return it."""
     app.conf.update(celery_config(settings))
-    app.conf.fcq_settings_source = settings.source
     return app
 
 
-@before_task_publish.connect
-def refuse_unrouted(sender: str | None = None, routing_key: str | None = None,
-                    **_: Any) -> None:
-    """Refuse to publish a task to the default queue, which no worker consumes."""
-    if routing_key in (UNROUTED, "celery", None, ""):
-        raise RuntimeError(f"task {sender} has no queue: fcq routes every task explicitly "
-                           "(host.<name>); refusing to publish it where nobody consumes it")
+def client_app(settings: HostSettings) -> Celery:
+    """A Celery app of its own for an orchestrator: sends tasks by name, reads results.
+
+    Its own instance, not the module's: a program may talk to several
+    clusters, and Celery caches connections per app.
+    """
+    client = Celery("fcq-client", set_as_current=False)
+    client.conf.update(celery_config(settings))
+    return client
+
+
+class UnroutedTask(RuntimeError):
+    """A task was about to be sent without a queue."""
+
+
+def refuse_unrouted(name: str, args: Any, kwargs: Any, options: dict[str, Any],
+                    task: Any = None, **_: Any) -> dict[str, Any]:
+    """Celery router: every task must name its queue; the default one has no consumer.
+
+    Celery consults routers for every message (explicit options win over
+    what they return), and, unlike a signal handler's, a router's exception
+    reaches the sender.
+    """
+    queue = options.get("queue")
+    if queue in (None, "", UNROUTED, "celery"):
+        raise UnroutedTask(f"task {name} has no queue: fcq routes every task explicitly "
+                           "(host.<name>); refusing to send it where nobody consumes it")
+    return {}

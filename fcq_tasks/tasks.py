@@ -52,6 +52,14 @@ def current_settings() -> HostSettings:
     return settings
 
 
+def heartbeat(settings: HostSettings) -> None:
+    """Publish this host's record now, so `fcq ls` shows the change at once."""
+    try:
+        registry.publish_host(registry.connect(settings), settings)
+    except Exception as err:  # the task's work is done; a missed heartbeat is not fatal
+        log.warning("heartbeat-failed", error=str(err))
+
+
 def check_vm(vm: object) -> str:
     if not isinstance(vm, str) or not NAME_RE.match(vm):
         raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
@@ -94,6 +102,7 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
             return op(agent)
         finally:
             structlog.contextvars.unbind_contextvars("task_id", "vm")
+            heartbeat(settings)
     except VMBusy as err:
         c = settings.cluster
         if task.request.retries < c.busy_retries:
@@ -191,11 +200,9 @@ def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str
     if host is not None and host != settings.host:
         raise self.fail(BadRequest("host", f"sweep for {host!r} reached {settings.host!r}"))
     sweep = ensure_all(dataclasses.replace(settings, operation_wait=0))
-    try:
-        registry.publish_host(registry.connect(settings), settings)
-    except Exception as err:  # the sweep's work is done; a missed heartbeat is not fatal
-        log.warning("heartbeat-failed", error=str(err))
+    heartbeat(settings)
     summary = {name: (r.get("actions") or r.get("outcome")) for name, r in sweep["vms"].items()}
+    log.info("sweep-done", host=settings.host, vms=len(summary), failed=sweep["failed"])
     errors = {name: r.get("message") for name, r in sweep["vms"].items()
               if r.get("outcome") == "error"}
     return {"host": settings.host, "operation": "sweep", "vms": summary, "errors": errors,

@@ -65,6 +65,12 @@ class Host:
         path.write_text(yaml.safe_dump({"name": name, "parameters": params}, sort_keys=False))
         return path
 
+    def update_settings(self, **changes: Any) -> None:
+        raw = yaml.safe_load(self.settings_file.read_text())
+        raw.update(changes)
+        self.settings_file.write_text(yaml.safe_dump(raw))
+        self.settings = load_host_settings(self.settings_file)
+
     def agent(self, name: str) -> VMAgent:
         return VMAgent(self.settings, name)
 
@@ -149,3 +155,30 @@ def make_host(guest: Path) -> Iterator[HostFactory]:
 @pytest.fixture
 def host(make_host: HostFactory) -> Host:
     return make_host()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server with a password and AOF on a free port."""
+    from tests.cluster import RedisServer
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def make_cluster(make_host: HostFactory, redis_server: Any) -> Iterator[Callable[..., Any]]:
+    """Hosts alpha and beta sharing one Redis; services are stopped afterwards."""
+    from tests.cluster import Cluster, make_cluster
+    made: list[Cluster] = []
+
+    def factory(names: tuple[str, ...] = ("alpha", "beta"), **cluster: Any) -> Cluster:
+        c = make_cluster(make_host, redis_server, names, **cluster)
+        made.append(c)
+        return c
+
+    yield factory
+    for c in made:
+        c.stop_all()

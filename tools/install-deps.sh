@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 APT_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-guest-agent qemu-block-extra seabios
-    busybox-static xfsprogs util-linux kmod cpio gzip
+    busybox-static xfsprogs util-linux kmod cpio gzip redis-server curl
     python3 python3-venv python3-dev
 )
 

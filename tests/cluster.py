@@ -1,0 +1,164 @@
+"""Real cluster parts for tests: a redis-server, fcq worker/beat/flower processes.
+
+Nothing here is faked: Redis is Debian's redis-server on a free loopback
+port with a password and AOF on; workers are `fcq worker` processes killed
+for real. Used by the fixtures in conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from fcq_tasks.api import Orchestrator
+from tests.conftest import Host, HostFactory
+
+PASSWORD = "test-only-password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """redis-server on a free port, AOF on, data in a temp dir; restartable."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="fcq-redis-"))
+        self.port = free_port()
+        self.password_file = self.dir / "password"
+        self.password_file.write_text(PASSWORD + "\n")
+        self.password_file.chmod(0o600)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD,
+                           decode_responses=True)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--requirepass", PASSWORD, "--dir", str(self.dir), "--appendonly", "yes",
+             "--appendfsync", "always", "--save", "", "--logfile", str(self.dir / "log")],
+            stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.client().ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: redis flushes its AOF and exits
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    hosts: dict[str, Host]
+    services: list[Service] = field(default_factory=list)
+
+    def settings_file(self, host: str = "alpha") -> Path:
+        return self.hosts[host].settings_file
+
+    def orchestrator(self) -> Orchestrator:
+        return Orchestrator(self.hosts["alpha"].settings)
+
+    def spawn(self, command: str, host: str = "alpha", *extra: str) -> Service:
+        log = self.hosts[host].base / f"{command}-{len(self.services)}.log"
+        env = {**os.environ, "FCQ_CONFIG": str(self.settings_file(host))}
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "fcq_tasks", command, *extra],
+                                    env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        service = Service(f"{command}@{host}", proc, log)
+        self.services.append(service)
+        return service
+
+    def worker(self, host: str) -> Service:
+        service = self.spawn("worker", host)
+        self.wait_registered(host)
+        return service
+
+    def wait_registered(self, host: str, timeout: float = 30) -> None:
+        key = f"fcq:host:{host}"
+        client = self.redis.client()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if client.exists(key):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"worker for {host} did not register within {timeout} s")
+
+    def kill9(self, service: Service) -> None:
+        os.killpg(service.proc.pid, signal.SIGKILL)
+        service.proc.wait(10)
+
+    def stop_all(self) -> None:
+        for s in self.services:
+            if s.proc.poll() is None:
+                with_suppress_kill(s.proc)
+        self.services.clear()
+
+    def fcq(self, *args: str, host: str = "alpha", timeout: float = 180
+            ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "FCQ_CONFIG": str(self.settings_file(host))}
+        return subprocess.run([sys.executable, "-m", "fcq_tasks", *args], env=env, text=True,
+                              capture_output=True, timeout=timeout, check=False)
+
+
+def with_suppress_kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def cluster_settings(redis_server: RedisServer, **overrides: Any) -> dict[str, Any]:
+    return {"broker_url": redis_server.url, "password_file": str(redis_server.password_file),
+            "visibility_timeout": 10, "restore_interval": 1, "registry_ttl": 6,
+            "sweep_interval": 3, "task_busy_wait": 15, "busy_retry_delay": 1,
+            "result_expires": 3600, **overrides}
+
+
+def make_cluster(make_host: HostFactory, redis_server: RedisServer, names: tuple[str, ...],
+                 **cluster_overrides: Any) -> Cluster:
+    hosts = {n: make_host(n, cluster=cluster_settings(redis_server, **cluster_overrides))
+             for n in names}
+    return Cluster(redis_server, hosts)
