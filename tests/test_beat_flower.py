@@ -1,0 +1,119 @@
+"""Beat sweeps every live host exactly once per interval; Flower shows tasks by VM."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fcq_beat.scheduler import sweep_entries
+from tests.cluster import Cluster, free_port
+from tests.helpers import wait_for
+
+ClusterFactory = Any
+
+
+def sweeps_logged(log: Path) -> int:
+    if not log.exists():
+        return 0
+    return sum(1 for line in log.read_text().splitlines() if '"sweep-done"' in line)
+
+
+def test_sweep_entries_route_and_expire() -> None:
+    """Each host's sweep goes to its own queue and expires after one interval."""
+    entries = sweep_entries(["alpha", "beta"], 30)
+    assert entries["sweep-beta"]["options"] == {"queue": "host.beta", "expires": 30.0}
+    assert entries["sweep-alpha"]["kwargs"] == {"host": "alpha"}
+
+
+def test_beat_sweeps_both_hosts_and_heals_killed_qemu(make_cluster: ClusterFactory) -> None:
+    """Beat sends sweeps to alpha and beta; a QEMU killed behind fcq's back comes back."""
+    c: Cluster = make_cluster(sweep_interval=2)
+    alpha, beta = c.hosts["alpha"], c.hosts["beta"]
+    alpha.write_vm("vm01")
+    c.worker("alpha")
+    c.worker("beta")
+    c.spawn("beat")
+    agent = alpha.agent("vm01")
+    wait_for(lambda: agent.status()["status"] == "running", 60, "the first sweep to start vm01")
+    wait_for(lambda: sweeps_logged(beta.base / "fcq.log") >= 1, 30, "a sweep of beta")
+    old = agent.status()["pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: agent.status()["pid"] not in (None, old), 60, "vm01 restarted by a sweep")
+    assert len(alpha.qemu_processes()) == 1
+
+
+def test_only_one_beat_sends(make_cluster: ClusterFactory) -> None:
+    """Two beats: one sends, the other stands by; sweeps are not doubled."""
+    c: Cluster = make_cluster(("alpha",), sweep_interval=1)
+    c.worker("alpha")
+    first = c.spawn("beat")
+    wait_for(lambda: c.redis.client().get("fcq:beat"), 30, "the first beat to take the lock")
+    second = c.spawn("beat")
+    log = c.hosts["alpha"].base / "fcq.log"
+    wait_for(lambda: sweeps_logged(log) >= 2, 30, "two sweeps")
+    start = sweeps_logged(log)
+    time.sleep(6)
+    per_second = (sweeps_logged(log) - start) / 6
+    assert per_second <= 1.4, f"{per_second:.1f} sweeps/s: beats doubled the schedule"
+    sent = [s.log.read_text().count("Sending due task") for s in (first, second)]
+    assert sorted(sent)[0] == 0 and sorted(sent)[1] > 0, sent
+    # When the active beat dies, the standby takes over (lock ttl 30 s).
+    active = first if sent[0] else second
+    c.kill9(active)
+    standby = second if active is first else first
+    wait_for(lambda: "Sending due task" in standby.log.read_text(), 60, "the standby to send")
+
+
+def test_flower_lists_tasks_with_vm_names_behind_auth(make_cluster: ClusterFactory) -> None:
+    """Flower's API needs the password, and lists fcq tasks with their VM."""
+    port = free_port()
+    c: Cluster = make_cluster(("alpha",), flower_port=port)
+    alpha = c.hosts["alpha"]
+    auth = alpha.base / "flower.auth"
+    auth.write_text("ops:secret-flower\n")
+    auth.chmod(0o600)
+    alpha.update_settings(cluster={**_raw_cluster(alpha.settings_file), "flower_port": port,
+                                   "flower_auth_file": str(auth)})
+    alpha.write_vm("vm01")
+    c.worker("alpha")
+    flower = c.spawn("flower")
+    url = f"http://127.0.0.1:{port}/api/tasks"
+
+    def get(with_auth: bool) -> tuple[int, Any]:
+        req = urllib.request.Request(url)
+        if with_auth:
+            token = base64.b64encode(b"ops:secret-flower").decode()
+            req.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, None
+        except (urllib.error.URLError, ConnectionError):
+            return 0, None
+
+    wait_for(lambda: get(False)[0] == 401, 30, "Flower to answer")
+    orch = c.orchestrator()
+    task_id = orch.submit("start", "vm01")
+    orch.wait(task_id, timeout=120)
+
+    def listed() -> Any:
+        status, tasks = get(True)
+        return status == 200 and task_id in tasks and tasks[task_id]
+    task = wait_for(listed, 30, "Flower to list the task")
+    assert task["name"] == "fcq.start" and "vm01" in task["kwargs"]
+    assert task["state"] == "SUCCESS" and task["worker"].startswith("alpha@")
+    assert "secret-flower" not in " ".join(flower.proc.args)  # type: ignore[arg-type]
+
+
+def _raw_cluster(settings_file: Path) -> dict[str, Any]:
+    return dict(yaml.safe_load(settings_file.read_text())["cluster"])
