@@ -48,6 +48,9 @@ def _no_progress(step: str, **details: Any) -> None:
     pass
 
 
+#: Seconds between two ACPI power-button presses during a stop.
+POWERDOWN_REPEAT = 3.0
+
 #: QMP runstates that mean "guest code may run".
 RUNNING_STATES = frozenset({"running"})
 
@@ -392,14 +395,22 @@ class VMAgent:
         if proc is None:
             return
         grace = self.settings.shutdown_grace
+        deadline = time.monotonic() + grace
         try:
-            with self.qemu.qmp() as qmp:
-                qmp.execute("system_powerdown")
-            self.log.info("powerdown-sent", action="stop", grace=grace)
+            self.log.info("powerdown", action="stop", grace=grace)
             self.progress("powerdown", grace=grace)
-            if self.qemu.wait_gone(proc, grace):
-                self.log.info("stopped", action="stop", how="acpi")
-                return
+            # A power-button press that arrives while the guest boots is lost
+            # (nothing listens yet), so press again every few seconds until
+            # the grace runs out; a guest already shutting down ignores it.
+            while True:
+                with self.qemu.qmp() as qmp:
+                    qmp.execute("system_powerdown")
+                wait = min(POWERDOWN_REPEAT, deadline - time.monotonic())
+                if self.qemu.wait_gone(proc, max(wait, 0)):
+                    self.log.info("stopped", action="stop", how="acpi")
+                    return
+                if time.monotonic() >= deadline:
+                    break
             with self.qemu.qmp() as qmp:
                 self.log.warning("quit", action="stop", detail=f"guest ignored ACPI for {grace} s")
                 qmp.execute("quit")

@@ -160,3 +160,13 @@ def test_offline_config_stops_running_vm(host: Host) -> None:
     assert result["actions"] == ["stop", "clean-up"] and result["status"] == "stopped"
     assert time.monotonic() - t0 < 15, "ACPI should have stopped it well within the grace"
     assert all(v.lock_owner is None for v in agent.storage.volumes("vm01"))
+
+
+def test_stop_right_after_start_still_goes_through_acpi(host: Host) -> None:
+    """A power-button press made while the guest boots is lost; fcq presses again."""
+    host.write_vm("vm01")
+    agent = host.agent("vm01")
+    agent.ensure()
+    with capture_logs() as logs:
+        agent.stop()  # the guest's acpid is not running yet: the first press is lost
+    assert [e.get("how") for e in logs if e["event"] == "stopped"] == ["acpi"]

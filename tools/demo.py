@@ -1,134 +1,211 @@
-"""`make demo`: one host converging a real VM from its YAML config.
+"""`make demo`: a small fcq cluster on one machine, with real VMs.
 
-Everything lives under /tmp/fcq-demo (settings, VM configs, run files,
-volumes, log); nothing touches /etc or /run. Each step runs the real `fcq`
-command and shows what it printed. Interrupted or not, the demo stops the
-VMs it started.
+A throwaway redis-server (password, AOF), `fcq worker` for hosts alpha and
+beta (each with its own config, run and state directories), `fcq beat` and
+`fcq flower` (basic auth, generated password). The demo writes VM configs,
+enqueues work through the orchestrator, shows the fleet, lets a sweep heal
+a QEMU killed behind fcq's back, and stops everything it started, also when
+interrupted. `make demo KEEP=1` keeps the cluster up until Ctrl-C.
+
+Everything lives under /tmp/fcq-demo; nothing touches /etc or /run.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "build" / "guest"
 BASE = Path("/tmp/fcq-demo")
-FCQ = [sys.executable, "-m", "fcq_tasks", "--local"]
+FCQ = [sys.executable, "-m", "fcq_tasks"]
+HOSTS = ("alpha", "beta")
+VMS = {  # name: (kvm_host, online, memory)
+    "web01": ("alpha", True, 256),
+    "web02": ("alpha", True, 256),
+    "db01": ("beta", True, 384),
+    "old01": ("beta", False, 256),
+}
 
-VM_CONFIG = """\
-name: demo01
-parameters:
-  id: 4711
-  resource_group: demo
-  online: true
-  kvm_host: alpha
-  disk: 2          # GiB, root volume
-  memory: 256      # MB
-  cores: 1
-  nics:
-  - srv: 02-00-00-00-47-11
-"""
+processes: list[subprocess.Popen[bytes]] = []
 
 
 def step(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m", flush=True)
 
 
-def fcq(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    print(f"$ fcq {' '.join(args)}", flush=True)
-    env = {**os.environ, "FCQ_CONFIG": str(BASE / "host.yaml")}
-    proc = subprocess.run([*FCQ, *args], env=env, text=True, stdout=subprocess.PIPE,
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_for(host: str) -> dict[str, str]:
+    return {**os.environ, "FCQ_CONFIG": str(BASE / host / "host.yaml")}
+
+
+def fcq(*args: str, host: str = "alpha", check: bool = True, show: bool = True) -> str:
+    if show:
+        print(f"$ fcq {' '.join(args)}", flush=True)
+    proc = subprocess.run([*FCQ, *args], env=env_for(host), text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, check=False)
-    for line in proc.stdout.splitlines():
-        print(f"  {line}")
-    print(f"  (exit code {proc.returncode})", flush=True)
+    if show:
+        for line in proc.stdout.splitlines():
+            print(f"  {line}")
+        if proc.returncode:
+            print(f"  (exit code {proc.returncode})", flush=True)
     if check and proc.returncode != 0:
         raise SystemExit(f"demo: 'fcq {' '.join(args)}' failed")
-    return proc
+    return proc.stdout
 
 
-def write_settings() -> None:
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    with open(log, "wb") as fh:
+        processes.append(subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True))
+
+
+def prepare() -> dict[str, Any]:
     if BASE.exists():
-        subprocess.run([*FCQ, "-q", "-c", str(BASE / "host.yaml"), "kill", "demo01"],
-                       capture_output=True, check=False)
         shutil.rmtree(BASE)
-    (BASE / "vm").mkdir(parents=True)
-    settings = {
-        "host": "alpha",
-        "vm_config_dir": str(BASE / "vm"),
-        "run_dir": str(BASE / "run"),
-        "state_dir": str(BASE / "state"),
-        "log_file": str(BASE / "fcq.log"),
-        "nic_mode": "user",            # no bridges on a demo machine
-        "shutdown_grace": 20,
-        "direct_boot": {"kernel": str(GUEST / "vmlinuz"), "initrd": str(GUEST / "initrd.gz"),
-                        "append": (GUEST / "cmdline").read_text().strip()},
-    }
-    (BASE / "host.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    BASE.mkdir(mode=0o700)
+    port, flower_port = free_port(), free_port()
+    password = secrets.token_urlsafe(18)
+    (BASE / "redis.password").write_text(password + "\n")
+    (BASE / "redis.password").chmod(0o600)
+    flower_pw = secrets.token_urlsafe(9)
+    (BASE / "flower.auth").write_text(f"admin:{flower_pw}\n")
+    (BASE / "flower.auth").chmod(0o600)
+    cluster = {"broker_url": f"redis://127.0.0.1:{port}/0",
+               "password_file": str(BASE / "redis.password"),
+               "sweep_interval": 5, "registry_ttl": 10, "visibility_timeout": 120,
+               "flower_port": flower_port, "flower_auth_file": str(BASE / "flower.auth")}
+    for host in HOSTS:
+        d = BASE / host
+        (d / "vm").mkdir(parents=True)
+        settings = {
+            "host": host, "vm_config_dir": str(d / "vm"), "run_dir": str(d / "run"),
+            "state_dir": str(d / "state"), "log_file": str(d / "fcq.log"),
+            "nic_mode": "user", "shutdown_grace": 20, "vm_max_total_memory": 2048,
+            "direct_boot": {"kernel": str(GUEST / "vmlinuz"), "initrd": str(GUEST / "initrd.gz"),
+                            "append": (GUEST / "cmdline").read_text().strip()},
+            "cluster": cluster,
+        }
+        (d / "host.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    for i, (vm, (kvm_host, online, memory)) in enumerate(VMS.items()):
+        spec = {"name": vm, "parameters": {
+            "id": 100 + i, "resource_group": "demo", "online": online, "kvm_host": kvm_host,
+            "disk": 2, "memory": memory, "cores": 1,
+            "nics": [{"srv": f"02-00-00-00-01-{i:02x}"}]}}
+        (BASE / kvm_host / "vm" / f"{vm}.cfg").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return {"port": port, "password": password, "flower_port": flower_port,
+            "flower_pw": flower_pw}
 
 
-def wait_for_guest() -> None:
-    for _ in range(120):
-        proc = subprocess.run([*FCQ, "-q", "--json", "-c", str(BASE / "host.yaml"), "status",
-                               "demo01"], capture_output=True, text=True, check=False)
-        if '"guest_agent": true' in proc.stdout:
+def start_services(info: dict[str, Any]) -> None:
+    (BASE / "redis").mkdir()
+    # The password goes to redis-server on stdin (a config read from "-"),
+    # not on its command line where `ps` would show it.
+    redis = subprocess.Popen(
+        ["redis-server", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        start_new_session=True)
+    assert redis.stdin is not None
+    redis.stdin.write(f"port {info['port']}\nbind 127.0.0.1\nrequirepass {info['password']}\n"
+                      f"dir {BASE / 'redis'}\nappendonly yes\nsave \"\"\n"
+                      f"logfile {BASE / 'redis' / 'redis.log'}\n".encode())
+    redis.stdin.close()
+    processes.append(redis)
+    for host in HOSTS:
+        spawn([*FCQ, "worker"], BASE / host / "worker.log", env_for(host))
+    spawn([*FCQ, "beat"], BASE / "beat.log", env_for("alpha"))
+    spawn([*FCQ, "flower"], BASE / "flower.log", env_for("alpha"))
+    for _ in range(100):
+        out = fcq("--json", "hosts", show=False, check=False)
+        if '"alpha"' in out and '"beta"' in out:
             return
-        time.sleep(0.5)
-    raise SystemExit("demo: the guest agent never answered")
+        time.sleep(0.2)
+    raise SystemExit("demo: workers did not come up; see /tmp/fcq-demo/*/worker.log")
+
+
+def stop_everything() -> None:
+    for vm, (host, _, _) in VMS.items():
+        subprocess.run([*FCQ, "-q", "--local", "kill", vm], env=env_for(host),
+                       capture_output=True, check=False)
+    for proc in reversed(processes):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in processes:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main() -> None:
-    step("Host settings: built-in defaults, overridden by /tmp/fcq-demo/host.yaml")
-    write_settings()
-    print((BASE / "host.yaml").read_text())
+    step("A cluster on one machine: Redis, workers for alpha and beta, beat, Flower")
+    info = prepare()
+    start_services(info)
+    print(f"  redis-server on 127.0.0.1:{info['port']} (password in {BASE}/redis.password)")
+    fcq("hosts")
 
-    step("Desired state: one YAML file per VM")
-    (BASE / "vm" / "demo01.cfg").write_text(VM_CONFIG)
-    print(VM_CONFIG)
-    fcq("config", "check", str(BASE / "vm" / "demo01.cfg"))
+    step("The desired state: one YAML file per VM, on the host that runs it")
+    print((BASE / "alpha" / "vm" / "web01.cfg").read_text())
 
-    step("Bad input gets a clear error naming file, field and rule; nothing changes")
-    broken = BASE / "broken.cfg"
-    broken.write_text(VM_CONFIG.replace("name: demo01", "name: broken")
-                      .replace("memory: 256", "memory: lots"))
-    fcq("config", "check", str(broken), check=False)
-
-    step("ensure: create volumes, take locks, render the QEMU config, start")
-    t0 = time.monotonic()
-    fcq("ensure", "demo01")
-    print(f"  (QEMU running {time.monotonic() - t0:.2f} s after the command started)")
-    wait_for_guest()
-    print(f"  (guest agent answering {time.monotonic() - t0:.2f} s after the command started)")
-    fcq("status", "demo01")
+    step("The orchestrator enqueues to the VM's host queue and follows the task")
+    fcq("start", "web01")
+    fcq("start", "db01")
+    job = fcq("ensure", "web02", "--no-wait", show=True).strip()
+    fcq("wait", job)
     fcq("ls")
+    fcq("hosts")
 
-    step("A crash behind fcq's back: kill -9 QEMU, then the ensure sweep heals it")
-    pid = int((BASE / "run" / "demo01.pid").read_text())
+    step("Bad requests get a clear error and change nothing")
+    fcq("start", "../etc/passwd", check=False)
+    fcq("start", "nosuchvm", check=False)
+
+    step("A crash behind fcq's back: kill -9 web01's QEMU; beat's next sweep heals it")
+    pid = int((BASE / "alpha" / "run" / "web01.pid").read_text())
     print(f"$ kill -9 {pid}")
     os.kill(pid, signal.SIGKILL)
-    time.sleep(2)  # PID 1 reaps orphans every ~1.5 s here
-    fcq("ls")
-    fcq("ensure", "--all")
-    wait_for_guest()
+    t0 = time.monotonic()
+    while True:
+        status = subprocess.run([*FCQ, "--local", "-q", "--json", "status", "web01"],
+                                env=env_for("alpha"), capture_output=True, text=True).stdout
+        if '"status": "running"' in status and f'"pid": {pid}' not in status:
+            break
+        if time.monotonic() - t0 > 60:
+            raise SystemExit("demo: the sweep did not restart web01")
+        time.sleep(0.5)
+    print(f"  web01 running again after {time.monotonic() - t0:.1f} s (sweep every 5 s)")
+    fcq("jobs", "--limit", "6")
 
-    step("stop: ACPI power-off, wait for the guest, release the locks")
-    fcq("stop", "demo01")
-    fcq("ls")
-    print(f"\nLog (JSON lines): {BASE / 'fcq.log'}")
-    print("Rendered QEMU config and serial log: " + str(BASE / "run"))
+    step("Flower")
+    print(f"  http://127.0.0.1:{info['flower_port']}/  user admin, password {info['flower_pw']}")
+    print(f"  logs: {BASE}/<host>/fcq.log (JSON lines), {BASE}/<host>/worker.log, "
+          f"{BASE}/beat.log")
+    if os.environ.get("KEEP"):
+        print("\nKEEP is set: the cluster stays up. Ctrl-C stops it.", flush=True)
+        signal.pause()
+
+    step("stop: ACPI power-off through the queues, then everything is shut down")
+    fcq("stop", "web01", "web02", "db01")
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
     finally:
-        subprocess.run([*FCQ, "-q", "-c", str(BASE / "host.yaml"), "kill", "demo01"],
-                       capture_output=True, check=False)
+        stop_everything()
