@@ -91,8 +91,10 @@ class VMAgent:
                 state = qmp.runstate()
                 blocks = qmp.execute("query-block")
         except QmpError as err:
-            self.log.warning("qmp-unreachable", error=str(err))
-            return Observed(Run.UNRESPONSIVE, owners, root)
+            silent_for = self._silent_since_mark()
+            self.log.warning("qmp-unreachable", error=str(err), silent_for=round(silent_for, 1))
+            return Observed(Run.UNRESPONSIVE, owners, root, silent_for=silent_for)
+        self.paths.silent_mark.unlink(missing_ok=True)
         if state in RUNNING_STATES:
             run = Run.RUNNING
         elif state == "inmigrate":
@@ -107,6 +109,15 @@ class VMAgent:
                 iops = int(block["inserted"].get("iops", 0))
                 root = int(block["inserted"]["image"]["virtual-size"])
         return Observed(run, owners, root, iops)
+
+    def _silent_since_mark(self) -> float:
+        """Seconds since QMP was first seen silent; the mark survives across sweeps."""
+        mark = self.paths.silent_mark
+        try:
+            return max(0.0, time.time() - mark.stat().st_mtime)
+        except FileNotFoundError:
+            mark.touch(mode=0o600)
+            return 0.0
 
     def status(self) -> dict[str, Any]:
         """What runs and who holds what, without changing anything."""
@@ -154,7 +165,7 @@ class VMAgent:
 
     def _converge(self, spec: VMSpec, operation: str) -> dict[str, Any]:
         found = self.observe()
-        actions = plan(spec, found, self.settings.host)
+        actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after)
         want = wanted(spec, self.settings.host)
         done: list[str] = []
         refusals: list[Action] = []
@@ -166,7 +177,9 @@ class VMAgent:
                 continue
             self._execute(action, spec)
             done.append(action.do.value)
-        after = self.observe()
+        # Observing costs QMP round trips; when nothing was done (the sweep's
+        # common case) what we found is still what is.
+        after = found if done in ([], ["nothing"]) else self.observe()
         result = self._result(operation, want, found, done, after)
         if refusals:
             raise self._refusal_error(refusals[0], spec, found, result)

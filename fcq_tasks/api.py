@@ -13,12 +13,12 @@ is down is refused at once instead of waiting silently in its queue.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from . import registry
@@ -109,6 +109,10 @@ class Orchestrator:
                               t, "apply-config", spec.name)
                 for t in sorted(targets)}
 
+    def ping(self, host: str) -> str:
+        self._check_host(host)
+        return self._send("fcq.ping", {}, host, "ping", "-")
+
     def sweep(self, host: str) -> str:
         self._check_host(host)
         return self._send("fcq.ensure_host", {"host": host}, host, "sweep", "*")
@@ -131,22 +135,31 @@ class Orchestrator:
              on_progress: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         """Wait for a task; return its result or raise the host's error as RemoteError."""
         res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: tuple[str, str] | None = None
-        while True:
-            state, info = res.state, res.info
-            if on_progress is not None and (state, repr(info)) != last:
-                on_progress(state, info)
-                last = (state, repr(info))
-            if state == "SUCCESS":
-                assert isinstance(info, dict)
-                return info
-            if state == "FAILURE":
-                raise remote_error(info)
-            if deadline is not None and time.monotonic() > deadline:
-                raise SystemFailure(f"task {task_id} not finished after {timeout} s "
-                                    f"(state {state})", task_id=task_id, state=state)
-            time.sleep(POLL_INTERVAL)
+        if on_progress is not None:
+            on_progress(res.state, res.info)
+
+        def on_message(meta: dict[str, Any]) -> None:
+            if on_progress is not None and meta.get("status") not in ("SUCCESS", "FAILURE"):
+                on_progress(str(meta.get("status")), meta.get("result"))
+
+        # The Redis result backend pushes state changes (pub/sub): no polling
+        # delay, and PROGRESS updates arrive as they are published.
+        try:
+            res.get(timeout=timeout, propagate=False, on_message=on_message,
+                    interval=POLL_INTERVAL)
+        except CeleryTimeoutError as err:
+            raise SystemFailure(f"task {task_id} not finished after {timeout} s "
+                                f"(state {res.state})", task_id=task_id,
+                                state=res.state) from err
+        except redis.RedisError as err:
+            raise SystemFailure(f"Redis unreachable while waiting: {err}") from err
+        state, info = res.state, res.info
+        if on_progress is not None:
+            on_progress(state, info if state != "SUCCESS" else None)
+        if state == "FAILURE":
+            raise remote_error(info)
+        assert isinstance(info, dict), info
+        return info
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         """The most recent submitted tasks with their current state."""

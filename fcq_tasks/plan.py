@@ -10,7 +10,8 @@ Safety rules encoded here:
 * a VM running here while another host holds one of its locks is a split
   brain: it is paused (guest code stops) and reported, never resumed by fcq;
 * a VM is started only when no other host holds its locks;
-* a QEMU whose monitor does not answer is killed: it cannot be managed;
+* a QEMU whose monitor stays silent longer than a grace is killed: it cannot
+  be managed (a briefly slow monitor on a loaded host is left alone);
 * disks grow, never shrink.
 """
 
@@ -54,6 +55,7 @@ class Observed:
     lock_owners: dict[str, str | None] = field(default_factory=dict)  # volume → host
     root_bytes: int | None = None
     iops: int | None = None        # current limit of a running VM (0: none)
+    silent_for: float = 0.0        # UNRESPONSIVE: seconds since QMP first failed to answer
 
 
 @dataclass(frozen=True)
@@ -86,13 +88,22 @@ def _lock_summary(owners: dict[str, str | None], host: str) -> tuple[str, str]:
     return ("ours" if len(held) == len(owners) else "partial"), ""
 
 
-def plan(spec: VMSpec, observed: Observed, host: str) -> list[Action]:
-    """The actions that bring VM *spec* on *host* from *observed* to its config."""
+def plan(spec: VMSpec, observed: Observed, host: str,
+         kill_silent_after: float = 0.0) -> list[Action]:
+    """The actions that bring VM *spec* on *host* from *observed* to its config.
+
+    *kill_silent_after*: seconds a QEMU's monitor may stay silent before it
+    is killed; a loaded host answers slowly, and one slow answer must not
+    cost a guest its life.
+    """
     want = wanted(spec, host)
     locks, other = _lock_summary(observed.lock_owners, host)
     run = observed.run
 
     if run is Run.UNRESPONSIVE:
+        if observed.silent_for < kill_silent_after:
+            return [Action(Do.NOTHING, f"monitor silent for {observed.silent_for:.0f} s; "
+                           f"killed after {kill_silent_after:.0f} s")]
         # Kill, then plan as if stopped: an unmanageable QEMU helps nobody.
         rest = plan(spec, Observed(Run.CRASHED, observed.lock_owners, observed.root_bytes),
                     host)

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "shutdown_grace": 60.0,
     "qmp_timeout": 5.0,
     "start_timeout": 30.0,
+    "kill_silent_after": 120.0,
     "guest_agent_timeout": 10.0,
     "operation_wait": 0.0,
     "template": None,                   # built-in fcq_tasks/qemu.cfg.j2
@@ -83,6 +84,7 @@ class HostSettings:
     shutdown_grace: float               # s: ACPI power-off until "quit"
     qmp_timeout: float                  # s: one QMP connect or command
     start_timeout: float                # s: QEMU start until QMP answers
+    kill_silent_after: float            # s: a silent monitor until ensure kills QEMU
     guest_agent_timeout: float          # s: one guest agent exchange
     operation_wait: float               # s: how long a busy VM is waited for
     template: Path | None
@@ -144,6 +146,8 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         shutdown_grace=v.check_number(f, "shutdown_grace", raw["shutdown_grace"], 0, 3600),
         qmp_timeout=v.check_number(f, "qmp_timeout", raw["qmp_timeout"], 0.1, 600),
         start_timeout=v.check_number(f, "start_timeout", raw["start_timeout"], 1, 600),
+        kill_silent_after=v.check_number(f, "kill_silent_after", raw["kill_silent_after"],
+                                         0, 86400),
         guest_agent_timeout=v.check_number(f, "guest_agent_timeout",
                                            raw["guest_agent_timeout"], 0.1, 600),
         operation_wait=v.check_number(f, "operation_wait", raw["operation_wait"], 0, 3600),

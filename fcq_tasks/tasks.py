@@ -193,6 +193,12 @@ def apply_config(self: FcqTask, /, vm: str | None = None, config: str | None = N
     return run_on_vm(self, "apply-config", name, host, write_and_ensure)
 
 
+@app.task(bind=True, base=FcqTask, name="fcq.ping")
+def ping(self: FcqTask, /, **_: Any) -> dict[str, Any]:
+    """Answer at once: measures the round trip and proves a host's worker takes work."""
+    return {"host": current_settings().host, "operation": "ping"}
+
+
 @app.task(bind=True, base=FcqTask, name="fcq.ensure_host")
 def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str, Any]:
     """The sweep: ensure every VM of this host; skip busy ones; isolate failures."""

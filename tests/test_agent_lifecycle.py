@@ -122,14 +122,19 @@ def test_recycled_pid_is_never_killed(host: Host) -> None:
         stranger.wait()
 
 
-def test_unresponsive_monitor_is_killed_and_restarted(make_host: HostFactory) -> None:
-    """A QEMU whose QMP does not answer (SIGSTOPped here) is killed and started again."""
-    host = make_host(qmp_timeout=1)
+def test_unresponsive_monitor_is_killed_after_grace(make_host: HostFactory) -> None:
+    """A QEMU whose QMP stays silent (SIGSTOPped here) is left alone at first, then,
+    once silent longer than kill_silent_after, killed and started again."""
+    host = make_host(qmp_timeout=1, kill_silent_after=3)
     host.write_vm("vm01")
     agent = host.agent("vm01")
     agent.ensure()
     old = agent.status()["pid"]
     os.kill(old, signal.SIGSTOP)
+    first = agent.ensure()
+    assert (first["found"], first["actions"]) == ("unresponsive", ["nothing"])
+    assert agent.status()["pid"] == old
+    time.sleep(3)
     result = agent.ensure()
     assert result["found"] == "unresponsive"
     assert result["actions"] == ["kill", "clean-up", "start"]

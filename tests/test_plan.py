@@ -65,8 +65,8 @@ for w in WANTED:
 @pytest.mark.parametrize(("w", "run", "locks"), sorted(TABLE, key=str))
 def test_plan_table(w: str, run: Run, locks: str) -> None:
     """Each cell of wanted × found × locks gives exactly the expected actions."""
-    observed = Observed(run, LOCKS[locks], root_bytes=BASE.disk_bytes, iops=0)
-    got = [a.do for a in plan(WANTED[w], observed, HOST)]
+    observed = Observed(run, LOCKS[locks], root_bytes=BASE.disk_bytes, iops=0, silent_for=60)
+    got = [a.do for a in plan(WANTED[w], observed, HOST, kill_silent_after=30)]
     assert got == TABLE[(w, run, locks)]
 
 
@@ -110,3 +110,11 @@ def test_outmigrate_names_destination() -> None:
     acts = plan(WANTED["elsewhere"], Observed(Run.RUNNING, LOCKS["ours"], BASE.disk_bytes, 0),
                 HOST)
     assert acts[0].host == "beta"
+
+
+def test_briefly_silent_monitor_is_left_alone() -> None:
+    """A monitor silent for less than the grace is reported, not killed."""
+    acts = plan(BASE, Observed(Run.UNRESPONSIVE, LOCKS["ours"], silent_for=10), HOST,
+                kill_silent_after=120)
+    assert [a.do for a in acts] == [Do.NOTHING]
+    assert "silent for 10 s" in acts[0].reason

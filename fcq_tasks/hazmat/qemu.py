@@ -64,9 +64,14 @@ class VMRunPaths:
     def serial_log(self) -> Path:
         return self._p("serial.log")
 
+    @property
+    def silent_mark(self) -> Path:
+        return self._p("silent")
+
     def leftovers(self) -> list[Path]:
         """Run files that exist although no process may be running."""
-        return [p for p in (self.pidfile, self.identity, self.qmp, self.ga) if p.exists()]
+        return [p for p in (self.pidfile, self.identity, self.qmp, self.ga, self.silent_mark)
+                if p.exists()]
 
 
 @dataclass(frozen=True)

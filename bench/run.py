@@ -1,0 +1,201 @@
+"""Benchmarks: fcq against raw QEMU on the same guest, in the same run.
+
+Prints ratios, not adjectives:
+
+1. task round trip: orchestrator → Redis → worker → result (fcq.ping);
+2. start: `fcq start VM` (CLI, queue, worker, volumes, locks, QEMU) until the
+   command returns and until the guest agent answers, versus launching the
+   same QEMU command line by hand;
+3. sweep: one ensure sweep over N already-converged VMs (no guest OS), per
+   VM, versus the bare minimum of asking each QEMU `query-status` over QMP;
+4. memory: RSS of the worker, and of a QEMU started by fcq versus by hand.
+
+Run with `make bench` (N defaults to 60; BENCH_VMS=... to change it).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from fcq_tasks.errors import FcqError  # noqa: E402
+from fcq_tasks.hazmat.guestagent import GuestAgent  # noqa: E402
+from fcq_tasks.hazmat.qmp import QmpSession  # noqa: E402
+from fcq_tasks.settings import load_host_settings  # noqa: E402
+from tests.cluster import Cluster, RedisServer, cluster_settings  # noqa: E402
+from tests.conftest import GUEST_DIR, Host  # noqa: E402
+
+
+def make_host(name: str, redis: RedisServer, **settings: Any) -> Host:
+    base = Path(tempfile.mkdtemp(prefix="fcqb-", dir="/tmp"))
+    for d in ("vm", "run", "state"):
+        (base / d).mkdir()
+    raw: dict[str, Any] = {
+        "host": name, "vm_config_dir": str(base / "vm"), "run_dir": str(base / "run"),
+        "state_dir": str(base / "state"), "log_file": str(base / "fcq.log"),
+        "log_level": "warning", "nic_mode": "user", "shutdown_grace": 10,
+        "cluster": cluster_settings(redis, visibility_timeout=600, sweep_interval=3600),
+        **settings,
+    }
+    (base / "host.yaml").write_text(yaml.safe_dump(raw))
+    return Host(base, load_host_settings(base / "host.yaml"), base / "host.yaml")
+
+
+def wait_ga(sock: Path, timeout: float = 60) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with GuestAgent(str(sock), 1.0, "bench") as ga:
+                ga.ping()
+            return time.monotonic()
+        except FcqError:
+            time.sleep(0.05)
+    raise RuntimeError("guest agent never answered")
+
+
+def wait_qmp(sock: Path, timeout: float = 30) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with QmpSession(str(sock), 1.0, "bench") as q:
+                if q.runstate() == "running":
+                    return time.monotonic()
+        except FcqError:
+            time.sleep(0.01)
+    raise RuntimeError("QMP never answered")
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def bench_round_trip(c: Cluster, n: int = 50) -> float:
+    orch = c.orchestrator()
+    orch.wait(orch.ping("alpha"), timeout=30)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        orch.wait(orch.ping("alpha"), timeout=30)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_start(c: Cluster, host: Host, runs: int = 3) -> dict[str, float]:
+    fcq_ret, fcq_ga, raw_ret, raw_ga, fcq_rss, raw_rss = [], [], [], [], [], []
+    agent = host.agent("boot01")
+    for _ in range(runs):
+        t0 = time.monotonic()
+        proc = c.fcq("-q", "start", "boot01", "--host", "alpha")
+        assert proc.returncode == 0, proc.stderr
+        fcq_ret.append(time.monotonic() - t0)
+        fcq_ga.append(wait_ga(agent.paths.ga) - t0)
+        ident = agent.qemu.identity()
+        assert ident is not None
+        argv = list(ident.argv)
+        fcq_rss.append(rss_mb(ident.pid))
+        c.fcq("-q", "--local", "kill", "boot01")
+        # The same command line by hand: same rendered config, same volumes.
+        raw_dir = host.base / "raw"
+        raw_dir.mkdir(exist_ok=True)
+        for p in agent.paths.leftovers():
+            p.unlink()
+        agent.paths.config.write_text(agent.paths.config.read_text())
+        t0 = time.monotonic()
+        subprocess.run(argv, check=True, capture_output=True)
+        raw_ret.append(wait_qmp(agent.paths.qmp) - t0)
+        raw_ga.append(wait_ga(agent.paths.ga) - t0)
+        pid = int(agent.paths.pidfile.read_text())
+        raw_rss.append(rss_mb(pid))
+        psutil.Process(pid).kill()
+        time.sleep(0.3)
+        for p in agent.paths.leftovers():
+            p.unlink()
+    med = statistics.median
+    return {"fcq_return": med(fcq_ret), "fcq_ga": med(fcq_ga), "raw_qmp": med(raw_ret),
+            "raw_ga": med(raw_ga), "fcq_rss": med(fcq_rss), "raw_rss": med(raw_rss)}
+
+
+def bench_sweep(c: Cluster, host: Host, n: int) -> dict[str, float]:
+    for i in range(n):
+        host.write_vm(f"idle{i:03d}", memory=32, disk=1, nics=[])
+    t0 = time.monotonic()
+    c.fcq("-q", "--local", "ensure", "--all", host=host.name)
+    started = time.monotonic() - t0
+    running = [p for p in host.qemu_processes()]
+    assert len(running) >= n, f"only {len(running)} of {n} VMs run"
+    orch = c.orchestrator()
+    sweeps = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        result = orch.wait(orch.sweep(host.name), timeout=600)
+        sweeps.append(time.perf_counter() - t0)
+        assert result["failed"] == 0 and all(a == ["nothing"]
+                                             for a in result["vms"].values()), result
+    qmp_only = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(n):
+            with QmpSession(str(host.agent(f"idle{i:03d}").paths.qmp), 5, "b") as q:
+                q.runstate()
+        qmp_only.append(time.perf_counter() - t0)
+    return {"n": n, "start_all": started, "sweep": statistics.median(sweeps),
+            "qmp_only": statistics.median(qmp_only)}
+
+
+def main() -> None:
+    n = int(os.environ.get("BENCH_VMS", "60"))
+    subprocess.run([sys.executable, str(ROOT / "tools" / "guest" / "build.py"), str(GUEST_DIR)],
+                   check=True, stdout=subprocess.DEVNULL)
+    redis = RedisServer()
+    redis.start()
+    # alpha boots the tiny guest; beta runs VMs with no guest OS (SeaBIOS
+    # finds nothing to boot and idles), so N of them fit on two cores.
+    host = make_host("alpha", redis, direct_boot={
+        "kernel": str(GUEST_DIR / "vmlinuz"), "initrd": str(GUEST_DIR / "initrd.gz"),
+        "append": (GUEST_DIR / "cmdline").read_text().strip()})
+    idle = make_host("beta", redis, vm_max_total_memory=64 * 1024)
+    c = Cluster(redis, {"alpha": host, "beta": idle})
+    try:
+        worker = c.worker("alpha")
+        c.worker("beta")
+        rtt = bench_round_trip(c)
+        host.write_vm("boot01", memory=256, disk=2)
+        start = bench_start(c, host)
+        sweep = bench_sweep(c, idle, n)
+        worker_rss = rss_mb(worker.proc.pid)
+    finally:
+        for h in (host, idle):
+            for proc in h.qemu_processes():
+                proc.kill()
+        c.stop_all()
+        redis.stop()
+    print("fcq benchmark (TCG, tiny guest, same machine and run)")
+    print(f"  task round trip (fcq.ping, median of 50): {rtt * 1000:.1f} ms")
+    ratio = start["fcq_return"] / start["raw_qmp"]
+    print(f"  start until command returns (QEMU running): fcq start {start['fcq_return']:.2f} s"
+          f" vs raw QEMU {start['raw_qmp']:.2f} s  ratio {ratio:.1f}x")
+    print(f"  start until guest agent answers:            fcq {start['fcq_ga']:.2f} s"
+          f" vs raw QEMU {start['raw_ga']:.2f} s  ratio {start['fcq_ga'] / start['raw_ga']:.2f}x")
+    print(f"  sweep over {sweep['n']} converged VMs: {sweep['sweep']:.2f} s"
+          f" ({sweep['sweep'] / sweep['n'] * 1000:.1f} ms per VM) vs bare QMP query-status"
+          f" {sweep['qmp_only']:.2f} s  ratio {sweep['sweep'] / sweep['qmp_only']:.1f}x")
+    print(f"  first ensure --all starting {sweep['n']} VMs: {sweep['start_all']:.1f} s")
+    print(f"  memory: worker RSS {worker_rss:.0f} MB; QEMU RSS fcq {start['fcq_rss']:.0f} MB"
+          f" vs raw {start['raw_rss']:.0f} MB (ratio {start['fcq_rss'] / start['raw_rss']:.2f})")
+
+
+if __name__ == "__main__":
+    main()
