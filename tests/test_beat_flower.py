@@ -103,17 +103,32 @@ def test_flower_lists_tasks_with_vm_names_behind_auth(make_cluster: ClusterFacto
 
     wait_for(lambda: get(False)[0] == 401, 30, "Flower to answer")
     orch = c.orchestrator()
-    task_id = orch.submit("start", "vm01")
-    orch.wait(task_id, timeout=120)
 
-    def listed() -> Any:
+    def listed(task_id: str) -> Any:
         status, tasks = get(True)
         found = status == 200 and tasks.get(task_id)
-        return found if found and found["state"] == "SUCCESS" else None
-    task = wait_for(listed, 30, "Flower to list the task as succeeded")
+        return found if found and found["state"] == "SUCCESS" and found["name"] else None
+
+    # Flower's HTTP server answers before its event receiver listens: pings
+    # until one is seen whole (sent to succeeded) prove the receiver is live.
+    def ping_seen() -> Any:
+        ping = orch.ping("alpha")
+        orch.wait(ping, timeout=30)
+        return wait_for_quietly(lambda: listed(ping), 3)
+    wait_for(ping_seen, 60, "Flower to receive task events")
+    task_id = orch.submit("start", "vm01")
+    orch.wait(task_id, timeout=120)
+    task = wait_for(lambda: listed(task_id), 30, "Flower to list the task as succeeded")
     assert task["name"] == "fcq.start" and "vm01" in task["kwargs"]
     assert task["worker"].startswith("alpha@")
     assert "secret-flower" not in " ".join(flower.proc.args)  # type: ignore[arg-type]
+
+
+def wait_for_quietly(predicate: Any, timeout: float) -> Any:
+    try:
+        return wait_for(predicate, timeout, "")
+    except AssertionError:
+        return None
 
 
 def _raw_cluster(settings_file: Path) -> dict[str, Any]:
