@@ -165,6 +165,7 @@ class VMAgent:
 
     def _converge(self, spec: VMSpec, operation: str) -> dict[str, Any]:
         found = self.observe()
+        self._adopt(spec)
         actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after)
         want = wanted(spec, self.settings.host)
         done: list[str] = []
@@ -184,6 +185,20 @@ class VMAgent:
         if refusals:
             raise self._refusal_error(refusals[0], spec, found, result)
         return result
+
+    def _adopt(self, spec: VMSpec) -> None:
+        """Record the identity of a QEMU known only by its pidfile.
+
+        That happens when a worker died between QEMU daemonizing and fcq
+        writing the identity; without it the VM's memory would not be
+        booked and it would not show as running here.
+        """
+        if self.qemu.identity() is None:
+            proc = self._process()
+            if proc is not None:
+                self.qemu.record_identity(proc, spec.memory_mb)
+                self.log.warning("adopted", action="adopt", pid=proc.pid,
+                                 detail="QEMU had a pidfile but no identity record")
 
     def _result(self, operation: str, want: str, found: Observed, done: list[str],
                 after: Observed) -> dict[str, Any]:
@@ -250,10 +265,7 @@ class VMAgent:
         """Start the VM here if it is not running (the config must allow this host)."""
         with self.locked():
             spec = self.spec()
-            if spec.kvm_host not in (None, self.settings.host):
-                raise Refused(f"{self.name}: config puts it on host {spec.kvm_host}; "
-                              "starting it here could run it twice", vm=self.name,
-                              kvm_host=spec.kvm_host)
+            self._check_may_start(spec)
             if not spec.online:
                 self.log.warning("start-offline-vm", action="start",
                                  detail="config says online: false; the next ensure stops it")
@@ -262,6 +274,12 @@ class VMAgent:
                 return self._result("start", "here", found, [], found)
             online = dataclasses.replace(spec, online=True, kvm_host=self.settings.host)
             return self._converge(online, "start")
+
+    def _check_may_start(self, spec: VMSpec) -> None:
+        if spec.kvm_host not in (None, self.settings.host):
+            raise Refused(f"{self.name}: config puts it on host {spec.kvm_host}; "
+                          "starting it here could run it twice", vm=self.name,
+                          kvm_host=spec.kvm_host)
 
     def stop(self) -> dict[str, Any]:
         """Power the VM off gracefully (ACPI, then quit, then kill) and release its locks."""
@@ -279,6 +297,7 @@ class VMAgent:
 
     def restart(self) -> dict[str, Any]:
         with self.locked():
+            self._check_may_start(self.spec())  # refuse before powering anything off
             self.stop()
             result = self.start()
             result["operation"] = "restart"
@@ -361,17 +380,20 @@ class VMAgent:
                                     RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga)))
         argv = self.argv(accel)
         t0 = time.monotonic()
+        # Volumes first, outside the host-wide admission lock: creating a
+        # root can take minutes and must not hold up other VMs' starts. We
+        # still hold this VM's operation lock.
+        self.progress("volumes")
+        created = self.storage.ensure_volumes(spec)
+        if created:
+            self.log.info("volumes-created", action="start", volumes=created)
+        root = next(v.size for v in self.storage.volumes(self.name) if v.name == "root")
+        if root is not None and root < spec.disk_bytes:
+            self.storage.grow(self.name, "root", spec.disk_bytes)
+            self.log.info("grown", action="grow-root", size=spec.disk_bytes)
         self.progress("admission", memory_mb=spec.memory_mb)
         with admission.admission(s.run_dir, self.name, spec.memory_mb, s.vm_max_total_memory,
                                  s.qmp_timeout, wait=s.start_timeout):
-            self.progress("volumes")
-            created = self.storage.ensure_volumes(spec)
-            if created:
-                self.log.info("volumes-created", action="start", volumes=created)
-            root = next(v.size for v in self.storage.volumes(self.name) if v.name == "root")
-            if root is not None and root < spec.disk_bytes:
-                self.storage.grow(self.name, "root", spec.disk_bytes)
-                self.log.info("grown", action="grow-root", size=spec.disk_bytes)
             taken = self._take_locks()
             try:
                 write_atomically(self.paths.config, config)
@@ -409,29 +431,33 @@ class VMAgent:
             return
         grace = self.settings.shutdown_grace
         deadline = time.monotonic() + grace
-        try:
-            self.log.info("powerdown", action="stop", grace=grace)
-            self.progress("powerdown", grace=grace)
-            # A power-button press that arrives while the guest boots is lost
-            # (nothing listens yet), so press again every few seconds until
-            # the grace runs out; a guest already shutting down ignores it.
-            while True:
+        self.log.info("powerdown", action="stop", grace=grace)
+        self.progress("powerdown", grace=grace)
+        # A power-button press that arrives while the guest boots is lost
+        # (nothing listens yet), so press again every few seconds until the
+        # grace runs out; a guest already shutting down ignores it. A slow
+        # monitor on a loaded host is no reason to skip the rest of the grace.
+        while True:
+            try:
                 with self.qemu.qmp() as qmp:
                     qmp.execute("system_powerdown")
-                wait = min(POWERDOWN_REPEAT, deadline - time.monotonic())
-                if self.qemu.wait_gone(proc, max(wait, 0)):
-                    self.log.info("stopped", action="stop", how="acpi")
-                    return
-                if time.monotonic() >= deadline:
-                    break
-            with self.qemu.qmp() as qmp:
-                self.log.warning("quit", action="stop", detail=f"guest ignored ACPI for {grace} s")
-                qmp.execute("quit")
-            if self.qemu.wait_gone(proc, self.settings.qmp_timeout):
-                self.log.info("stopped", action="stop", how="quit")
+            except QemuError as err:
+                self.log.warning("powerdown-failed", action="stop", error=str(err))
+            wait = min(POWERDOWN_REPEAT, deadline - time.monotonic())
+            if self.qemu.wait_gone(proc, max(wait, 0)):
+                self.log.info("stopped", action="stop", how="acpi")
                 return
+            if time.monotonic() >= deadline:
+                break
+        self.log.warning("quit", action="stop", detail=f"guest ignored ACPI for {grace} s")
+        try:
+            with self.qemu.qmp() as qmp:
+                qmp.execute("quit")
         except QemuError as err:
-            self.log.warning("qmp-failed-during-stop", action="stop", error=str(err))
+            self.log.warning("quit-failed", action="stop", error=str(err))
+        if self.qemu.wait_gone(proc, self.settings.qmp_timeout):
+            self.log.info("stopped", action="stop", how="quit")
+            return
         self.log.warning("kill", action="stop", detail="QEMU did not exit: SIGKILL")
         self.qemu.kill(proc)
 

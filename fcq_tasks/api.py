@@ -17,16 +17,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from . import registry
 from .celeryapp import client_app, host_queue
-from .errors import BadRequest, FcqError, RemoteError, SystemFailure, TaskRejected
+from .errors import BadRequest, FcqError, Refused, RemoteError, SystemFailure, TaskError
 from .settings import HostSettings
 from .validate import NAME_RE, NAME_RULE
 from .vmspec import parse_vm_file
+
+#: What talking to Redis can raise, through redis-py or through kombu.
+BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
 
 VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
 
@@ -51,7 +55,7 @@ class Orchestrator:
     def _registry(self) -> dict[str, dict[str, Any]]:
         try:
             return registry.hosts(self.client)
-        except redis.RedisError as err:
+        except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
 
     def hosts(self) -> dict[str, dict[str, Any]]:
@@ -86,6 +90,14 @@ class Orchestrator:
             raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
         target = host or self.locate(vm)
         self._check_host(target)
+        if operation == "force_unlock":
+            # Never break a lock whose holder may be alive: refuse while any
+            # other live host reports the VM's QEMU running.
+            running = [h for h, rec in self._registry().items()
+                       if h != target and vm in rec["running"]]
+            if running:
+                raise Refused(f"{vm} runs on live host {running[0]}: stop it there before "
+                              "breaking its locks", vm=vm, host=running[0])
         return self._send(f"fcq.{operation}", {"vm": vm, "host": target}, target,
                           operation, vm)
 
@@ -123,7 +135,7 @@ class Orchestrator:
             result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host))
             registry.record_job(self.client, result.id, operation, vm, host,
                                 self.settings.cluster.result_expires)
-        except redis.RedisError as err:
+        except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         return str(result.id)
 
@@ -151,21 +163,24 @@ class Orchestrator:
             raise SystemFailure(f"task {task_id} not finished after {timeout} s "
                                 f"(state {res.state})", task_id=task_id,
                                 state=res.state) from err
-        except redis.RedisError as err:
+        except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable while waiting: {err}") from err
         state, info = res.state, res.info
         if on_progress is not None:
             on_progress(state, info if state != "SUCCESS" else None)
+        if state == "SUCCESS" and isinstance(info, dict):
+            return info
         if state == "FAILURE":
             raise remote_error(info)
-        assert isinstance(info, dict), info
-        return info
+        # REVOKED (e.g. a sweep that expired in a queue) or anything unexpected.
+        raise RemoteError({"error": "TaskNotDone", "message":
+                           f"task {task_id} ended in state {state}: {info!r}"})
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         """The most recent submitted tasks with their current state."""
         try:
             rows = registry.recent_jobs(self.client, limit)
-        except redis.RedisError as err:
+        except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         for row in rows:
             state, info = self.state(row["id"])
@@ -179,7 +194,7 @@ class Orchestrator:
 
 def remote_error(info: Any) -> FcqError:
     """The error a failed task raised, as an FcqError with the right exit code."""
-    if isinstance(info, TaskRejected):
+    if isinstance(info, TaskError):
         return RemoteError(info.info)
     if isinstance(info, BaseException):
         return RemoteError({"error": type(info).__name__, "message": str(info)})

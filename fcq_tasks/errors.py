@@ -151,8 +151,8 @@ class StorageError(SystemFailure):
     """Creating, resizing, locking or removing a volume failed."""
 
 
-class TaskRejected(Exception):
-    """Raised by a Celery task whose request broke a rule (a UserError there).
+class TaskError(Exception):
+    """Base of what Celery tasks raise for an FcqError.
 
     Not an FcqError on purpose: Celery rebuilds a failed task's exception on
     the client as ``cls(*args)``, so the only argument is the JSON-safe dict
@@ -164,8 +164,12 @@ class TaskRejected(Exception):
         self.info = info
 
 
-class TaskFailed(TaskRejected):
-    """Raised by a Celery task that failed for a system reason (traceback kept)."""
+class TaskRejected(TaskError):
+    """The request broke a rule (a UserError): expected, logged without traceback."""
+
+
+class TaskFailed(TaskError):
+    """The host failed (a SystemFailure): logged with its traceback."""
 
 
 class RemoteError(FcqError):

@@ -65,13 +65,15 @@ def ensure_all(settings: HostSettings) -> dict[str, Any]:
             results[name] = {"vm": name, "outcome": "skipped", "reason": "operation in flight"}
         except FcqError as err:
             failed += 1
-            results[name] = {"vm": name, "outcome": "error", **err.to_dict()}
+            results[name] = {"vm": name, "outcome": "error", "exit_code": err.exit_code,
+                             **err.to_dict()}
         except Exception as err:  # a bug in one VM's path must not end the sweep
             failed += 1
             log.exception("ensure-crashed", vm=name)
-            results[name] = {"vm": name, "outcome": "error", "error": type(err).__name__,
-                             "message": str(err)}
-    return {"host": settings.host, "vms": results, "failed": failed}
+            results[name] = {"vm": name, "outcome": "error", "exit_code": 1,
+                             "error": type(err).__name__, "message": str(err)}
+    exit_code = max((r.get("exit_code", 0) for r in results.values()), default=0)
+    return {"host": settings.host, "vms": results, "failed": failed, "exit_code": exit_code}
 
 
 def memory_summary(settings: HostSettings) -> dict[str, Any]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any, cast
@@ -31,7 +32,12 @@ JOBS_KEPT = 1000
 
 
 def connect(settings: HostSettings) -> redis.Redis:
-    url = settings.cluster.url_with_password()
+    """A client for the cluster's Redis, one per URL and process (it pools connections)."""
+    return _client(settings.cluster.url_with_password())
+
+
+@functools.lru_cache(maxsize=8)
+def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10,
                                 decode_responses=True)
 

@@ -26,10 +26,11 @@ from celery.exceptions import Retry
 
 from . import registry
 from .agent import VMAgent
-from .celeryapp import app
+from .celeryapp import app, host_queue
 from .errors import (
     BadRequest,
     FcqError,
+    TaskError,
     TaskFailed,
     TaskRejected,
     UserError,
@@ -73,7 +74,7 @@ class FcqTask(Task):  # type: ignore[type-arg]
     acks_late = True
     reject_on_worker_lost = True
 
-    def fail(self, err: FcqError) -> TaskRejected:
+    def fail(self, err: FcqError) -> TaskError:
         info = err.to_dict()
         if isinstance(err, UserError):
             return TaskRejected(info)
@@ -107,7 +108,10 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         c = settings.cluster
         if task.request.retries < c.busy_retries:
             log.info("busy-retry", vm=vm, operation=operation, retries=task.request.retries)
-            raise task.retry(countdown=c.busy_retry_delay, max_retries=c.busy_retries) from err
+            # Name the queue: a retry built from a message that came through
+            # the host's direct exchange carries no queue of its own.
+            raise task.retry(queue=host_queue(settings.host), countdown=c.busy_retry_delay,
+                             max_retries=c.busy_retries) from err
         raise task.fail(err) from err
     except Retry:
         raise
@@ -212,4 +216,4 @@ def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str
     errors = {name: r.get("message") for name, r in sweep["vms"].items()
               if r.get("outcome") == "error"}
     return {"host": settings.host, "operation": "sweep", "vms": summary, "errors": errors,
-            "failed": sweep["failed"]}
+            "failed": sweep["failed"], "exit_code": sweep["exit_code"]}

@@ -16,10 +16,10 @@ from .errors import ConfigError
 #: VM and host names end up in file names, socket paths, QEMU arguments and
 #: queue names, so they are held to the hostname alphabet: no "/", "..",
 #: spaces or shell metacharacters can get through.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: "$" would let "vm01\n" through
 NAME_RULE = "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
 
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([-:])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([-:])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}\Z")
 
 
 def check_name(file: str, field: str, value: object) -> str:

@@ -23,7 +23,7 @@ from .errors import ConfigError, UnknownVM
 GiB = 2**30
 MiB = 2**20
 
-NET_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+NET_RE = re.compile(r"^[a-z][a-z0-9]{0,7}\Z")
 NET_RULE = "network names are 1-8 characters of a-z and 0-9, starting with a letter"
 
 KNOWN_TOP = frozenset({"name", "parameters"})

@@ -207,8 +207,52 @@ def test_sweep_isolates_failures(host: Host) -> None:
     bad = host.write_vm("vm02")
     bad.write_text(bad.read_text().replace("memory: 128", "memory: lots"))
     cli = host.fcq("--json", "ensure", "--all")
-    assert cli.returncode == 1
+    assert cli.returncode == 2  # the worst VM's code: a config error
     assert "vm02" in cli.stdout and "parameters.memory" in cli.stdout
     assert host.agent("vm01").status()["status"] == "running"
 
 
+
+
+def test_restart_refused_before_anything_stops(host: Host) -> None:
+    """restart of a VM whose config moved to another host refuses without stopping it."""
+    host.write_vm("vm01")
+    agent = host.agent("vm01")
+    agent.ensure()
+    pid = agent.status()["pid"]
+    host.write_vm("vm01", kvm_host="beta")
+    with pytest.raises(Refused):
+        agent.restart()
+    assert agent.status()["pid"] == pid and agent.status()["status"] == "running"
+
+
+def test_qemu_known_only_by_pidfile_is_adopted(host: Host) -> None:
+    """A worker that died before recording QEMU's identity: ensure adopts the process,
+    so its memory is booked and it counts as running here."""
+    host.write_vm("vm01", memory=128)
+    agent = host.agent("vm01")
+    agent.ensure()
+    pid = agent.status()["pid"]
+    agent.paths.identity.unlink()
+    result = agent.ensure()
+    assert result["actions"] == ["nothing"]
+    ident = agent.qemu.identity()
+    assert ident is not None and (ident.pid, ident.memory_mb) == (pid, 128)
+    assert host.fcq("--json", "memory", check=True).stdout.count('"vm01": 128') == 1
+
+
+def test_sweep_exit_code_is_the_worst_refusal(host: Host) -> None:
+    """A sweep whose only problem is a refused shrink exits 4 (refused), not 1."""
+    host.write_vm("vm01", disk=2)
+    host.agent("vm01").ensure()
+    host.write_vm("vm01", disk=1)
+    cli = host.fcq("ensure", "--all")
+    assert cli.returncode == 4, cli.stdout + cli.stderr
+
+
+def test_name_with_trailing_newline_is_refused(host: Host) -> None:
+    """'vm01\\n' is not vm01: validation anchors at the very end."""
+    host.write_vm("vm01")
+    cli = host.fcq("start", "vm01\n")
+    assert cli.returncode == 2
+    assert sorted(p.name for p in host.settings.run_dir.iterdir()) == []

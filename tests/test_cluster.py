@@ -185,3 +185,33 @@ def test_apply_config_writes_newer_ignores_older(make_cluster: ClusterFactory) -
     cli = c.fcq("apply-config", str(older))
     assert "ignored" in cli.stdout
     assert "memory: 128" in (alpha.settings.vm_config_dir / "vm01.cfg").read_text()
+
+
+def test_busy_task_is_retried_not_dropped(make_cluster: ClusterFactory) -> None:
+    """With no time to wait, a task on a busy VM is retried on the same host until it runs."""
+    c: Cluster = make_cluster(("alpha",), task_busy_wait=0, busy_retry_delay=1,
+                              busy_retries=30)
+    alpha = c.hosts["alpha"]
+    alpha.update_settings(create_vm=SLOW_CREATE_VM)
+    alpha.write_vm("vm01")
+    c.worker("alpha")
+    orch = c.orchestrator()
+    first, second = orch.submit("ensure", "vm01"), orch.submit("ensure", "vm01")
+    results = [orch.wait(first, timeout=120), orch.wait(second, timeout=120)]
+    assert sorted(r["actions"][0] for r in results) == ["nothing", "start"]
+    log = (alpha.base / "fcq.log").read_text()
+    assert '"busy-retry"' in log
+
+
+def test_force_unlock_refused_while_vm_runs_on_a_live_host(make_cluster: ClusterFactory) -> None:
+    """The orchestrator never breaks locks of a VM another live host reports running."""
+    c: Cluster = make_cluster()
+    c.hosts["alpha"].write_vm("vm01")
+    c.hosts["beta"].write_vm("vm01", kvm_host="alpha")
+    c.worker("alpha")
+    c.worker("beta")
+    orch = c.orchestrator()
+    orch.wait(orch.submit("start", "vm01"), timeout=120)
+    cli = c.fcq("force-unlock", "vm01", "--host", "beta")
+    assert cli.returncode == 4 and "runs on live host alpha" in cli.stderr
+    assert c.hosts["alpha"].agent("vm01").status()["locks"]["root"] == "alpha"

@@ -88,3 +88,22 @@ def test_lock_semantics(tmp_path: Path) -> None:
     assert beta.force_unlock("vm01", "root") == "alpha"
     assert beta.lock("vm01", "root") is True
     assert not list((tmp_path / "locks").glob(".*")), "no temp files left behind"
+
+
+def test_half_created_root_is_never_taken_for_done(tmp_path: Path) -> None:
+    """create-vm that writes its file and then fails leaves no root behind."""
+    s = storage(tmp_path, create_vm=["sh", "-c", 'truncate -s 1G "$0"; exit 1', "{path}"])
+    with pytest.raises(StorageError):
+        s.ensure_volumes(SPEC)
+    assert sorted(p.name for p in (tmp_path / "volumes").iterdir()
+                  if "root" in p.name) == []
+
+
+def test_unlock_never_deletes_another_hosts_lock(tmp_path: Path) -> None:
+    """alpha's stale unlock after beta re-took the lock leaves beta's lock in place."""
+    alpha, beta = storage(tmp_path, "alpha"), storage(tmp_path, "beta")
+    alpha.lock("vm01", "root")
+    beta.force_unlock("vm01", "root")
+    beta.lock("vm01", "root")
+    assert alpha.unlock("vm01", "root") is False
+    assert alpha.lock_owner("vm01", "root") == "beta"

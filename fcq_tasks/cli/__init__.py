@@ -30,6 +30,10 @@ VM_COMMANDS = {
     "kill": "SIGKILL VMs' QEMU at once and release locks",
     "force-unlock": "break VMs' volume locks (refused while the VM runs there)",
 }
+#: Seconds `fcq` follows a task by default: longer than any task should take
+#: (stop's grace, busy retries), short enough that a lost task is noticed.
+DEFAULT_WAIT = 1800.0
+
 LOCAL_ONLY = {"status", "memory"}
 CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config"}
 
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=20)
     sp = sub.add_parser("wait", help="follow tasks by id until they finish")
     sp.add_argument("ids", nargs="+", metavar="TASK_ID")
-    sp.add_argument("--timeout", type=float, default=None)
+    sp.add_argument("--timeout", type=float, default=DEFAULT_WAIT)
     sp = sub.add_parser("apply-config", help="push VM files to their hosts, then ensure")
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp.add_argument("--host", action="append", help="push to this host (repeatable)")
@@ -81,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _wait_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-wait", action="store_true", help="print the task id and return")
-    sp.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    sp.add_argument("--timeout", type=float, default=DEFAULT_WAIT,
+                    help=f"seconds to wait at most (default {DEFAULT_WAIT:.0f})")
 
 
 def settings_path(arg: str | None) -> str | None:

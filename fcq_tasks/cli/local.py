@@ -16,7 +16,7 @@ from ..host import ensure_all, list_vms, memory_summary
 from ..settings import HostSettings
 from ..validate import NAME_RE, NAME_RULE
 from ..vmspec import parse_vm_file
-from .output import EXIT_INPUT, EXIT_SYSTEM, Output, describe, describe_status, ls_table, say
+from .output import EXIT_INPUT, Output, describe, describe_status, ls_table, say
 
 VM_ACTIONS: dict[str, Callable[[VMAgent], dict[str, Any]]] = {
     "start": VMAgent.start,
@@ -42,8 +42,7 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
         for name, r in sweep["vms"].items():
             out.result(r, describe(r) if "operation" in r else
                        f"{name}: {r['outcome']}: {r.get('message') or r.get('reason')}")
-        if sweep["failed"]:
-            out.code = max(out.code, EXIT_SYSTEM)
+        out.code = max(out.code, sweep["exit_code"])
     else:
         for vm in args.vms:
             try:

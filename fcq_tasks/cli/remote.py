@@ -107,8 +107,8 @@ def follow(orch: Orchestrator, task_id: str, label: str, args: argparse.Namespac
         text = f"{result['host']}: sweep: " + ", ".join(
             f"{vm}={'+'.join(a) if isinstance(a, list) else a}"
             for vm, a in result["vms"].items())
-        if result.get("failed"):
-            out.code = max(out.code, EXIT_SYSTEM)
+        out.code = max(out.code, int(result.get("exit_code", EXIT_SYSTEM if result.get("failed")
+                                                     else 0)))
         out.result(result, text)
     else:
         out.result(result, describe(result))

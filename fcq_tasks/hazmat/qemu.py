@@ -163,13 +163,20 @@ class QemuProcess:
         except psutil.NoSuchProcess as err:
             raise QemuError(f"{self.paths.name}: QEMU exited right after starting",
                             vm=self.paths.name) from err
-        ident = Identity(pid=pid, create_time=create_time, memory_mb=memory_mb,
-                         argv=tuple(argv))
-        write_atomically(self.paths.identity, json.dumps({
-            "pid": pid, "create_time": create_time, "memory_mb": memory_mb,
-            "argv": list(argv)}))
+        ident = self._write_identity(pid, create_time, memory_mb, list(argv))
         self.wait_for_qmp(time.monotonic() + timeout)
         return ident
+
+    def _write_identity(self, pid: int, create_time: float, memory_mb: int,
+                        argv: list[str]) -> Identity:
+        write_atomically(self.paths.identity, json.dumps({
+            "pid": pid, "create_time": create_time, "memory_mb": memory_mb, "argv": argv}))
+        return Identity(pid=pid, create_time=create_time, memory_mb=memory_mb,
+                        argv=tuple(argv))
+
+    def record_identity(self, proc: psutil.Process, memory_mb: int) -> Identity:
+        """Write the identity of *proc* (which find() returned) after the fact."""
+        return self._write_identity(proc.pid, proc.create_time(), memory_mb, proc.cmdline())
 
     def wait_for_qmp(self, deadline: float) -> None:
         last: Exception | None = None

@@ -13,6 +13,7 @@ processes sharing this file system: not for multi-host production use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,6 +26,9 @@ from ..settings import HostSettings
 from ..template import Drive
 from ..vmspec import VMSpec
 from .base import VOLUMES, VolumeInfo
+
+#: How often lock() retries when a lock vanishes between link and read.
+LOCK_ATTEMPTS = 3
 
 #: Longest a create-vm / mkswap / mkfs command may run.
 COMMAND_TIMEOUT = 300.0
@@ -76,15 +80,24 @@ class LocalStorage:
         created = []
         root = self._image(spec.name, "root")
         if not root.exists():
-            values = {"name": spec.name, "path": str(root), "volume": "root",
+            # create-vm writes to a temporary name that is renamed into place
+            # only once it succeeded: a create-vm killed half-way (timeout,
+            # worker crash) never leaves a half-written root that looks done.
+            tmp = self.volume_dir / f".{spec.name}.root.creating"
+            tmp.unlink(missing_ok=True)
+            values = {"name": spec.name, "path": str(tmp), "volume": "root",
                       "size": f"{spec.disk_gib}G", "size_bytes": str(spec.disk_bytes)}
-            _run([arg.format(**values) for arg in self.settings.create_vm], spec.name,
-                 "create-vm")
-            if not root.exists():
-                raise StorageError(f"{spec.name}: create-vm ran but {root} does not exist",
-                                   vm=spec.name)
-            # Guest data: readable by root only, whatever create-vm's umask was.
-            os.chmod(root, 0o600)
+            try:
+                _run([arg.format(**values) for arg in self.settings.create_vm], spec.name,
+                     "create-vm")
+                if not tmp.exists():
+                    raise StorageError(f"{spec.name}: create-vm ran but did not create "
+                                       "{path}", vm=spec.name)
+                # Guest data: readable by root only, whatever create-vm's umask was.
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, root)
+            finally:
+                tmp.unlink(missing_ok=True)
             created.append("root")
         for volume, size, argv in (
                 ("swap", spec.swap_bytes, ["mkswap", "-L", "swap"]),
@@ -94,14 +107,14 @@ class LocalStorage:
                 continue
             # Build under a temporary name: a crash never leaves an
             # unformatted volume that looks finished.
-            fd, tmp = tempfile.mkstemp(dir=self.volume_dir, prefix=f".{spec.name}.{volume}.")
+            fd, part = tempfile.mkstemp(dir=self.volume_dir, prefix=f".{spec.name}.{volume}.")
             try:
                 os.ftruncate(fd, size)
                 os.close(fd)
-                _run([*argv, tmp], spec.name, f"making {volume}")
-                os.replace(tmp, image)
+                _run([*argv, part], spec.name, f"making {volume}")
+                os.replace(part, image)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                Path(part).unlink(missing_ok=True)
                 raise
             created.append(volume)
         return created
@@ -133,22 +146,44 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump({"host": self.host, "since": time.time()}, fh)
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            owner = self.lock_owner(vm, volume)
-            if owner == self.host:
-                return False
-            raise LockedByOtherHost(vm, volume, owner or "?") from None
+            for _ in range(LOCK_ATTEMPTS):
+                try:
+                    os.link(tmp, path)
+                    return True
+                except FileExistsError:
+                    owner = self.lock_owner(vm, volume)
+                    if owner == self.host:
+                        return False
+                    if owner is not None:
+                        raise LockedByOtherHost(vm, volume, owner) from None
+                    # Released between our link and our read: try again.
+            raise StorageError(f"{vm}: lock of {volume} keeps changing hands", vm=vm)
         finally:
             os.unlink(tmp)
 
     def unlock(self, vm: str, volume: str) -> bool:
-        owner = self.lock_owner(vm, volume)
-        if owner != self.host:
+        """Release the lock if this host holds it, and only then.
+
+        The lock is first moved aside under a private name and checked there:
+        a lock another host took in the meantime is never deleted, it is
+        put back.
+        """
+        path = self._lockfile(vm, volume)
+        if self.lock_owner(vm, volume) != self.host:
             return False
-        self._lockfile(vm, volume).unlink(missing_ok=True)
-        return True
+        aside = self.lock_dir / f".{vm}.{volume}.releasing.{os.getpid()}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            if json.loads(aside.read_text()).get("host") == self.host:
+                return True
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)  # not ours after all: put it back
+            return False
+        finally:
+            aside.unlink(missing_ok=True)
 
     def force_unlock(self, vm: str, volume: str) -> str | None:
         owner = self.lock_owner(vm, volume)
