@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -256,3 +257,17 @@ def test_name_with_trailing_newline_is_refused(host: Host) -> None:
     cli = host.fcq("start", "vm01\n")
     assert cli.returncode == 2
     assert sorted(p.name for p in host.settings.run_dir.iterdir()) == []
+
+
+def test_sweep_skips_vm_with_operation_in_flight(make_host: HostFactory) -> None:
+    """The sweep does not wait for a busy VM: it reports it skipped and goes on."""
+    host = make_host(create_vm=SLOW_CREATE_VM)
+    host.write_vm("vm01")
+    host.write_vm("vm02")
+    busy = host.fcq_async("start", "vm01")
+    host.wait_for_oplock_holder("vm01")
+    sweep = host.fcq("--json", "ensure", "--all")
+    busy.communicate(timeout=60)
+    rows = {r["vm"]: r for r in json.loads(sweep.stdout)}
+    assert rows["vm01"]["outcome"] == "skipped"
+    assert rows["vm02"]["status"] == "running"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -215,3 +216,38 @@ def test_force_unlock_refused_while_vm_runs_on_a_live_host(make_cluster: Cluster
     cli = c.fcq("force-unlock", "vm01", "--host", "beta")
     assert cli.returncode == 4 and "runs on live host alpha" in cli.stderr
     assert c.hosts["alpha"].agent("vm01").status()["locks"]["root"] == "alpha"
+
+
+def test_redis_restart_while_a_task_runs(make_cluster: ClusterFactory) -> None:
+    """Redis restarts while a worker runs a start and more tasks wait: all of them finish,
+    and the VM runs exactly once."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    alpha.update_settings(create_vm=SLOW_CREATE_VM)
+    for vm in ("vm01", "vm02"):
+        alpha.write_vm(vm)
+    c.worker("alpha")
+    orch = c.orchestrator()
+    running = orch.submit("start", "vm01")
+    queued = orch.submit("start", "vm02")
+    wait_for(lambda: orch.state(running)[0] == "PROGRESS", 30, "vm01's start to run")
+    c.redis.restart()
+    results = [orch.wait(running, timeout=120), orch.wait(queued, timeout=120)]
+    assert [r["status"] for r in results] == ["running", "running"]
+    assert len(alpha.qemu_processes()) == 2
+
+
+def test_worker_sigterm_finishes_running_task(make_cluster: ClusterFactory) -> None:
+    """SIGTERM is a warm shutdown: the running start completes, then the worker exits 0."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    alpha.update_settings(create_vm=SLOW_CREATE_VM)
+    alpha.write_vm("vm01")
+    worker = c.worker("alpha")
+    orch = c.orchestrator()
+    task_id = orch.submit("start", "vm01")
+    wait_for(lambda: orch.state(task_id)[0] == "PROGRESS", 30, "the start to run")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+    assert orch.state(task_id)[0] == "SUCCESS"
+    assert not c.redis.client().exists("fcq:host:alpha"), "the host stays registered"
