@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__, logs
 from ..errors import FcqError
 from ..settings import DEFAULT_SETTINGS_FILE, load_host_settings
-from . import local, remote, services
+from . import local
 from .output import Output, say
 
 VM_COMMANDS = {
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_host_settings(settings_path(args.config))
         if args.command in ("worker", "beat", "flower"):
+            from . import services  # Celery is imported only where it is used
             return services.run(settings, args)
     except FcqError as err:
         out.error(err)
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local or args.command in LOCAL_ONLY:
             local.run(settings, args, out)
         else:
+            from . import remote
             remote.run(settings, args, out)
     except FcqError as err:
         out.error(err)
