@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,29 +30,18 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
 
 from fcq_tasks.errors import FcqError  # noqa: E402
 from fcq_tasks.hazmat.guestagent import GuestAgent  # noqa: E402
 from fcq_tasks.hazmat.qmp import QmpSession  # noqa: E402
-from fcq_tasks.settings import load_host_settings  # noqa: E402
 from tests.cluster import Cluster, RedisServer, cluster_settings  # noqa: E402
-from tests.conftest import GUEST_DIR, Host  # noqa: E402
+from tests.conftest import GUEST_DIR, Host, direct_boot, new_host  # noqa: E402
 
 
 def make_host(name: str, redis: RedisServer, **settings: Any) -> Host:
-    base = Path(tempfile.mkdtemp(prefix="fcqb-", dir="/tmp"))
-    for d in ("vm", "run", "state"):
-        (base / d).mkdir()
-    raw: dict[str, Any] = {
-        "host": name, "vm_config_dir": str(base / "vm"), "run_dir": str(base / "run"),
-        "state_dir": str(base / "state"), "log_file": str(base / "fcq.log"),
-        "log_level": "warning", "nic_mode": "user", "shutdown_grace": 10,
-        "cluster": cluster_settings(redis, visibility_timeout=600, sweep_interval=3600),
-        **settings,
-    }
-    (base / "host.yaml").write_text(yaml.safe_dump(raw))
-    return Host(base, load_host_settings(base / "host.yaml"), base / "host.yaml")
+    return new_host(name, prefix="fcqb-", log_level="warning", shutdown_grace=10,
+                    cluster=cluster_settings(redis, visibility_timeout=600, sweep_interval=3600),
+                    **settings)
 
 
 def wait_ga(sock: Path, timeout: float = 60) -> float:
@@ -165,9 +153,7 @@ def main() -> None:
     redis.start()
     # alpha boots the tiny guest; beta runs VMs with no guest OS (SeaBIOS
     # finds nothing to boot and idles), so N of them fit on two cores.
-    host = make_host("alpha", redis, direct_boot={
-        "kernel": str(GUEST_DIR / "vmlinuz"), "initrd": str(GUEST_DIR / "initrd.gz"),
-        "append": (GUEST_DIR / "cmdline").read_text().strip()})
+    host = make_host("alpha", redis, direct_boot=direct_boot(GUEST_DIR))
     idle = make_host("beta", redis, vm_max_total_memory=64 * 1024)
     c = Cluster(redis, {"alpha": host, "beta": idle})
     try:

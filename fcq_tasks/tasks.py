@@ -119,40 +119,22 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         raise task.fail(err) from err
 
 
-@app.task(bind=True, base=FcqTask, name="fcq.start")
-def start(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-          **_: Any) -> dict[str, Any]:
-    return run_on_vm(self, "start", vm, host, VMAgent.start)
+def _vm_task(name: str, operation: str,
+             method: Callable[[VMAgent], dict[str, Any]]) -> Any:
+    """One VM task: validate, take the VM's operation lock, call the agent."""
+    def body(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+             **_: Any) -> dict[str, Any]:
+        return run_on_vm(self, operation, vm, host, method)
+    body.__doc__ = f"{operation} VM *vm* on this host (see VMAgent.{method.__name__})."
+    return app.task(bind=True, base=FcqTask, name=f"fcq.{name}")(body)
 
 
-@app.task(bind=True, base=FcqTask, name="fcq.stop")
-def stop(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-         **_: Any) -> dict[str, Any]:
-    return run_on_vm(self, "stop", vm, host, VMAgent.stop)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.restart")
-def restart(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-            **_: Any) -> dict[str, Any]:
-    return run_on_vm(self, "restart", vm, host, VMAgent.restart)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.ensure")
-def ensure(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-           **_: Any) -> dict[str, Any]:
-    return run_on_vm(self, "ensure", vm, host, VMAgent.ensure)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.kill")
-def kill(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-         **_: Any) -> dict[str, Any]:
-    return run_on_vm(self, "kill", vm, host, VMAgent.kill)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.force_unlock")
-def force_unlock(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-                 **_: Any) -> dict[str, Any]:
-    return run_on_vm(self, "force-unlock", vm, host, VMAgent.force_unlock)
+start = _vm_task("start", "start", VMAgent.start)
+stop = _vm_task("stop", "stop", VMAgent.stop)
+restart = _vm_task("restart", "restart", VMAgent.restart)
+ensure = _vm_task("ensure", "ensure", VMAgent.ensure)
+kill = _vm_task("kill", "kill", VMAgent.kill)
+force_unlock = _vm_task("force_unlock", "force-unlock", VMAgent.force_unlock)
 
 
 @app.task(bind=True, base=FcqTask, name="fcq.apply_config")

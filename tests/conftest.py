@@ -121,27 +121,32 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
 HostFactory = Callable[..., Host]
 
 
+def direct_boot(guest: Path) -> dict[str, str]:
+    return {"kernel": str(guest / "vmlinuz"), "initrd": str(guest / "initrd.gz"),
+            "append": (guest / "cmdline").read_text().strip()}
+
+
+def new_host(name: str, prefix: str = "fcq-", **settings: Any) -> Host:
+    """A host's directories and settings file under a short temp path."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    for d in ("vm", "run", "state"):
+        (base / d).mkdir()
+    raw: dict[str, Any] = {
+        "host": name, "vm_config_dir": str(base / "vm"), "run_dir": str(base / "run"),
+        "state_dir": str(base / "state"), "log_file": str(base / "fcq.log"),
+        "nic_mode": "user", "shutdown_grace": 15, "accelerator": "auto", **settings}
+    settings_file = base / "host.yaml"
+    settings_file.write_text(yaml.safe_dump(raw))
+    return Host(base, load_host_settings(settings_file), settings_file)
+
+
 @pytest.fixture
 def make_host(guest: Path) -> Iterator[HostFactory]:
     """Create throwaway hosts; kill their QEMUs and remove their files afterwards."""
     hosts: list[Host] = []
 
     def factory(name: str = "alpha", **settings: Any) -> Host:
-        base = Path(tempfile.mkdtemp(prefix="fcq-", dir="/tmp"))
-        for d in ("vm", "run", "state"):
-            (base / d).mkdir()
-        raw: dict[str, Any] = {
-            "host": name, "vm_config_dir": str(base / "vm"), "run_dir": str(base / "run"),
-            "state_dir": str(base / "state"), "log_file": str(base / "fcq.log"),
-            "nic_mode": "user", "shutdown_grace": 15, "accelerator": "auto",
-            "direct_boot": {"kernel": str(guest / "vmlinuz"),
-                            "initrd": str(guest / "initrd.gz"),
-                            "append": (guest / "cmdline").read_text().strip()},
-        }
-        raw.update(settings)
-        settings_file = base / "host.yaml"
-        settings_file.write_text(yaml.safe_dump(raw))
-        host = Host(base, load_host_settings(settings_file), settings_file)
+        host = new_host(name, **{"direct_boot": direct_boot(guest), **settings})
         hosts.append(host)
         return host
 
