@@ -133,3 +133,19 @@ def wait_for_quietly(predicate: Any, timeout: float) -> Any:
 
 def _raw_cluster(settings_file: Path) -> dict[str, Any]:
     return dict(yaml.safe_load(settings_file.read_text())["cluster"])
+
+
+def test_expired_sweeps_do_not_run_when_a_host_comes_back(make_cluster: ClusterFactory) -> None:
+    """Sweeps queued for a host that is down expire; its worker discards them on return."""
+    c: Cluster = make_cluster(("alpha",))
+    c.hosts["alpha"].write_vm("vm01")
+    orch = c.orchestrator()
+    # As beat sends them: explicit queue, expiring after one (here: 1 s) interval.
+    stale = [orch.app.send_task("fcq.ensure_host", kwargs={"host": "alpha"},
+                                queue="host.alpha", expires=1.0) for _ in range(3)]
+    time.sleep(2)
+    c.worker("alpha")
+    wait_for(lambda: all(r.state == "REVOKED" for r in stale), 30,
+             "the stale sweeps to be discarded")
+    assert sweeps_logged(c.hosts["alpha"].base / "fcq.log") == 0
+    assert c.hosts["alpha"].agent("vm01").status()["status"] == "stopped"
