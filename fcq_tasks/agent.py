@@ -27,6 +27,7 @@ from .errors import (
     QmpError,
     Refused,
     ShrinkRefused,
+    StorageError,
 )
 from .fileio import write_atomically
 from .hazmat.accel import cpu_model, detect_accelerator
@@ -371,15 +372,48 @@ class VMAgent:
                 "-readconfig", str(p.config),
                 "-daemonize", "-pidfile", str(p.pidfile)]
 
-    def _start(self, spec: VMSpec) -> None:
+    def _start(self, spec: VMSpec, incoming: bool = False) -> None:
+        """Start QEMU; *incoming*: paused, waiting for a migration, taking no locks."""
         s = self.settings
         s.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         accel = detect_accelerator(s.accelerator)
         drives = [self.storage.drive(self.name, v) for v in VOLUMES]
         config = render_qemu_config(s, spec, accel, drives,
                                     RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga)))
-        argv = self.argv(accel)
+        # -S: even when the migration completes, guest code waits for `cont`,
+        # which comes only once the source has stopped and the locks moved.
+        argv = self.argv(accel) + (["-incoming", "defer", "-S"] if incoming else [])
         t0 = time.monotonic()
+        if incoming:
+            missing = [v.name for v in self.storage.volumes(self.name) if v.size is None]
+            if missing:
+                raise StorageError(f"{self.name}: volumes {', '.join(missing)} are not "
+                                   "visible on this host: migration needs shared storage",
+                                   vm=self.name)
+        else:
+            self._prepare_volumes(spec)
+        self.progress("admission", memory_mb=spec.memory_mb)
+        with admission.admission(s.run_dir, self.name, spec.memory_mb, s.vm_max_total_memory,
+                                 s.qmp_timeout, wait=s.start_timeout):
+            taken = [] if incoming else self._take_locks()
+            try:
+                write_atomically(self.paths.config, config)
+                self.progress("qemu-start")
+                self.log.info("qemu-start", action="start", argv=" ".join(argv),
+                              accel=accel, memory_mb=spec.memory_mb, incoming=incoming)
+                self.qemu.start(argv, spec.memory_mb, s.start_timeout)
+                if spec.iops and not incoming:
+                    self._set_iops(spec.iops)
+            except BaseException:
+                self._undo_start(taken)
+                raise
+        self.log.info("started", action="start", seconds=round(time.monotonic() - t0, 3))
+
+    def start_incoming(self, spec: VMSpec) -> None:
+        """Start this VM's QEMU paused, waiting for an incoming migration."""
+        self._start(spec, incoming=True)
+
+    def _prepare_volumes(self, spec: VMSpec) -> None:
         # Volumes first, outside the host-wide admission lock: creating a
         # root can take minutes and must not hold up other VMs' starts. We
         # still hold this VM's operation lock.
@@ -391,22 +425,6 @@ class VMAgent:
         if root is not None and root < spec.disk_bytes:
             self.storage.grow(self.name, "root", spec.disk_bytes)
             self.log.info("grown", action="grow-root", size=spec.disk_bytes)
-        self.progress("admission", memory_mb=spec.memory_mb)
-        with admission.admission(s.run_dir, self.name, spec.memory_mb, s.vm_max_total_memory,
-                                 s.qmp_timeout, wait=s.start_timeout):
-            taken = self._take_locks()
-            try:
-                write_atomically(self.paths.config, config)
-                self.progress("qemu-start")
-                self.log.info("qemu-start", action="start", argv=" ".join(argv),
-                              accel=accel, memory_mb=spec.memory_mb)
-                self.qemu.start(argv, spec.memory_mb, s.start_timeout)
-                if spec.iops:
-                    self._set_iops(spec.iops)
-            except BaseException:
-                self._undo_start(taken)
-                raise
-        self.log.info("started", action="start", seconds=round(time.monotonic() - t0, 3))
 
     def _undo_start(self, taken: list[str]) -> None:
         """Leave no half-started VM: kill what we started, give back what we took."""

@@ -13,6 +13,7 @@ is down is refused at once instead of waiting silently in its queue.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,45 @@ class Orchestrator:
                                                    "version": version, "host": t},
                               t, "apply-config", spec.name)
                 for t in sorted(targets)}
+
+    def migrate(self, vm: str, dst: str) -> str:
+        """Live-migrate *vm* to host *dst*; return the chord's task id (finish_migration).
+
+        chord(group(inmigrate@dst, outmigrate@src), finish_migration@dst),
+        with migration_failed@src as errback: whatever fails, the source
+        converges at once.
+        """
+        from celery import chord, group
+        if not NAME_RE.match(vm):
+            raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        self._check_host(dst)
+        hosts = self._registry()
+        running = [h for h, rec in hosts.items() if vm in rec["running"]]
+        if not running:
+            raise BadRequest("vm", f"{vm} runs on no live host: nothing to migrate")
+        src = running[0]
+        if src == dst:
+            raise BadRequest("host", f"{vm} already runs on {dst}")
+        if vm not in hosts[dst]["vms"]:
+            raise BadRequest("host", f"{dst} has no config for {vm}: push it first "
+                             "(fcq apply-config)")
+        attempt = uuid.uuid4().hex[:16]
+        common = {"vm": vm, "attempt": attempt}
+        header = group(
+            self.app.signature("fcq.inmigrate", kwargs={**common, "src": src, "host": dst},
+                               queue=host_queue(dst)),
+            self.app.signature("fcq.outmigrate", kwargs={**common, "dst": dst, "host": src},
+                               queue=host_queue(src)))
+        body = self.app.signature("fcq.finish_migration", kwargs=common, queue=host_queue(dst))
+        body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
+                                           queue=host_queue(src)))
+        try:
+            result = chord(header)(body)
+            registry.record_job(self.client, result.id, "migrate", vm, f"{src}>{dst}",
+                                self.settings.cluster.result_expires)
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        return str(result.id)
 
     def ping(self, host: str) -> str:
         self._check_host(host)

@@ -9,6 +9,7 @@ explicitly to everything that needs it.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import string
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ DEFAULT_SETTINGS_FILE = "/etc/fcq/host.yaml"
 
 #: Memory kept back for the host itself when vm_max_total_memory is "auto".
 HOST_RESERVED_MB = 2048
+
+ADDRESS_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9.-]{0,252}\Z")
 
 #: Longest run directory: 107 bytes of socket path - "/" - 63-char name - ".qmp.sock".
 RUN_DIR_MAX = 107 - 1 - 63 - len(".qmp.sock")
@@ -54,6 +57,11 @@ DEFAULTS: dict[str, Any] = {
     "create_vm": list(DEFAULT_CREATE_VM),
     "nic_mode": "tap",
     "direct_boot": None,
+    "migration_address": "127.0.0.1",
+    "migration_downtime_ms": 300,
+    "migration_bandwidth_mbps": 0,
+    "migration_timeout_per_gib": 120.0,
+    "max_migrations": 1,
     "cluster": None,                    # see clustersettings.CLUSTER_DEFAULTS
 }
 
@@ -91,6 +99,11 @@ class HostSettings:
     create_vm: tuple[str, ...]
     nic_mode: str
     direct_boot: DirectBoot | None = None
+    migration_address: str = "127.0.0.1"    # where this host listens for incoming migrations
+    migration_downtime_ms: int = 300        # QEMU's downtime-limit
+    migration_bandwidth_mbps: int = 0       # 0: unlimited
+    migration_timeout_per_gib: float = 120.0  # s per GiB of guest memory (at least one GiB)
+    max_migrations: int = 1                 # in or out, at once, on this host
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))
     source: str = field(default="<defaults>", compare=False)
@@ -155,6 +168,15 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         create_vm=_create_vm(f, raw["create_vm"]),
         nic_mode=v.check_choice(f, "nic_mode", raw["nic_mode"], ("tap", "user", "none")),
         direct_boot=_direct_boot(f, raw["direct_boot"]),
+        migration_address=v.check_str(f, "migration_address", raw["migration_address"],
+                                      ADDRESS_RE, "must be an IPv4 address or a host name"),
+        migration_downtime_ms=v.check_int(f, "migration_downtime_ms",
+                                          raw["migration_downtime_ms"], 1, 60000),
+        migration_bandwidth_mbps=v.check_int(f, "migration_bandwidth_mbps",
+                                             raw["migration_bandwidth_mbps"], 0, 10**6),
+        migration_timeout_per_gib=v.check_number(f, "migration_timeout_per_gib",
+                                                 raw["migration_timeout_per_gib"], 1, 86400),
+        max_migrations=v.check_int(f, "max_migrations", raw["max_migrations"], 1, 64),
         cluster=parse_cluster_settings(f, raw["cluster"]),
         source=source,
         warnings=warnings,

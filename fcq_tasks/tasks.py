@@ -199,3 +199,63 @@ def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str
               if r.get("outcome") == "error"}
     return {"host": settings.host, "operation": "sweep", "vms": summary, "errors": errors,
             "failed": sweep["failed"], "exit_code": sweep["exit_code"]}
+
+
+def _rendezvous(vm: str, attempt: object, side: str) -> Any:
+    from .migration import Rendezvous
+    if not isinstance(attempt, str) or not NAME_RE.match(attempt):
+        raise BadRequest("attempt", "must be a migration attempt id")
+    return Rendezvous(registry.connect(current_settings()), vm, attempt, side)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.inmigrate")
+def inmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = None,
+              src: str | None = None, host: str | None = None, **_: Any) -> dict[str, Any]:
+    """The destination half of a live migration."""
+    from . import migration
+
+    def op(agent: VMAgent) -> dict[str, Any]:
+        rdv = _rendezvous(agent.name, attempt, "dst")
+        return migration.inmigrate(agent, rdv, str(src), agent.progress)
+    return run_on_vm(self, "inmigrate", vm, host, op)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.outmigrate")
+def outmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = None,
+               dst: str | None = None, host: str | None = None, **_: Any) -> dict[str, Any]:
+    """The source half of a live migration."""
+    from . import migration
+
+    def op(agent: VMAgent) -> dict[str, Any]:
+        rdv = _rendezvous(agent.name, attempt, "src")
+        return migration.outmigrate(agent, rdv, str(dst), agent.progress)
+    return run_on_vm(self, "outmigrate", vm, host, op)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.finish_migration")
+def finish_migration(self: FcqTask, /, results: Any = None, vm: str | None = None,
+                     attempt: str | None = None, **_: Any) -> dict[str, Any]:
+    """Chord body: both halves succeeded; record and return the outcome."""
+    halves = {r.get("operation"): r for r in results or [] if isinstance(r, dict)}
+    out, inn = halves.get("outmigrate", {}), halves.get("inmigrate", {})
+    outcome = {"vm": vm, "operation": "migrate", "attempt": attempt, "outcome": "migrated",
+               "from": out.get("host"), "to": inn.get("host"), "status": inn.get("status"),
+               "total_ms": out.get("total_ms"), "downtime_ms": out.get("downtime_ms"),
+               "handover_ms": inn.get("handover_ms"), "transferred": out.get("transferred")}
+    heartbeat(current_settings())
+    return outcome
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.migration_failed")
+def migration_failed(self: FcqTask, /, *args: Any, vm: str | None = None,
+                     attempt: str | None = None, **_: Any) -> dict[str, Any]:
+    """Chord errback: a half failed. Converge this host's side now, don't wait for a sweep."""
+    settings = current_settings()
+    log.warning("migration-failed", vm=vm, attempt=attempt)
+    try:
+        result = VMAgent(dataclasses.replace(settings, operation_wait=settings.cluster
+                                             .task_busy_wait), check_vm(vm)).ensure()
+    except FcqError as err:
+        result = {"vm": vm, "outcome": "error", **err.to_dict()}
+    heartbeat(settings)
+    return {"vm": vm, "attempt": attempt, "operation": "migration-failed", "ensure": result}

@@ -35,7 +35,7 @@ VM_COMMANDS = {
 DEFAULT_WAIT = 1800.0
 
 LOCAL_ONLY = {"status", "memory"}
-CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config"}
+CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config", "migrate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="sweep every VM (every live host; --local: this host)")
         _wait_options(sp)
         sp.add_argument("--host", help="the host to act on (default: the VM's kvm_host)")
+    sp = sub.add_parser("migrate", help="live-migrate VMs to another host")
+    sp.add_argument("vms", nargs="+", metavar="VM")
+    sp.add_argument("--to", required=True, metavar="HOST", help="the destination host")
+    _wait_options(sp)
     sp = sub.add_parser("status", help="state, process, locks, guest agent (this host)")
     sp.add_argument("vms", nargs="+", metavar="VM")
     sub.add_parser("memory", help="memory booked by running VMs and the limit (this host)")

@@ -62,6 +62,10 @@ def describe(result: dict[str, Any]) -> str:
         broken = result["broken"]
         return f"{result['vm']}: force-unlock: " + (
             ", ".join(f"{v} (was {o})" for v, o in broken.items()) if broken else "no locks held")
+    if result.get("operation") == "migrate":
+        return (f"{result['vm']}: migrated {result.get('from')} -> {result.get('to')} in "
+                f"{result.get('total_ms')} ms, downtime {result.get('downtime_ms')} ms, "
+                f"handover {result.get('handover_ms')} ms; now {result.get('status')}")
     if result.get("outcome") == "ignored":
         return f"{result['vm']}: {result.get('operation')}: ignored: {result.get('reason')}"
     actions = ", ".join(result.get("actions") or []) or "nothing to do"

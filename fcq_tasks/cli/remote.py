@@ -74,6 +74,14 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                 continue
             for host, task_id in jobs.items():
                 follow_or_print(orch, task_id, f"{name}@{host}", args, out, quiet)
+    elif cmd == "migrate":
+        for vm in args.vms:
+            try:
+                task_id = orch.migrate(vm, args.to)
+            except FcqError as err:
+                out.error(err, vm)
+                continue
+            follow_or_print(orch, task_id, vm, args, out, quiet)
     elif cmd == "ensure" and args.all:
         for host in sorted(orch.hosts()):
             follow_or_print(orch, orch.sweep(host), f"sweep@{host}", args, out, quiet)

@@ -1,0 +1,164 @@
+"""Live migration between two worker hosts on one machine, real QEMU, idle guests.
+
+alpha and beta share one state directory: the stand-in for shared storage
+(RBD) that live migration needs; their run and config directories are
+separate, like on two machines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fcq_tasks.errors import FcqError
+from tests.cluster import Cluster
+from tests.helpers import guest_answers, wait_for, wait_guest
+
+ClusterFactory = Any
+
+
+def shared_pair(make_cluster: ClusterFactory, **alpha_settings: Any) -> Cluster:
+    c: Cluster = make_cluster()
+    alpha, beta = c.hosts["alpha"], c.hosts["beta"]
+    beta.update_settings(state_dir=str(alpha.settings.state_dir))
+    if alpha_settings:
+        alpha.update_settings(**alpha_settings)
+    for h in (alpha, beta):
+        h.write_vm("vm01", kvm_host="alpha", memory=256)
+    c.worker("alpha")
+    c.worker("beta")
+    orch = c.orchestrator()
+    orch.wait(orch.submit("start", "vm01"), timeout=120)
+    wait_guest(alpha.agent("vm01"))
+    c.wait_registered("beta")
+    wait_for(lambda: "vm01" in orch.hosts()["alpha"]["running"], 30, "vm01 in the registry")
+    return c
+
+
+def where(c: Cluster) -> dict[str, int]:
+    return {n: len(h.qemu_processes()) for n, h in c.hosts.items()}
+
+
+def test_migration_moves_a_running_guest(make_cluster: ClusterFactory) -> None:
+    """The guest answers on beta, alpha's QEMU is gone, locks and configs name beta."""
+    c = shared_pair(make_cluster)
+    alpha, beta = c.hosts["alpha"], c.hosts["beta"]
+    cli = c.fcq("--json", "migrate", "vm01", "--to", "beta")
+    assert cli.returncode == 0, cli.stderr
+    result = json.loads(cli.stdout)
+    assert (result["from"], result["to"], result["status"]) == ("alpha", "beta", "running")
+    assert result["downtime_ms"] > 0 and result["handover_ms"] is not None
+    assert where(c) == {"alpha": 0, "beta": 1}
+    assert guest_answers(beta.agent("vm01"))
+    assert set(beta.agent("vm01").status()["locks"].values()) == {"beta"}
+    for h in (alpha, beta):
+        assert "kvm_host: beta" in (h.settings.vm_config_dir / "vm01.cfg").read_text()
+    # Both hosts agree afterwards: a sweep of each changes nothing.
+    assert alpha.agent("vm01").ensure()["actions"] == ["nothing"]
+    assert beta.agent("vm01").ensure()["actions"] == ["nothing"]
+
+
+def test_migration_to_unknown_or_same_host_is_refused(make_cluster: ClusterFactory) -> None:
+    """Clear errors, and the VM keeps running where it was."""
+    c = shared_pair(make_cluster)
+    unknown = c.fcq("migrate", "vm01", "--to", "gamma")
+    assert unknown.returncode == 2 and "host 'gamma' has no live worker" in unknown.stderr
+    same = c.fcq("migrate", "vm01", "--to", "alpha")
+    assert same.returncode == 2 and "already runs on alpha" in same.stderr
+    assert where(c) == {"alpha": 1, "beta": 0}
+
+
+def test_destination_refusing_leaves_vm_on_source(make_cluster: ClusterFactory) -> None:
+    """beta's memory admission refuses: the VM runs on alpha only, no QEMU left on beta."""
+    c = shared_pair(make_cluster)
+    c.hosts["beta"].update_settings(vm_max_total_memory=128)
+    for s in list(c.services):
+        if "beta" in s.name:
+            c.kill9(s)
+    c.worker("beta")
+    orch = c.orchestrator()
+    with pytest.raises(FcqError):
+        orch.wait(orch.migrate("vm01", "beta"), timeout=120)
+    wait_for(lambda: where(c) == {"alpha": 1, "beta": 0}, 30, "vm01 on alpha only")
+    alpha_vm = c.hosts["alpha"].agent("vm01")
+    assert alpha_vm.status()["status"] == "running"
+    assert set(alpha_vm.status()["locks"].values()) == {"alpha"}
+    assert guest_answers(alpha_vm)
+
+
+def converged(c: Cluster) -> str | None:
+    """The one host running vm01 with all its locks, after a sweep of every host."""
+    c.fcq("-q", "ensure", "--all", "--timeout", "120")
+    procs = where(c)
+    if sum(procs.values()) != 1:
+        return None
+    host = next(n for n, k in procs.items() if k == 1)
+    status = c.hosts[host].agent("vm01").status()
+    if status["status"] != "running" or set(status["locks"].values()) != {host}:
+        return None
+    return host
+
+
+def start_slow_migration(c: Cluster) -> str:
+    """Start vm01's migration alpha → beta and return once the memory copy runs."""
+    orch = c.orchestrator()
+    task_id = orch.migrate("vm01", "beta")
+    client = c.redis.client()
+    wait_for(lambda: any(True for _ in client.scan_iter("fcq:mig:vm01:*:addr")), 60,
+             "the destination to publish its address")
+    wait_for(lambda: c.hosts["beta"].agent("vm01").paths.pidfile.exists(), 10, "beta's QEMU")
+    import time
+    time.sleep(1.0)  # the copy is running now (bandwidth is limited to 16 Mbit/s)
+    return task_id
+
+
+SLOW = {"migration_bandwidth_mbps": 16}
+
+
+def test_fault_destination_qemu_killed(make_cluster: ClusterFactory) -> None:
+    """kill -9 of beta's incoming QEMU mid-copy: vm01 keeps running on alpha."""
+    c = shared_pair(make_cluster, **SLOW)
+    start_slow_migration(c)
+    for proc in c.hosts["beta"].qemu_processes():
+        proc.kill()
+    assert wait_for(lambda: converged(c), 120, "one running copy") == "alpha"
+    assert guest_answers(c.hosts["alpha"].agent("vm01"))
+
+
+def test_fault_source_qemu_killed(make_cluster: ClusterFactory) -> None:
+    """kill -9 of alpha's QEMU mid-copy: beta gives up, one sweep later one copy runs."""
+    c = shared_pair(make_cluster, **SLOW)
+    start_slow_migration(c)
+    for proc in c.hosts["alpha"].qemu_processes():
+        proc.kill()
+    assert wait_for(lambda: converged(c), 120, "one running copy") in ("alpha", "beta")
+
+
+def test_fault_destination_worker_killed(make_cluster: ClusterFactory) -> None:
+    """kill -9 of beta's worker mid-copy: alpha cancels, vm01 stays on alpha."""
+    c = shared_pair(make_cluster, **SLOW)
+    start_slow_migration(c)
+    beta_worker = next(s for s in c.services if s.name == "worker@beta")
+    c.kill9(beta_worker)
+    c.worker("beta")
+    assert wait_for(lambda: converged(c), 120, "one running copy") == "alpha"
+
+
+def test_fault_source_worker_killed(make_cluster: ClusterFactory) -> None:
+    """kill -9 of alpha's worker mid-copy: QEMU may finish the copy, but the
+    destination never runs the guest without the source's word; one sweep later one
+    copy runs, and never two at any time."""
+    c = shared_pair(make_cluster, **SLOW)
+    start_slow_migration(c)
+    alpha_worker = next(s for s in c.services if s.name == "worker@alpha")
+    c.kill9(alpha_worker)
+    c.worker("alpha")
+
+    def never_two_running() -> str | None:
+        running = [n for n, h in c.hosts.items() if h.agent("vm01").status()["status"]
+                   == "running"]
+        assert len(running) <= 1, running
+        return converged(c)
+    assert wait_for(never_two_running, 150, "one running copy") in ("alpha", "beta")
