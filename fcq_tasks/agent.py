@@ -60,8 +60,12 @@ class VMAgent:
     """Operations on VM *name* on the host *settings* describe. No I/O here."""
 
     def __init__(self, settings: HostSettings, name: str, storage: Storage | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None,
+                 outmigrate_hook: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        # How "config moved me elsewhere" becomes a migration: the Celery
+        # layer passes a hook that launches one; locally it is only reported.
+        self.outmigrate_hook = outmigrate_hook
         self.progress: Progress = progress if progress is not None else _no_progress
         self.name = name
         self.paths = VMRunPaths(settings.run_dir, name)
@@ -243,7 +247,11 @@ class VMAgent:
         elif do is Do.SET_IOPS:
             self._set_iops(action.iops)
         elif do is Do.OUTMIGRATE:
-            self.log.warning("needs-outmigration", action="outmigrate", to=action.host)
+            if self.outmigrate_hook is None:
+                self.log.warning("needs-outmigration", action="outmigrate", to=action.host,
+                                 detail="no cluster here to migrate through")
+            else:
+                self.outmigrate_hook(action.host)
         elif do is Do.NOTHING:
             pass
 

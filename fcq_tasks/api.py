@@ -144,6 +144,18 @@ class Orchestrator:
             raise BadRequest("host", f"{dst} has no config for {vm}: push it first "
                              "(fcq apply-config)")
         attempt = uuid.uuid4().hex[:16]
+        from .migration import claim_attempt
+        # One attempt per VM at a time: the claim expires after the longest
+        # a migration may take, should both halves die without releasing it.
+        memory_gib = max(1.0, hosts[src]["vms"].get(vm, {}).get("memory_mb", 1024) / 1024)
+        ttl = int(self.settings.migration_timeout_per_gib * memory_gib) + 60
+        try:
+            other = claim_attempt(self.client, vm, attempt, ttl)
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        if other is not None:
+            raise Refused(f"{vm}: migration {other} is already in flight "
+                          "(fcq migrate --abort to stop it)", vm=vm, attempt=other)
         common = {"vm": vm, "attempt": attempt}
         header = group(
             self.app.signature("fcq.inmigrate", kwargs={**common, "src": src, "host": dst},
@@ -160,6 +172,16 @@ class Orchestrator:
         except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         return str(result.id)
+
+    def abort_migration(self, vm: str) -> str:
+        """Ask vm's migration in flight to stop; both halves roll back to the source."""
+        from .migration import request_abort
+        if not NAME_RE.match(vm):
+            raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        attempt = request_abort(self.client, vm, "fcq migrate --abort")
+        if attempt is None:
+            raise BadRequest("vm", f"{vm} has no migration in flight")
+        return attempt
 
     def ping(self, host: str) -> str:
         self._check_host(host)

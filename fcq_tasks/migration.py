@@ -52,12 +52,43 @@ class MigrationAborted(SystemFailure):
     """The other half, a timeout or an operator ended the attempt."""
 
 
+def current_key(vm: str) -> str:
+    """Names the one attempt in flight for *vm* (set NX: no second migration starts)."""
+    return f"fcq:mig:{vm}:current"
+
+
+def claim_attempt(client: redis.Redis, vm: str, attempt: str, ttl: int) -> str | None:
+    """Register *attempt* as vm's migration; return the attempt already in flight, if any."""
+    if client.set(current_key(vm), attempt, nx=True, ex=ttl):
+        return None
+    other = client.get(current_key(vm))
+    return None if other is None else str(other)
+
+
+def release_attempt(client: redis.Redis, vm: str, attempt: str) -> None:
+    with contextlib.suppress(redis.RedisError):
+        client.eval("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                    "return redis.call('del', KEYS[1]) end return 0", 1, current_key(vm),
+                    attempt)
+
+
+def request_abort(client: redis.Redis, vm: str, reason: str) -> str | None:
+    """Ask the attempt in flight for *vm* to stop; return its id (None: nothing runs)."""
+    raw = client.get(current_key(vm))
+    if raw is None:
+        return None
+    attempt = str(raw)
+    client.set(f"fcq:mig:{vm}:{attempt}:abort", f"operator: {reason}", ex=KEY_TTL, nx=True)
+    return attempt
+
+
 class Rendezvous:
     """The Redis keys one migration attempt of one VM shares."""
 
     def __init__(self, client: redis.Redis, vm: str, attempt: str, side: str) -> None:
         self.client = client
         self.prefix = f"fcq:mig:{vm}:{attempt}:"
+        self.attempt = attempt
         self.side = side
         self.peer = "dst" if side == "src" else "src"
         self.vm = vm
@@ -204,6 +235,7 @@ def inmigrate(agent: VMAgent, rdv: Rendezvous, src: str,
             raise
         finally:
             marker.unlink(missing_ok=True)
+            release_attempt(rdv.client, agent.name, rdv.attempt)
 
 
 def outmigrate(agent: VMAgent, rdv: Rendezvous, dst: str,
@@ -285,6 +317,7 @@ def outmigrate(agent: VMAgent, rdv: Rendezvous, dst: str,
             raise
         finally:
             marker.unlink(missing_ok=True)
+            release_attempt(rdv.client, agent.name, rdv.attempt)
 
 
 def _cancel(agent: VMAgent) -> None:

@@ -30,6 +30,7 @@ from .celeryapp import app, host_queue
 from .errors import (
     BadRequest,
     FcqError,
+    LockedByOtherHost,
     TaskError,
     TaskFailed,
     TaskRejected,
@@ -97,7 +98,15 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
                     "vm": name, "host": settings.host, "operation": operation, "step": step,
                     **details})
 
-        agent = VMAgent(tasksettings, name, progress=progress)
+        def outmigrate(dst: str) -> None:
+            from .api import Orchestrator
+            try:
+                task_id = Orchestrator(settings).migrate(name, dst)
+                log.info("outmigration-started", vm=name, to=dst, task_id=task_id)
+            except FcqError as err:  # e.g. one already in flight: the next ensure looks again
+                log.warning("outmigration-not-started", vm=name, to=dst, error=err.message)
+
+        agent = VMAgent(tasksettings, name, progress=progress, outmigrate_hook=outmigrate)
         structlog.contextvars.bind_contextvars(task_id=task.request.id, vm=name)
         try:
             return op(agent)
@@ -171,7 +180,15 @@ def apply_config(self: FcqTask, /, vm: str | None = None, config: str | None = N
             settings.vm_config_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(path, text, mode=0o644)
             os.utime(path, (stamp, stamp))
-            result = agent.ensure()
+            try:
+                result = agent.ensure()
+            except LockedByOtherHost as err:
+                # The VM moves here and still runs on its old host, which
+                # will migrate it once it has the new config too.
+                return {"vm": name, "host": settings.host, "operation": "apply-config",
+                        "actions": ["write-config"], "status": "stopped",
+                        "outcome": "written", "found": "stopped",
+                        "reason": f"waiting for {err.owner} to hand it over"}
         result["operation"] = "apply-config"
         result["actions"] = ["write-config", *result["actions"]]
         return result

@@ -162,3 +162,55 @@ def test_fault_source_worker_killed(make_cluster: ClusterFactory) -> None:
         assert len(running) <= 1, running
         return converged(c)
     assert wait_for(never_two_running, 150, "one running copy") in ("alpha", "beta")
+
+
+def test_pushing_a_new_kvm_host_migrates_the_vm(make_cluster: ClusterFactory) -> None:
+    """apply-config with kvm_host: beta is all it takes: alpha's ensure migrates it."""
+    c = shared_pair(make_cluster)
+    src = c.hosts["alpha"].base / "moved" / "vm01.cfg"
+    src.parent.mkdir()
+    src.write_text((c.hosts["alpha"].settings.vm_config_dir / "vm01.cfg").read_text()
+                   .replace("kvm_host: alpha", "kvm_host: beta"))
+    cli = c.fcq("apply-config", str(src))
+    assert "waiting for alpha to hand it over" in cli.stdout, cli.stdout + cli.stderr
+
+    def on_beta() -> bool:
+        return where(c) == {"alpha": 0, "beta": 1} and \
+            c.hosts["beta"].agent("vm01").status()["status"] == "running"
+    # The first ensure may run before beta's heartbeat lists the new config;
+    # beat's next sweep then starts the migration.
+    c.spawn("beat")
+    wait_for(on_beta, 90, "vm01 to move to beta")
+    assert guest_answers(c.hosts["beta"].agent("vm01"))
+
+
+def test_abort_rolls_back_to_the_source(make_cluster: ClusterFactory) -> None:
+    """fcq migrate --abort mid-copy: both halves stop, vm01 runs on alpha only."""
+    c = shared_pair(make_cluster, **SLOW)
+    task_id = start_slow_migration(c)
+    cli = c.fcq("migrate", "--abort", "vm01")
+    assert cli.returncode == 0 and "abort requested" in cli.stdout
+    with pytest.raises(FcqError, match="abort"):
+        c.orchestrator().wait(task_id, timeout=60)
+    assert wait_for(lambda: converged(c), 60, "one running copy") == "alpha"
+    assert guest_answers(c.hosts["alpha"].agent("vm01"))
+
+
+def test_second_migration_refused_while_one_runs(make_cluster: ClusterFactory) -> None:
+    """At most one attempt per VM: a second `fcq migrate` is refused (exit 4)."""
+    c = shared_pair(make_cluster, **SLOW)
+    start_slow_migration(c)
+    cli = c.fcq("migrate", "vm01", "--to", "beta")
+    assert cli.returncode == 4 and "already in flight" in cli.stderr
+    c.fcq("migrate", "--abort", "vm01")
+    assert wait_for(lambda: converged(c), 60, "one running copy") == "alpha"
+
+
+def test_fault_redis_restart_mid_copy(make_cluster: ClusterFactory) -> None:
+    """Redis restarts during the copy: one sweep later vm01 runs on exactly one host."""
+    c = shared_pair(make_cluster, **SLOW)
+    start_slow_migration(c)
+    c.redis.restart()
+    c.wait_registered("alpha")
+    c.wait_registered("beta")
+    assert wait_for(lambda: converged(c), 150, "one running copy") in ("alpha", "beta")

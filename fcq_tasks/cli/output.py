@@ -70,8 +70,9 @@ def describe(result: dict[str, Any]) -> str:
         return f"{result['vm']}: {result.get('operation')}: ignored: {result.get('reason')}"
     actions = ", ".join(result.get("actions") or []) or "nothing to do"
     where = f"@{result['host']}" if result.get("host") else ""
+    reason = f" ({result['reason']})" if result.get("reason") else ""
     return (f"{result['vm']}{where}: {result.get('operation')}: found {result.get('found')}, "
-            f"did {actions}; now {result.get('status')}")
+            f"did {actions}; now {result.get('status')}{reason}")
 
 
 def describe_status(row: dict[str, Any]) -> str:

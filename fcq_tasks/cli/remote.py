@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api import Orchestrator
-from ..errors import FcqError
+from ..errors import BadRequest, FcqError
 from ..settings import HostSettings
 from .output import EXIT_SYSTEM, Output, describe, say
 
@@ -77,6 +77,13 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
     elif cmd == "migrate":
         for vm in args.vms:
             try:
+                if args.abort:
+                    attempt = orch.abort_migration(vm)
+                    out.result({"vm": vm, "aborted": attempt},
+                               f"{vm}: abort requested for migration {attempt}")
+                    continue
+                if not args.to:
+                    raise BadRequest("--to", "name the destination host")
                 task_id = orch.migrate(vm, args.to)
             except FcqError as err:
                 out.error(err, vm)
