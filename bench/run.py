@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from fcq_tasks.errors import FcqError  # noqa: E402
 from fcq_tasks.hazmat.guestagent import GuestAgent  # noqa: E402
 from fcq_tasks.hazmat.qmp import QmpSession  # noqa: E402
-from tests.cluster import Cluster, RedisServer, cluster_settings  # noqa: E402
+from tests.cluster import Cluster, RedisServer, cluster_settings, free_port  # noqa: E402
 from tests.conftest import GUEST_DIR, Host, direct_boot, new_host  # noqa: E402
 
 
@@ -118,6 +118,76 @@ def bench_start(c: Cluster, host: Host, runs: int = 3) -> dict[str, float]:
             "raw_ga": med(raw_ga), "fcq_rss": med(fcq_rss), "raw_rss": med(raw_rss)}
 
 
+def bare_migration(host: Host, argv: list[str]) -> tuple[float, float, float]:
+    """Two QEMUs by hand from fcq's own command line: (wall s, total ms, downtime ms)."""
+    agent = host.agent("boot01")
+    run = host.base / "bare"
+    run.mkdir(exist_ok=True)
+    cfg_text = agent.paths.config.read_text()
+    procs = []
+    for side in ("src", "dst"):
+        cfg = run / f"{side}.cfg"
+        cfg.write_text(cfg_text.replace(str(agent.paths.qmp), str(run / f"{side}.qmp"))
+                       .replace(str(agent.paths.ga), str(run / f"{side}.ga")))
+        args = [str(cfg) if a == str(agent.paths.config) else a for a in argv]
+        args = [str(run / f"{side}.pid") if a == str(agent.paths.pidfile) else a for a in args]
+        args = [a for a in args if not a.startswith("file:")]
+        if side == "dst":
+            args += ["-incoming", "defer"]
+        subprocess.run(args, check=True, capture_output=True)
+        procs.append(int((run / f"{side}.pid").read_text()))
+    wait_ga(run / "src.ga")
+    port = free_port()
+    with QmpSession(str(run / "dst.qmp"), 10, "bare") as dst:
+        dst.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with QmpSession(str(run / "src.qmp"), 10, "bare") as src:
+        src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+        while True:
+            info = src.execute("query-migrate")
+            if info["status"] == "completed" and info.get("downtime"):
+                break
+            time.sleep(0.02)
+    wall = time.monotonic() - t0
+    for pid in procs:
+        psutil.Process(pid).kill()
+    return wall, float(info["total-time"]), float(info["downtime"])
+
+
+def bench_migrate(c: Cluster, host: Host, peer: Host, runs: int = 3) -> dict[str, float]:
+    orch = c.orchestrator()
+    c.fcq("-q", "start", "boot01", "--host", host.name)
+    wait_ga(host.agent("boot01").paths.ga)
+    ident = host.agent("boot01").qemu.identity()
+    assert ident is not None
+    argv = list(ident.argv)
+    walls, totals, downs, handovers = [], [], [], []
+    for i in range(runs):
+        src, dst = (host, peer) if i % 2 == 0 else (peer, host)
+        wait_ga(src.agent("boot01").paths.ga)
+        wait_for_registry(orch, src.name)
+        t0 = time.monotonic()
+        result = orch.wait(orch.migrate("boot01", dst.name), timeout=300)
+        walls.append(time.monotonic() - t0)
+        totals.append(float(result["total_ms"]))
+        downs.append(float(result["downtime_ms"]))
+        handovers.append(float(result["handover_ms"]))
+    last = peer if runs % 2 else host
+    c.fcq("-q", "--local", "kill", "boot01", host=last.name)
+    bare = [bare_migration(host, argv) for _ in range(runs)]
+    med = statistics.median
+    return {"fcq_wall": med(walls), "fcq_total": med(totals), "fcq_down": med(downs),
+            "handover": med(handovers), "bare_wall": med(b[0] for b in bare),
+            "bare_total": med(b[1] for b in bare), "bare_down": med(b[2] for b in bare)}
+
+
+def wait_for_registry(orch: Any, host: str) -> None:
+    for _ in range(100):
+        if "boot01" in orch.hosts().get(host, {}).get("running", []):
+            return
+        time.sleep(0.1)
+
+
 def bench_sweep(c: Cluster, host: Host, n: int) -> dict[str, float]:
     for i in range(n):
         host.write_vm(f"idle{i:03d}", memory=32, disk=1, nics=[])
@@ -155,22 +225,28 @@ def main() -> None:
     # finds nothing to boot and idles), so N of them fit on two cores.
     host = make_host("alpha", redis, direct_boot=direct_boot(GUEST_DIR))
     idle = make_host("beta", redis, vm_max_total_memory=64 * 1024)
-    c = Cluster(redis, {"alpha": host, "beta": idle})
+    # gamma shares alpha's volumes (the stand-in for shared storage) for migrations.
+    peer = make_host("gamma", redis, direct_boot=direct_boot(GUEST_DIR),
+                     state_dir=str(host.settings.state_dir))
+    c = Cluster(redis, {"alpha": host, "beta": idle, "gamma": peer})
     try:
         worker = c.worker("alpha")
         c.worker("beta")
+        c.worker("gamma")
         rtt = bench_round_trip(c)
         host.write_vm("boot01", memory=256, disk=2)
+        peer.write_vm("boot01", memory=256, disk=2, kvm_host="alpha")
         start = bench_start(c, host)
+        mig = bench_migrate(c, host, peer)
         sweep = bench_sweep(c, idle, n)
         worker_rss = rss_mb(worker.proc.pid)
     finally:
-        for h in (host, idle):
+        for h in (host, idle, peer):
             for proc in h.qemu_processes():
                 proc.kill()
         c.stop_all()
         redis.stop()
-        for path in (host.base, idle.base, redis.dir):
+        for path in (host.base, idle.base, peer.base, redis.dir):
             shutil.rmtree(path, ignore_errors=True)
     print("fcq benchmark (TCG, tiny guest, same machine and run)")
     print(f"  task round trip (fcq.ping, median of 50): {rtt * 1000:.1f} ms")
@@ -183,6 +259,13 @@ def main() -> None:
           f" ({sweep['sweep'] / sweep['n'] * 1000:.1f} ms per VM) vs bare QMP query-status"
           f" {sweep['qmp_only']:.2f} s  ratio {sweep['sweep'] / sweep['qmp_only']:.1f}x")
     print(f"  first ensure --all starting {sweep['n']} VMs: {sweep['start_all']:.1f} s")
+    print(f"  live migration, idle 256 MB guest (median of 3): fcq migrate {mig['fcq_wall']:.2f} s"
+          f" end to end, QEMU total {mig['fcq_total']:.0f} ms, downtime {mig['fcq_down']:.0f} ms,"
+          f" handover {mig['handover']:.0f} ms")
+    print(f"    vs bare QMP migration: {mig['bare_wall']:.2f} s, total {mig['bare_total']:.0f} ms,"
+          f" downtime {mig['bare_down']:.0f} ms;  ratios: end to end "
+          f"{mig['fcq_wall'] / mig['bare_wall']:.1f}x, guest paused (downtime + handover) "
+          f"{(mig['fcq_down'] + mig['handover']) / mig['bare_down']:.1f}x")
     print(f"  memory: worker RSS {worker_rss:.0f} MB; QEMU RSS fcq {start['fcq_rss']:.0f} MB"
           f" vs raw {start['raw_rss']:.0f} MB (ratio {start['fcq_rss'] / start['raw_rss']:.2f})")
 

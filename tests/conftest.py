@@ -109,13 +109,19 @@ class Host:
 
 
 def processes_mentioning(text: str) -> list[psutil.Process]:
+    """Live QEMU processes whose command line mentions *text*.
+
+    While QEMU daemonizes, its parent waits for the child with the same
+    command line; a parent whose child is also listed is not a second QEMU.
+    """
     out = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
+    for proc in psutil.process_iter(["cmdline", "status", "ppid"]):
         cmd = proc.info["cmdline"] or []
         if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in cmd) \
                 and "qemu" in (cmd[0] if cmd else ""):
             out.append(proc)
-    return out
+    parents = {p.info["ppid"] for p in out}
+    return [p for p in out if p.pid not in parents]
 
 
 HostFactory = Callable[..., Host]

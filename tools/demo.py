@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ VMS = {  # name: (kvm_host, online, memory)
 }
 
 processes: list[subprocess.Popen[bytes]] = []
+#: beat, kept apart: it is stopped first, or its next sweep would start the
+#: VMs (their configs say online) that the demo is stopping.
+beat: list[subprocess.Popen[bytes]] = []
 
 
 def step(title: str) -> None:
@@ -128,6 +132,7 @@ def start_services(info: dict[str, Any]) -> None:
     for host in HOSTS:
         spawn([*FCQ, "worker"], BASE / host / "worker.log", env_for(host))
     spawn([*FCQ, "beat"], BASE / "beat.log", env_for("alpha"))
+    beat.append(processes.pop())
     spawn([*FCQ, "flower"], BASE / "flower.log", env_for("alpha"))
     for _ in range(100):
         out = fcq("--json", "hosts", show=False, check=False)
@@ -137,7 +142,15 @@ def start_services(info: dict[str, Any]) -> None:
     raise SystemExit("demo: workers did not come up; see /tmp/fcq-demo/*/worker.log")
 
 
+def stop_beat() -> None:
+    for proc in beat:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+
+
 def stop_everything() -> None:
+    stop_beat()
     for vm, (host, _, _) in VMS.items():
         subprocess.run([*FCQ, "-q", "--local", "kill", vm], env=env_for(host),
                        capture_output=True, check=False)
@@ -149,6 +162,11 @@ def stop_everything() -> None:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    # Safety net: no QEMU of the demo outlives it.
+    for qemu in psutil.process_iter(["cmdline"]):
+        if any(str(BASE) in arg for arg in qemu.info["cmdline"] or []):
+            print(f"demo: killing leftover process {qemu.pid}", file=sys.stderr)
+            qemu.kill()
 
 
 def main() -> None:
@@ -197,7 +215,9 @@ def main() -> None:
         print("\nKEEP is set: the cluster stays up. Ctrl-C stops it.", flush=True)
         signal.pause()
 
-    step("stop: ACPI power-off through the queues, then everything is shut down")
+    step("stop: beat first (its sweep would start the VMs again: their configs say online),"
+         " then ACPI power-off through the queues")
+    stop_beat()
     fcq("stop", "web01", "web02", "db01")
 
 
