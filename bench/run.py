@@ -131,7 +131,7 @@ def bare_migration(host: Host, argv: list[str]) -> tuple[float, float, float]:
                        .replace(str(agent.paths.ga), str(run / f"{side}.ga")))
         args = [str(cfg) if a == str(agent.paths.config) else a for a in argv]
         args = [str(run / f"{side}.pid") if a == str(agent.paths.pidfile) else a for a in args]
-        args = [a for a in args if not a.startswith("file:")]
+        args = ["null" if a.startswith("file:") else a for a in args]  # no serial log
         if side == "dst":
             args += ["-incoming", "defer"]
         subprocess.run(args, check=True, capture_output=True)
@@ -142,6 +142,11 @@ def bare_migration(host: Host, argv: list[str]) -> tuple[float, float, float]:
         dst.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
     t0 = time.monotonic()
     with QmpSession(str(run / "src.qmp"), 10, "bare") as src:
+        # The same QEMU settings fcq uses, so only fcq's own work differs.
+        src.execute("migrate-set-capabilities", capabilities=[
+            {"capability": "auto-converge", "state": True}])
+        src.execute("migrate-set-parameters", **{"downtime-limit": 300,
+                                                 "max-bandwidth": 2**40})
         src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
         while True:
             info = src.execute("query-migrate")
