@@ -161,7 +161,7 @@ class Orchestrator:
             self.app.signature("fcq.inmigrate", kwargs={**common, "src": src, "host": dst},
                                queue=host_queue(dst)),
             self.app.signature("fcq.outmigrate", kwargs={**common, "dst": dst, "host": src},
-                               queue=host_queue(src)))
+                               queue=host_queue(src), task_id=f"{attempt}-out"))
         body = self.app.signature("fcq.finish_migration", kwargs=common, queue=host_queue(dst))
         body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
                                            queue=host_queue(src)))
@@ -204,6 +204,15 @@ class Orchestrator:
     def state(self, task_id: str) -> tuple[str, Any]:
         res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
         return res.state, res.info
+
+    def migration_progress(self, vm: str) -> tuple[str, Any] | None:
+        """State of the source half of vm's migration in flight (its copy progress)."""
+        from .migration import current_key
+        try:
+            attempt = self.client.get(current_key(vm))
+            return None if attempt is None else self.state(f"{attempt!s}-out")
+        except BROKER_ERRORS:
+            return None  # progress is a nicety; the wait itself reports Redis trouble
 
     def wait(self, task_id: str, timeout: float | None = None,
              on_progress: Callable[[str, Any], None] | None = None) -> dict[str, Any]:

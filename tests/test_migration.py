@@ -214,3 +214,19 @@ def test_fault_redis_restart_mid_copy(make_cluster: ClusterFactory) -> None:
     c.wait_registered("alpha")
     c.wait_registered("beta")
     assert wait_for(lambda: converged(c), 150, "one running copy") in ("alpha", "beta")
+
+
+def test_migration_limit_per_host(make_cluster: ClusterFactory) -> None:
+    """max_migrations 1: a second VM's migration from the same host is refused while
+    the first copies; that VM stays where it runs."""
+    c = shared_pair(make_cluster, **SLOW)
+    for h in c.hosts.values():
+        h.write_vm("vm02", kvm_host="alpha", memory=128, nics=[{"srv": "02-00-00-00-00-02"}])
+    orch = c.orchestrator()
+    orch.wait(orch.submit("start", "vm02", host="alpha"), timeout=120)
+    wait_for(lambda: "vm02" in orch.hosts()["alpha"]["running"], 30, "vm02 in the registry")
+    start_slow_migration(c)
+    with pytest.raises(FcqError, match="already runs 1 migration"):
+        orch.wait(orch.migrate("vm02", "beta"), timeout=120)
+    assert c.hosts["alpha"].agent("vm02").status()["status"] == "running"
+    assert len(c.hosts["beta"].qemu_processes()) <= 1  # only vm01's incoming copy

@@ -85,6 +85,8 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                 if not args.to:
                     raise BadRequest("--to", "name the destination host")
                 task_id = orch.migrate(vm, args.to)
+                if not args.no_wait and not quiet:
+                    watch_migration(orch, vm)
             except FcqError as err:
                 out.error(err, vm)
                 continue
@@ -127,6 +129,29 @@ def follow(orch: Orchestrator, task_id: str, label: str, args: argparse.Namespac
         out.result(result, text)
     else:
         out.result(result, describe(result))
+
+
+def watch_migration(orch: Orchestrator, vm: str) -> None:
+    """Show the copy's progress (the source half's task state) in the background."""
+    import threading
+
+    show = Progress(f"{vm} copy", quiet=False)
+
+    def run() -> None:
+        last = None
+        while True:
+            try:
+                state = orch.migration_progress(vm)
+            except FcqError:
+                return
+            if state is None or state[0] in ("SUCCESS", "FAILURE"):
+                return
+            if state != last and state[0] == "PROGRESS":
+                show(*state)
+                last = state
+            time.sleep(0.5)
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def fleet_rows(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
