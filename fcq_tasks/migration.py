@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 import structlog
+import yaml
 
 from .agent import VMAgent
 from .errors import BadRequest, FcqError, QemuError, Refused, SystemFailure
@@ -160,7 +161,6 @@ def set_kvm_host(agent: VMAgent, host: str) -> None:
     path = spec_path(agent.settings.vm_config_dir, agent.name)
     if not path.exists():
         return
-    import yaml
     data = yaml.safe_load(path.read_text())
     data.setdefault("parameters", {})["kvm_host"] = host
     write_atomically(path, yaml.safe_dump(data, sort_keys=False), mode=0o644)

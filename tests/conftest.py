@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ class Host:
     base: Path
     settings: HostSettings
     settings_file: Path
-    started: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
