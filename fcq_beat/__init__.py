@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-from fcq_tasks.celeryapp import configure
-from fcq_tasks.settings import HostSettings
+from fcq_tasks.cluster.celeryapp import configure
+from fcq_tasks.config.settings import HostSettings
 
 
 def run_beat(settings: HostSettings, loglevel: str = "INFO") -> None:

@@ -25,9 +25,9 @@ import redis
 import structlog
 from celery.beat import Scheduler
 
-from fcq_tasks import registry
-from fcq_tasks.celeryapp import host_queue
-from fcq_tasks.settings import HostSettings
+from fcq_tasks.cluster import registry
+from fcq_tasks.cluster.celeryapp import host_queue
+from fcq_tasks.config.settings import HostSettings
 
 log = structlog.get_logger()
 

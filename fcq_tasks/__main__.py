@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from fcq_tasks.cli import main
 
 sys.exit(main())

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from fcq_tasks.api import Orchestrator
+from fcq_tasks.cluster.api import Orchestrator
 from tests.conftest import Host, HostFactory
 
 PASSWORD = "test-only-password"

@@ -25,8 +25,8 @@ import psutil
 import pytest
 import yaml
 
-from fcq_tasks.agent import VMAgent
-from fcq_tasks.settings import HostSettings, load_host_settings
+from fcq_tasks.config.settings import HostSettings, load_host_settings
+from fcq_tasks.host.agent import VMAgent
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = ROOT / "build" / "guest"

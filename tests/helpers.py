@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fcq_tasks.agent import VMAgent
 from fcq_tasks.errors import FcqError
 from fcq_tasks.hazmat.guestagent import GuestAgent
+from fcq_tasks.host.agent import VMAgent
 
 #: Under TCG the guest agent answers ~3 s after start (FACTS.md); leave room
 #: for a loaded CI machine.

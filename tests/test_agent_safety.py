@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from fcq_tasks.config.vmspec import GiB
 from fcq_tasks.errors import (
     Inconsistent,
     LockedByOtherHost,
@@ -19,7 +20,6 @@ from fcq_tasks.errors import (
     VMBusy,
 )
 from fcq_tasks.storage import LocalStorage
-from fcq_tasks.vmspec import GiB
 from tests.conftest import Host, HostFactory
 from tests.helpers import qmp
 

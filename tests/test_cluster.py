@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fcq_tasks.celeryapp import UnroutedTask
+from fcq_tasks.cluster.celeryapp import UnroutedTask
 from fcq_tasks.errors import RemoteError
 from tests.cluster import Cluster
 from tests.helpers import wait_for

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from fcq_tasks.cli import main
+from fcq_tasks.config.settings import load_host_settings
+from fcq_tasks.config.vmspec import parse_vm_file, parse_vm_text
 from fcq_tasks.errors import ConfigError
-from fcq_tasks.settings import load_host_settings
-from fcq_tasks.vmspec import parse_vm_file, parse_vm_text
 
 GOOD = """\
 name: test00

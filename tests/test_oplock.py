@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from fcq_tasks.errors import VMBusy
-from fcq_tasks.oplock import operation_lock
+from fcq_tasks.host.oplock import operation_lock
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from fcq_tasks.oplock import operation_lock
+from fcq_tasks.host.oplock import operation_lock
 with operation_lock(Path(sys.argv[1]), "vm01"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from fcq_tasks.plan import Do, Observed, Run, plan
-from fcq_tasks.vmspec import GiB, VMSpec
+from fcq_tasks.config.vmspec import GiB, VMSpec
+from fcq_tasks.host.plan import Do, Observed, Run, plan
 
 HOST = "alpha"
 BASE = VMSpec(name="vm01", id=1, resource_group="test", online=True, kvm_host=HOST,

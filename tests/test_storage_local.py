@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fcq_tasks.config.settings import DEFAULTS, parse_host_settings
+from fcq_tasks.config.vmspec import GiB, MiB, VMSpec
 from fcq_tasks.errors import LockedByOtherHost, ShrinkRefused, StorageError
-from fcq_tasks.settings import DEFAULTS, parse_host_settings
 from fcq_tasks.storage import LocalStorage
-from fcq_tasks.vmspec import GiB, MiB, VMSpec
 
 SPEC = VMSpec(name="vm01", id=1, resource_group="test", online=True, kvm_host="alpha",
               disk_gib=2, memory_mb=512, cores=1, nics=())

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from fcq_tasks.config.settings import DEFAULTS, HostSettings, parse_host_settings
+from fcq_tasks.config.vmspec import Nic, VMSpec
 from fcq_tasks.errors import ConfigError
-from fcq_tasks.settings import DEFAULTS, HostSettings, parse_host_settings
-from fcq_tasks.template import Drive, RunPaths, render_qemu_config
-from fcq_tasks.vmspec import Nic, VMSpec
+from fcq_tasks.hazmat.template import Drive, RunPaths, render_qemu_config
 
 SPEC = VMSpec(name="vm01", id=12345, resource_group="test", online=True, kvm_host="alpha",
               disk_gib=5, memory_mb=512, cores=2,

@@ -16,11 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from .. import __version__, logs
-from ..errors import FcqError
-from ..settings import DEFAULT_SETTINGS_FILE, load_host_settings
-from . import local
-from .output import Output, say
+from fcq_tasks import __version__, logs
+from fcq_tasks.cli import local
+from fcq_tasks.cli.output import Output, say
+from fcq_tasks.config.settings import DEFAULT_SETTINGS_FILE, load_host_settings
+from fcq_tasks.errors import FcqError
 
 VM_COMMANDS = {
     "start": "start VMs (their config must allow the host)",
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_host_settings(settings_path(args.config))
         if args.command in ("worker", "beat", "flower"):
-            from . import services  # Celery is imported only where it is used
+            from fcq_tasks.cli import services  # Celery is imported only where it is used
             return services.run(settings, args)
     except FcqError as err:
         out.error(err)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local or args.command in LOCAL_ONLY:
             local.run(settings, args, out)
         else:
-            from . import remote
+            from fcq_tasks.cli import remote
             remote.run(settings, args, out)
     except FcqError as err:
         out.error(err)

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..agent import VMAgent
-from ..errors import BadRequest, FcqError
-from ..host import ensure_all, list_vms, memory_summary
-from ..settings import HostSettings
-from ..validate import NAME_RE, NAME_RULE
-from ..vmspec import parse_vm_file
-from .output import EXIT_INPUT, Output, describe, describe_status, ls_table, say
+from fcq_tasks.cli.output import EXIT_INPUT, Output, describe, describe_status, ls_table, say
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.validate import NAME_RE, NAME_RULE
+from fcq_tasks.config.vmspec import parse_vm_file
+from fcq_tasks.errors import BadRequest, FcqError
+from fcq_tasks.host.agent import VMAgent
+from fcq_tasks.host.sweep import ensure_all, list_vms, memory_summary
 
 VM_ACTIONS: dict[str, Callable[[VMAgent], dict[str, Any]]] = {
     "start": VMAgent.start,

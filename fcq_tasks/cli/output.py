@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from ..errors import FcqError
+from fcq_tasks.errors import FcqError
 
 EXIT_OK, EXIT_SYSTEM, EXIT_INPUT = 0, 1, 2
 

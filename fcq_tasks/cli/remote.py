@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..api import Orchestrator
-from ..errors import BadRequest, FcqError
-from ..settings import HostSettings
-from .output import EXIT_SYSTEM, Output, describe, say
+from fcq_tasks.cli.output import EXIT_SYSTEM, Output, describe, say
+from fcq_tasks.cluster.api import Orchestrator
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.errors import BadRequest, FcqError
 
 
 class Progress:

@@ -7,17 +7,17 @@ import dataclasses
 import os
 import sys
 
-from .. import logs
-from ..celeryapp import configure
-from ..errors import ConfigError
-from ..settings import HostSettings
-from ..validate import check_name
+from fcq_tasks import logs
+from fcq_tasks.cluster.celeryapp import configure
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.validate import check_name
+from fcq_tasks.errors import ConfigError
 
 
 def run(settings: HostSettings, args: argparse.Namespace) -> int:
     logs.configure(settings.log_file, settings.log_level, stream=sys.stderr)
     if args.command == "worker":
-        from ..worker import run_worker
+        from fcq_tasks.cluster.worker import run_worker
         if args.host:
             settings = dataclasses.replace(settings, host=check_name("--host", "host", args.host))
         run_worker(settings)

@@ -15,7 +15,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from ..errors import GuestAgentError
+from fcq_tasks.errors import GuestAgentError
 
 
 class GuestAgent:

@@ -20,9 +20,9 @@ from typing import Any
 
 import psutil
 
-from ..errors import QemuError
-from ..fileio import write_atomically
-from .qmp import QmpSession
+from fcq_tasks.errors import QemuError
+from fcq_tasks.fileio import write_atomically
+from fcq_tasks.hazmat.qmp import QmpSession
 
 #: How often we look at a process we wait for.
 POLL_INTERVAL = 0.05

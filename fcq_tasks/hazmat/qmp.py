@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
 
-from ..errors import QmpError
+from fcq_tasks.errors import QmpError
 
 T = TypeVar("T")
 

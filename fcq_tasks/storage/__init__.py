@@ -7,9 +7,9 @@ the same interface. The agent never looks behind it.
 
 from __future__ import annotations
 
-from ..settings import HostSettings
-from .base import VOLUMES, Storage, VolumeInfo
-from .local import LocalStorage
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.storage.base import VOLUMES, Storage, VolumeInfo
+from fcq_tasks.storage.local import LocalStorage
 
 
 def open_storage(settings: HostSettings) -> Storage:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..template import Drive
-from ..vmspec import VMSpec
+from fcq_tasks.config.vmspec import VMSpec
+from fcq_tasks.hazmat.template import Drive
 
 VOLUMES = ("root", "swap", "tmp")
 

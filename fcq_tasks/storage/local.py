@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import LockedByOtherHost, ShrinkRefused, StorageError
-from ..settings import HostSettings
-from ..template import Drive
-from ..vmspec import VMSpec
-from .base import VOLUMES, VolumeInfo
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.vmspec import VMSpec
+from fcq_tasks.errors import LockedByOtherHost, ShrinkRefused, StorageError
+from fcq_tasks.hazmat.template import Drive
+from fcq_tasks.storage.base import VOLUMES, VolumeInfo
 
 #: How often lock() retries when a lock vanishes between link and read.
 LOCK_ATTEMPTS = 3

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from . import validate as v
-from .errors import ConfigError, UnknownVM
+from fcq_tasks.config import validate as v
+from fcq_tasks.errors import ConfigError, UnknownVM
 
 GiB = 2**30
 MiB = 2**20

@@ -24,10 +24,12 @@ import structlog
 from celery import Task
 from celery.exceptions import Retry
 
-from . import registry
-from .agent import VMAgent
-from .celeryapp import app, host_queue
-from .errors import (
+from fcq_tasks.cluster import registry
+from fcq_tasks.cluster.celeryapp import app, host_queue
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.validate import NAME_RE, NAME_RULE
+from fcq_tasks.config.vmspec import parse_vm_text, spec_path
+from fcq_tasks.errors import (
     BadRequest,
     FcqError,
     LockedByOtherHost,
@@ -37,11 +39,9 @@ from .errors import (
     UserError,
     VMBusy,
 )
-from .fileio import write_atomically
-from .host import ensure_all
-from .settings import HostSettings
-from .validate import NAME_RE, NAME_RULE
-from .vmspec import parse_vm_text, spec_path
+from fcq_tasks.fileio import write_atomically
+from fcq_tasks.host.agent import VMAgent
+from fcq_tasks.host.sweep import ensure_all
 
 log = structlog.get_logger()
 
@@ -99,7 +99,7 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
                     **details})
 
         def outmigrate(dst: str) -> None:
-            from .api import Orchestrator
+            from fcq_tasks.cluster.api import Orchestrator
             try:
                 task_id = Orchestrator(settings).migrate(name, dst)
                 log.info("outmigration-started", vm=name, to=dst, task_id=task_id)
@@ -219,7 +219,7 @@ def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str
 
 
 def _rendezvous(vm: str, attempt: object, side: str) -> Any:
-    from .migration import Rendezvous
+    from fcq_tasks.host.migration import Rendezvous
     if not isinstance(attempt, str) or not NAME_RE.match(attempt):
         raise BadRequest("attempt", "must be a migration attempt id")
     return Rendezvous(registry.connect(current_settings()), vm, attempt, side)
@@ -229,7 +229,7 @@ def _rendezvous(vm: str, attempt: object, side: str) -> Any:
 def inmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = None,
               src: str | None = None, host: str | None = None, **_: Any) -> dict[str, Any]:
     """The destination half of a live migration."""
-    from . import migration
+    from fcq_tasks.host import migration
 
     def op(agent: VMAgent) -> dict[str, Any]:
         rdv = _rendezvous(agent.name, attempt, "dst")
@@ -241,7 +241,7 @@ def inmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = Non
 def outmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = None,
                dst: str | None = None, host: str | None = None, **_: Any) -> dict[str, Any]:
     """The source half of a live migration."""
-    from . import migration
+    from fcq_tasks.host import migration
 
     def op(agent: VMAgent) -> dict[str, Any]:
         rdv = _rendezvous(agent.name, attempt, "src")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .vmspec import VMSpec
+from fcq_tasks.config.vmspec import VMSpec
 
 
 class Run(enum.Enum):

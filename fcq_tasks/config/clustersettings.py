@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from . import validate as v
-from .errors import ConfigError
+from fcq_tasks.config import validate as v
+from fcq_tasks.errors import ConfigError
 
 CLUSTER_DEFAULTS: dict[str, object] = {
     "broker_url": "redis://127.0.0.1:6379/0",

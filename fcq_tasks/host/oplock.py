@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import VMBusy
+from fcq_tasks.errors import VMBusy
 
 #: How often a waiting operation tries again.
 RETRY_INTERVAL = 0.1

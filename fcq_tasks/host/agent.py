@@ -18,8 +18,9 @@ from typing import Any
 import psutil
 import structlog
 
-from . import admission
-from .errors import (
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.vmspec import VMSpec, load_vm_spec
+from fcq_tasks.errors import (
     FcqError,
     Inconsistent,
     LockedByOtherHost,
@@ -29,16 +30,15 @@ from .errors import (
     ShrinkRefused,
     StorageError,
 )
-from .fileio import write_atomically
-from .hazmat.accel import cpu_model, detect_accelerator
-from .hazmat.guestagent import GuestAgent
-from .hazmat.qemu import QemuProcess, VMRunPaths
-from .oplock import operation_lock
-from .plan import Action, Do, Observed, Run, plan, wanted
-from .settings import HostSettings
-from .storage import VOLUMES, Storage, open_storage
-from .template import RunPaths, render_qemu_config
-from .vmspec import VMSpec, load_vm_spec
+from fcq_tasks.fileio import write_atomically
+from fcq_tasks.hazmat.accel import cpu_model, detect_accelerator
+from fcq_tasks.hazmat.guestagent import GuestAgent
+from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths
+from fcq_tasks.hazmat.template import RunPaths, render_qemu_config
+from fcq_tasks.host import admission
+from fcq_tasks.host.oplock import operation_lock
+from fcq_tasks.host.plan import Action, Do, Observed, Run, plan, wanted
+from fcq_tasks.storage import VOLUMES, Storage, open_storage
 
 #: Called with a step name and details while a long operation runs (the
 #: Celery task publishes them as task state for Flower and `fcq` to show).

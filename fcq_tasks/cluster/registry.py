@@ -18,11 +18,11 @@ from typing import Any, cast
 
 import redis
 
-from .admission import booked_memory
-from .errors import ConfigError, FcqError
-from .host import configured_vms
-from .settings import HostSettings
-from .vmspec import load_vm_spec
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.vmspec import load_vm_spec
+from fcq_tasks.errors import ConfigError, FcqError
+from fcq_tasks.host.admission import booked_memory
+from fcq_tasks.host.sweep import configured_vms
 
 HOST_KEY = "fcq:host:"
 JOBS_KEY = "fcq:jobs"

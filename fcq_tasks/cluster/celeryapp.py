@@ -25,7 +25,7 @@ from typing import Any
 
 from celery import Celery
 
-from .settings import HostSettings
+from fcq_tasks.config.settings import HostSettings
 
 #: The queue a host's worker consumes.
 QUEUE_PREFIX = "host."
@@ -33,7 +33,7 @@ QUEUE_PREFIX = "host."
 #: Celery's default queue. Nobody consumes it; nothing may be sent there.
 UNROUTED = "fcq.unrouted"
 
-app = Celery("fcq", include=["fcq_tasks.tasks"])
+app = Celery("fcq", include=["fcq_tasks.cluster.tasks"])
 
 
 def host_queue(host: str) -> str:

@@ -12,13 +12,13 @@ from typing import Any
 
 import structlog
 
-from .admission import booked_memory
-from .agent import VMAgent
-from .errors import FcqError, VMBusy
-from .hazmat.qemu import read_identity_files
-from .settings import HostSettings
-from .storage import open_storage
-from .validate import NAME_RE
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.validate import NAME_RE
+from fcq_tasks.errors import FcqError, VMBusy
+from fcq_tasks.hazmat.qemu import read_identity_files
+from fcq_tasks.host.admission import booked_memory
+from fcq_tasks.host.agent import VMAgent
+from fcq_tasks.storage import open_storage
 
 log = structlog.get_logger()
 

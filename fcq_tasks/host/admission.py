@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MemoryLimitExceeded, QemuError
-from .hazmat.qemu import QemuProcess, VMRunPaths, read_identity_files
+from fcq_tasks.errors import MemoryLimitExceeded, QemuError
+from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths, read_identity_files
 
 #: How often a start waiting for the admission lock looks again.
 RETRY_INTERVAL = 0.05

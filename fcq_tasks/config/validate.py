@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from .errors import ConfigError
+from fcq_tasks.errors import ConfigError
 
 #: VM and host names end up in file names, socket paths, QEMU arguments and
 #: queue names, so they are held to the hostname alphabet: no "/", "..",

@@ -16,10 +16,10 @@ from typing import Any
 import structlog
 from celery.signals import worker_ready, worker_shutdown
 
-from . import registry
-from .celeryapp import configure, host_queue
-from .clustersettings import sanitized
-from .settings import HostSettings
+from fcq_tasks.cluster import registry
+from fcq_tasks.cluster.celeryapp import configure, host_queue
+from fcq_tasks.config.clustersettings import sanitized
+from fcq_tasks.config.settings import HostSettings
 
 log = structlog.get_logger()
 

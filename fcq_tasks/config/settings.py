@@ -19,9 +19,9 @@ from typing import Any
 import psutil
 import yaml
 
-from . import validate as v
-from .clustersettings import ClusterSettings, parse_cluster_settings
-from .errors import ConfigError
+from fcq_tasks.config import validate as v
+from fcq_tasks.config.clustersettings import ClusterSettings, parse_cluster_settings
+from fcq_tasks.errors import ConfigError
 
 #: Where the operator's file lives unless ``--config`` or ``FCQ_CONFIG`` say otherwise.
 DEFAULT_SETTINGS_FILE = "/etc/fcq/host.yaml"
@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "kill_silent_after": 120.0,
     "guest_agent_timeout": 10.0,
     "operation_wait": 0.0,
-    "template": None,                   # built-in fcq_tasks/qemu.cfg.j2
+    "template": None,                   # built-in fcq_tasks/hazmat/qemu.cfg.j2
     "create_vm": list(DEFAULT_CREATE_VM),
     "nic_mode": "tap",
     "direct_boot": None,

@@ -14,9 +14,9 @@ from typing import Any
 
 import jinja2
 
-from .errors import ConfigError
-from .settings import HostSettings
-from .vmspec import VMSpec
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.vmspec import VMSpec
+from fcq_tasks.errors import ConfigError
 
 #: Linux interface names are at most 15 characters (IFNAMSIZ - 1).
 IFNAME_MAX = 15
@@ -48,7 +48,7 @@ def _quote(value: object) -> str:
 def load_template(settings: HostSettings) -> tuple[str, str]:
     """(text, name) of the template this host uses."""
     if settings.template is None:
-        text = resources.files("fcq_tasks").joinpath("qemu.cfg.j2").read_text()
+        text = resources.files("fcq_tasks.hazmat").joinpath("qemu.cfg.j2").read_text()
         return text, "<built-in qemu.cfg.j2>"
     try:
         return settings.template.read_text(), str(settings.template)

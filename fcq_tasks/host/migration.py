@@ -32,11 +32,11 @@ import redis
 import structlog
 import yaml
 
-from .agent import VMAgent
-from .errors import BadRequest, FcqError, QemuError, Refused, SystemFailure
-from .fileio import write_atomically
-from .plan import Run
-from .vmspec import GiB, spec_path
+from fcq_tasks.config.vmspec import GiB, spec_path
+from fcq_tasks.errors import BadRequest, FcqError, QemuError, Refused, SystemFailure
+from fcq_tasks.fileio import write_atomically
+from fcq_tasks.host.agent import VMAgent
+from fcq_tasks.host.plan import Run
 
 log = structlog.get_logger()
 

@@ -1,0 +1,272 @@
+"""The orchestrator's Python API: enqueue work for the right host and wait.
+
+    from fcq_tasks.cluster.api import Orchestrator
+    orch = Orchestrator(load_host_settings("/etc/fcq/host.yaml"))
+    job = orch.submit("start", "vm01")          # returns at once
+    result = orch.wait(job, on_progress=print)  # or poll orch.state(job)
+
+The VM's host is looked up in the host registry (the live host whose config
+declares ``kvm_host`` = itself for that VM) unless the caller names one.
+Work is sent only to a host whose worker is alive: a request for a host that
+is down is refused at once instead of waiting silently in its queue.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kombu.exceptions
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+
+from fcq_tasks.cluster import registry
+from fcq_tasks.cluster.celeryapp import client_app, host_queue
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.validate import NAME_RE, NAME_RULE
+from fcq_tasks.config.vmspec import parse_vm_file
+from fcq_tasks.errors import BadRequest, FcqError, Refused, RemoteError, SystemFailure, TaskError
+
+#: What talking to Redis can raise, through redis-py or through kombu.
+BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
+
+VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
+
+#: How often wait() polls the result backend.
+POLL_INTERVAL = 0.2
+
+
+class Orchestrator:
+    """Submit VM operations to host queues and follow them. No I/O in here."""
+
+    def __init__(self, settings: HostSettings) -> None:
+        self.settings = settings
+        self.app = client_app(settings)
+        self._client: redis.Redis | None = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = registry.connect(self.settings)
+        return self._client
+
+    def _registry(self) -> dict[str, dict[str, Any]]:
+        try:
+            return registry.hosts(self.client)
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        return self._registry()
+
+    def locate(self, vm: str) -> str:
+        """The live host that should act on *vm*."""
+        hosts = self._registry()
+        declared = [h for h, rec in hosts.items() if rec["vms"].get(vm, {}).get("kvm_host") == h]
+        if len(declared) == 1:
+            return declared[0]
+        knowing = [h for h, rec in hosts.items() if vm in rec["vms"]]
+        if len(knowing) == 1:
+            return knowing[0]
+        if not knowing:
+            raise BadRequest("vm", f"no live host has a config for {vm!r}")
+        raise BadRequest("host", f"{vm!r} is known to hosts {', '.join(knowing)} and none "
+                         "is its kvm_host: name one with --host")
+
+    def _check_host(self, host: str) -> None:
+        if not NAME_RE.match(host):
+            raise BadRequest("host", f"{NAME_RULE} (got {host!r})")
+        if host not in self._registry():
+            raise BadRequest("host", f"host {host!r} has no live worker (no heartbeat within "
+                             f"{self.settings.cluster.registry_ttl} s)")
+
+    def submit(self, operation: str, vm: str, host: str | None = None) -> str:
+        """Enqueue *operation* on *vm*; return the task id."""
+        if operation not in VM_OPERATIONS:
+            raise BadRequest("operation", f"must be one of {', '.join(VM_OPERATIONS)}")
+        if not NAME_RE.match(vm):
+            raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        target = host or self.locate(vm)
+        self._check_host(target)
+        if operation == "force_unlock":
+            # Never break a lock whose holder may be alive: refuse while any
+            # other live host reports the VM's QEMU running.
+            running = [h for h, rec in self._registry().items()
+                       if h != target and vm in rec["running"]]
+            if running:
+                raise Refused(f"{vm} runs on live host {running[0]}: stop it there before "
+                              "breaking its locks", vm=vm, host=running[0])
+        return self._send(f"fcq.{operation}", {"vm": vm, "host": target}, target,
+                          operation, vm)
+
+    def apply_config(self, path: Path, hosts: list[str] | None = None) -> dict[str, str]:
+        """Push a VM file to its kvm_host (and to hosts that know it): host → task id."""
+        spec = parse_vm_file(path)  # refuse a broken file before anything is sent
+        targets = set(hosts or [])
+        if not hosts:
+            if spec.kvm_host:
+                targets.add(spec.kvm_host)
+            targets.update(h for h, rec in self._registry().items() if spec.name in rec["vms"])
+        if not targets:
+            raise BadRequest("kvm_host", f"{spec.name} names no host and no host knows it: "
+                             "name one with --host")
+        for target in sorted(targets):
+            self._check_host(target)
+        text = path.read_text()
+        version = path.stat().st_mtime
+        return {t: self._send("fcq.apply_config", {"vm": spec.name, "config": text,
+                                                   "version": version, "host": t},
+                              t, "apply-config", spec.name)
+                for t in sorted(targets)}
+
+    def migrate(self, vm: str, dst: str) -> str:
+        """Live-migrate *vm* to host *dst*; return the chord's task id (finish_migration).
+
+        chord(group(inmigrate@dst, outmigrate@src), finish_migration@dst),
+        with migration_failed@src as errback: whatever fails, the source
+        converges at once.
+        """
+        from celery import chord, group
+        if not NAME_RE.match(vm):
+            raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        self._check_host(dst)
+        hosts = self._registry()
+        running = [h for h, rec in hosts.items() if vm in rec["running"]]
+        if not running:
+            raise BadRequest("vm", f"{vm} runs on no live host: nothing to migrate")
+        src = running[0]
+        if src == dst:
+            raise BadRequest("host", f"{vm} already runs on {dst}")
+        if vm not in hosts[dst]["vms"]:
+            raise BadRequest("host", f"{dst} has no config for {vm}: push it first "
+                             "(fcq apply-config)")
+        attempt = uuid.uuid4().hex[:16]
+        from fcq_tasks.host.migration import claim_attempt
+        # One attempt per VM at a time: the claim expires after the longest
+        # a migration may take, should both halves die without releasing it.
+        memory_gib = max(1.0, hosts[src]["vms"].get(vm, {}).get("memory_mb", 1024) / 1024)
+        ttl = int(self.settings.migration_timeout_per_gib * memory_gib) + 60
+        try:
+            other = claim_attempt(self.client, vm, attempt, ttl)
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        if other is not None:
+            raise Refused(f"{vm}: migration {other} is already in flight "
+                          "(fcq migrate --abort to stop it)", vm=vm, attempt=other)
+        common = {"vm": vm, "attempt": attempt}
+        header = group(
+            self.app.signature("fcq.inmigrate", kwargs={**common, "src": src, "host": dst},
+                               queue=host_queue(dst)),
+            self.app.signature("fcq.outmigrate", kwargs={**common, "dst": dst, "host": src},
+                               queue=host_queue(src), task_id=f"{attempt}-out"))
+        body = self.app.signature("fcq.finish_migration", kwargs=common, queue=host_queue(dst))
+        body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
+                                           queue=host_queue(src)))
+        try:
+            result = chord(header)(body)
+            registry.record_job(self.client, result.id, "migrate", vm, f"{src}>{dst}",
+                                self.settings.cluster.result_expires)
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        return str(result.id)
+
+    def abort_migration(self, vm: str) -> str:
+        """Ask vm's migration in flight to stop; both halves roll back to the source."""
+        from fcq_tasks.host.migration import request_abort
+        if not NAME_RE.match(vm):
+            raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        attempt = request_abort(self.client, vm, "fcq migrate --abort")
+        if attempt is None:
+            raise BadRequest("vm", f"{vm} has no migration in flight")
+        return attempt
+
+    def ping(self, host: str) -> str:
+        self._check_host(host)
+        return self._send("fcq.ping", {}, host, "ping", "-")
+
+    def sweep(self, host: str) -> str:
+        self._check_host(host)
+        return self._send("fcq.ensure_host", {"host": host}, host, "sweep", "*")
+
+    def _send(self, task: str, kwargs: dict[str, Any], host: str, operation: str,
+              vm: str) -> str:
+        try:
+            result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host))
+            registry.record_job(self.client, result.id, operation, vm, host,
+                                self.settings.cluster.result_expires)
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        return str(result.id)
+
+    def state(self, task_id: str) -> tuple[str, Any]:
+        res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
+        return res.state, res.info
+
+    def migration_progress(self, vm: str) -> tuple[str, Any] | None:
+        """State of the source half of vm's migration in flight (its copy progress)."""
+        from fcq_tasks.host.migration import current_key
+        try:
+            attempt = self.client.get(current_key(vm))
+            return None if attempt is None else self.state(f"{attempt!s}-out")
+        except BROKER_ERRORS:
+            return None  # progress is a nicety; the wait itself reports Redis trouble
+
+    def wait(self, task_id: str, timeout: float | None = None,
+             on_progress: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+        """Wait for a task; return its result or raise the host's error as RemoteError."""
+        res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
+        if on_progress is not None:
+            on_progress(res.state, res.info)
+
+        def on_message(meta: dict[str, Any]) -> None:
+            if on_progress is not None and meta.get("status") not in ("SUCCESS", "FAILURE"):
+                on_progress(str(meta.get("status")), meta.get("result"))
+
+        # The Redis result backend pushes state changes (pub/sub): no polling
+        # delay, and PROGRESS updates arrive as they are published.
+        try:
+            res.get(timeout=timeout, propagate=False, on_message=on_message,
+                    interval=POLL_INTERVAL)
+        except CeleryTimeoutError as err:
+            raise SystemFailure(f"task {task_id} not finished after {timeout} s "
+                                f"(state {res.state})", task_id=task_id,
+                                state=res.state) from err
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable while waiting: {err}") from err
+        state, info = res.state, res.info
+        if on_progress is not None:
+            on_progress(state, info if state != "SUCCESS" else None)
+        if state == "SUCCESS" and isinstance(info, dict):
+            return info
+        if state == "FAILURE":
+            raise remote_error(info)
+        # REVOKED (e.g. a sweep that expired in a queue) or anything unexpected.
+        raise RemoteError({"error": "TaskNotDone", "message":
+                           f"task {task_id} ended in state {state}: {info!r}"})
+
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recent submitted tasks with their current state."""
+        try:
+            rows = registry.recent_jobs(self.client, limit)
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        for row in rows:
+            state, info = self.state(row["id"])
+            row["state"] = state
+            if state == "PROGRESS" and isinstance(info, dict):
+                row["step"] = info.get("step")
+            elif state == "FAILURE":
+                row["error"] = remote_error(info).message
+        return rows
+
+
+def remote_error(info: Any) -> FcqError:
+    """The error a failed task raised, as an FcqError with the right exit code."""
+    if isinstance(info, TaskError):
+        return RemoteError(info.info)
+    if isinstance(info, BaseException):
+        return RemoteError({"error": type(info).__name__, "message": str(info)})
+    return RemoteError({"error": "Unknown", "message": repr(info)})
