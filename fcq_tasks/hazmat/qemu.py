@@ -61,6 +61,10 @@ class VMRunPaths:
         return self._p("ga.sock")
 
     @property
+    def observer(self) -> Path:
+        return self._p("obs.sock")
+
+    @property
     def serial_log(self) -> Path:
         return self._p("serial.log")
 
@@ -70,7 +74,8 @@ class VMRunPaths:
 
     def leftovers(self) -> list[Path]:
         """Run files that exist although no process may be running."""
-        return [p for p in (self.pidfile, self.identity, self.qmp, self.ga, self.silent_mark)
+        return [p for p in (self.pidfile, self.identity, self.qmp, self.ga, self.observer,
+                          self.silent_mark)
                 if p.exists()]
 
 
@@ -137,7 +142,7 @@ class QemuProcess:
 
     def start(self, argv: list[str], memory_mb: int, timeout: float) -> Identity:
         """Start QEMU daemonized and return once its monitor answers."""
-        for stale in (self.paths.pidfile, self.paths.qmp, self.paths.ga):
+        for stale in (self.paths.pidfile, self.paths.qmp, self.paths.ga, self.paths.observer):
             stale.unlink(missing_ok=True)
         try:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
@@ -155,7 +160,7 @@ class QemuProcess:
                             vm=self.paths.name)
         # -daemonize resets QEMU's umask to 027; the sockets exist once the
         # parent has exited, so tighten them to owner-only now.
-        for sock in (self.paths.qmp, self.paths.ga):
+        for sock in (self.paths.qmp, self.paths.ga, self.paths.observer):
             if sock.exists():
                 os.chmod(sock, 0o600)
         try:

@@ -34,8 +34,9 @@ class Drive:
 
 @dataclass(frozen=True)
 class RunPaths:
-    qmp: str
+    qmp: str           # fcq's own monitor: one client at a time, fcq's
     ga: str
+    observer: str = ""  # a second monitor for read-only observers (tests, metrics)
 
 
 def _quote(value: object) -> str:

@@ -387,7 +387,8 @@ class VMAgent:
         accel = detect_accelerator(s.accelerator)
         drives = [self.storage.drive(self.name, v) for v in VOLUMES]
         config = render_qemu_config(s, spec, accel, drives,
-                                    RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga)))
+                                    RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga),
+                                             observer=str(self.paths.observer)))
         # -S: even when the migration completes, guest code waits for `cont`,
         # which comes only once the source has stopped and the locks moved.
         argv = self.argv(accel) + (["-incoming", "defer", "-S"] if incoming else [])
