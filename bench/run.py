@@ -40,6 +40,7 @@ from tests.conftest import GUEST_DIR, Host, direct_boot, new_host  # noqa: E402
 
 def make_host(name: str, redis: RedisServer, **settings: Any) -> Host:
     return new_host(name, prefix="fcqb-", log_level="warning", shutdown_grace=10,
+                    migration_timeout_max=500,
                     cluster=cluster_settings(redis, visibility_timeout=600, sweep_interval=3600),
                     **settings)
 

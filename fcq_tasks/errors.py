@@ -16,8 +16,9 @@ the fields an operator needs to act on it. The tree is short on purpose::
      │         └── Inconsistent    what we observed needs an operator's decision
      └── SystemFailure              the machine failed us (QEMU, QMP, storage, commands)
           ├── QemuError
-          ├── QmpError
-          ├── GuestAgentError
+          │    ├── QmpError        the monitor did not answer (timeout, closed socket)
+          │    ├── QemuRefused     the monitor answered: QEMU refused the command
+          │    └── GuestAgentError
           └── StorageError
 
 The CLI maps the branches to exit codes (see ``docs/cli.md``); the Celery
@@ -140,7 +141,15 @@ class QemuError(SystemFailure):
 
 
 class QmpError(QemuError):
-    """A QMP connection or command failed or timed out."""
+    """The monitor did not answer: connection refused or closed, or a timeout."""
+
+
+class QemuRefused(QemuError):
+    """The monitor answered, and QEMU refused the command (``error_class`` says why)."""
+
+    def __init__(self, message: str, vm: str, command: str, error_class: str) -> None:
+        super().__init__(message, vm=vm, command=command, error_class=error_class)
+        self.error_class = error_class
 
 
 class GuestAgentError(QemuError):

@@ -90,12 +90,21 @@ class Cluster:
     redis: RedisServer
     hosts: dict[str, Host]
     services: list[Service] = field(default_factory=list)
+    orchestrators: list[Orchestrator] = field(default_factory=list)
 
     def settings_file(self, host: str = "alpha") -> Path:
         return self.hosts[host].settings_file
 
     def orchestrator(self) -> Orchestrator:
-        return Orchestrator(self.hosts["alpha"].settings)
+        """An orchestrator for this cluster, closed by stop_all().
+
+        An unclosed one keeps its result subscriptions until the garbage
+        collector frees it, maybe in a later test after this Redis is gone:
+        then its consumer retries a reconnect for 20 s in that test's thread.
+        """
+        orch = Orchestrator(self.hosts["alpha"].settings)
+        self.orchestrators.append(orch)
+        return orch
 
     def spawn(self, command: str, host: str = "alpha", *extra: str) -> Service:
         log = self.hosts[host].base / f"{command}-{len(self.services)}.log"
@@ -128,10 +137,16 @@ class Cluster:
         service.proc.wait(10)
 
     def stop_all(self) -> None:
-        for s in self.services:
-            if s.proc.poll() is None:
-                with_suppress_kill(s.proc)
-        self.services.clear()
+        """Close the orchestrators (while Redis still runs), then stop the services."""
+        try:
+            for orch in self.orchestrators:
+                orch.close()
+        finally:
+            self.orchestrators.clear()
+            for s in self.services:
+                if s.proc.poll() is None:
+                    with_suppress_kill(s.proc)
+            self.services.clear()
 
     def fcq(self, *args: str, host: str = "alpha", timeout: float = 180
             ) -> subprocess.CompletedProcess[str]:
@@ -157,8 +172,18 @@ def cluster_settings(redis_server: RedisServer, **overrides: Any) -> dict[str, A
             "result_expires": 3600, **overrides}
 
 
+def migration_settings(visibility_timeout: int) -> dict[str, Any]:
+    """Host migration settings that fit the visibility timeout (settings refuse others)."""
+    ttl = 3 if visibility_timeout >= 60 else 1
+    grace = 10 if visibility_timeout >= 60 else 2
+    return {"migration_heartbeat_ttl": ttl, "migration_peer_grace": grace,
+            "migration_timeout_max": visibility_timeout - grace - 5}
+
+
 def make_cluster(make_host: HostFactory, redis_server: RedisServer, names: tuple[str, ...],
                  **cluster_overrides: Any) -> Cluster:
-    hosts = {n: make_host(n, cluster=cluster_settings(redis_server, **cluster_overrides))
+    cluster = cluster_settings(redis_server, **cluster_overrides)
+    hosts = {n: make_host(n, cluster=cluster,
+                          **migration_settings(int(cluster["visibility_timeout"])))
              for n in names}
     return Cluster(redis_server, hosts)

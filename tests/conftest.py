@@ -9,6 +9,7 @@ so a failing test never leaves guests running.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -190,5 +191,9 @@ def make_cluster(make_host: HostFactory, redis_server: Any) -> Iterator[Callable
         return c
 
     yield factory
-    for c in made:
-        c.stop_all()
+    # Runs before redis_server's teardown (this fixture depends on it): every
+    # cluster closes its orchestrators while their Redis still answers, even
+    # if stopping an earlier cluster failed.
+    with contextlib.ExitStack() as stack:
+        for c in made:
+            stack.callback(c.stop_all)

@@ -8,6 +8,7 @@ from typing import Any
 
 from fcq_tasks.errors import FcqError
 from fcq_tasks.hazmat.guestagent import GuestAgent
+from fcq_tasks.hazmat.qmp import QmpSession
 from fcq_tasks.host.agent import VMAgent
 
 #: Under TCG the guest agent answers ~3 s after start (FACTS.md); leave room
@@ -41,5 +42,6 @@ def wait_guest(agent: VMAgent) -> None:
 
 
 def qmp(agent: VMAgent, command: str, **args: object) -> Any:
-    with agent.qemu.qmp() as session:
+    """A raw QMP command on fcq's own monitor (tests only: fcq itself speaks in verbs)."""
+    with QmpSession(str(agent.paths.qmp), agent.settings.qmp_timeout, agent.name) as session:
         return session.execute(command, **args)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import sys
 import time
@@ -174,15 +173,15 @@ def test_apply_config_writes_newer_ignores_older(make_cluster: ClusterFactory) -
     alpha = c.hosts["alpha"]
     c.worker("alpha")
     src = alpha.base / "vm01.cfg"
-    src.write_text(alpha.write_vm("vm01").read_text())
+    src.write_text("version: 2\n" + alpha.write_vm("vm01").read_text())
     (alpha.settings.vm_config_dir / "vm01.cfg").unlink()
     cli = c.fcq("apply-config", str(src))
     assert cli.returncode == 0, cli.stderr
     assert "did write-config, start" in cli.stdout
     older = alpha.base / "old" / "vm01.cfg"
     older.parent.mkdir()
-    older.write_text(src.read_text().replace("memory: 128", "memory: 256"))
-    os.utime(older, (1, 1))
+    older.write_text(src.read_text().replace("memory: 128", "memory: 256")
+                     .replace("version: 2", "version: 1"))
     cli = c.fcq("apply-config", str(older))
     assert "ignored" in cli.stdout
     assert "memory: 128" in (alpha.settings.vm_config_dir / "vm01.cfg").read_text()

@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fcq_tasks.cli import main
 from fcq_tasks.config.settings import load_host_settings
-from fcq_tasks.config.vmspec import parse_vm_file, parse_vm_text
+from fcq_tasks.config.vmspec import (
+    dump_vm_spec,
+    parse_vm_file,
+    parse_vm_text,
+    rewrite_vm_parameters,
+    vm_file_version,
+)
 from fcq_tasks.errors import ConfigError
 
 GOOD = """\
@@ -97,6 +104,98 @@ def test_unknown_keys_are_warnings() -> None:
     spec = parse_vm_text(GOOD + "  memroy: 1024\nextra: 1\n", "test00.cfg")
     assert any("parameters.memroy" in w for w in spec.warnings)
     assert any("extra" in w for w in spec.warnings)
+
+
+def test_version_key_orders_files(tmp_path: Path) -> None:
+    """`version` is optional (absent: 0), a whole number, and survives dumping."""
+    assert parse_vm_text(GOOD, "test00.cfg").version == 0
+    spec = parse_vm_text("version: 7\n" + GOOD, "test00.cfg")
+    assert spec.version == 7 and spec.warnings == ()
+    assert parse_vm_text(dump_vm_spec(spec), "test00.cfg").version == 7
+    path = tmp_path / "test00.cfg"
+    assert vm_file_version(path) is None
+    # The version of a file broken elsewhere is still known.
+    path.write_text("version: 3\n" + GOOD.replace("disk: 5", "disk: -5"))
+    assert vm_file_version(path) == 3
+
+
+@pytest.mark.parametrize(("value", "rule"), [
+    ("-1", "between 0"), ("seven", "whole number"), ("true", "whole number"),
+    ("1.5", "whole number"), ("'3'", "whole number"), ("null", "whole number"),
+])
+def test_broken_version_names_field_and_rule(tmp_path: Path, value: str, rule: str) -> None:
+    """A bad version is a ConfigError on field `version`, for parsing and for version reads."""
+    path = tmp_path / "test00.cfg"
+    path.write_text(f"version: {value}\n" + GOOD)
+    for read in (parse_vm_file, vm_file_version):
+        with pytest.raises(ConfigError) as info:
+            read(path)
+        assert (info.value.file, info.value.field) == (str(path), "version")
+        assert rule in info.value.rule
+
+
+def test_rewrite_vm_parameters_keeps_version_and_other_keys(tmp_path: Path) -> None:
+    """fcq's own edit changes only the named parameters, atomically, keeping version."""
+    path = tmp_path / "test00.cfg"
+    path.write_text("version: 41\n" + GOOD + "  memroy: 1\nextra: {a: 1}\n")
+    path.chmod(0o640)
+    spec = rewrite_vm_parameters(path, kvm_host="beta")
+    assert (spec.kvm_host, spec.version) == ("beta", 41)
+    again = parse_vm_file(path)
+    assert (again.kvm_host, again.version, again.memory_mb, again.nics) == (
+        "beta", 41, 512, spec.nics)
+    text = path.read_text()
+    assert "memroy: 1" in text and "extra:" in text  # unknown keys are kept too
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test00.cfg"]  # no temp file left
+
+
+@pytest.mark.parametrize(("changes", "field", "rule"), [
+    ({"kvm_host": "Beta_1"}, "parameters.kvm_host", "a-z, 0-9"),
+    ({"kvm_hots": "beta"}, "parameters.kvm_hots", "not a parameter fcq knows"),
+    ({"memory": 8}, "parameters.memory", "between 32"),
+])
+def test_rewrite_vm_parameters_refuses_bad_changes(tmp_path: Path, changes: dict[str, object],
+                                                   field: str, rule: str) -> None:
+    """A bad change is a ConfigError naming the field; the file stays as it was."""
+    path = tmp_path / "test00.cfg"
+    path.write_text("version: 2\n" + GOOD)
+    with pytest.raises(ConfigError) as info:
+        rewrite_vm_parameters(path, **changes)
+    assert (info.value.field, rule in info.value.rule) == (field, True)
+    assert path.read_text() == "version: 2\n" + GOOD
+
+
+@pytest.mark.parametrize(("cluster", "field", "words"), [
+    ({"request_ttl": 0}, "cluster.request_ttl", "between 1"),
+    ({"request_ttl": "soon"}, "cluster.request_ttl", "whole number"),
+    # 10 + 12 × (5 + 10) = 190 s of busy retries with the defaults.
+    ({"request_ttl": 189}, "cluster.request_ttl", "= 190 s"),
+    ({"request_ttl": 60, "task_busy_wait": 0, "busy_retry_delay": 5, "busy_retries": 13},
+     "cluster.request_ttl", "= 65 s"),
+])
+def test_request_ttl_must_cover_the_busy_retry_chain(tmp_path: Path, cluster: dict[str, object],
+                                                      field: str, words: str) -> None:
+    """request_ttl is checked at load: a ttl shorter than the retry chain names both fields."""
+    f = tmp_path / "host.yaml"
+    f.write_text(yaml.safe_dump({"cluster": cluster}))
+    with pytest.raises(ConfigError) as info:
+        load_host_settings(f)
+    assert info.value.field == field and words in info.value.rule
+    if words.startswith("="):  # the chain rule names the fields that make the chain
+        assert "cluster.task_busy_wait" in info.value.rule
+        assert "cluster.busy_retries" in info.value.rule
+
+
+def test_request_ttl_default_and_equal_to_chain(tmp_path: Path) -> None:
+    """The default (900 s) exceeds the default chain; a ttl equal to the chain is accepted."""
+    f = tmp_path / "host.yaml"
+    f.write_text("host: alpha\n")
+    c = load_host_settings(f).cluster
+    assert (c.request_ttl, c.busy_retry_chain) == (900, 190)
+    f.write_text(yaml.safe_dump({"cluster": {"request_ttl": 5, "task_busy_wait": 0,
+                                             "busy_retry_delay": 1, "busy_retries": 5}}))
+    assert load_host_settings(f).cluster.request_ttl == 5
 
 
 def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,8 +19,13 @@ from tests.helpers import guest_answers, wait_for, wait_guest
 ClusterFactory = Any
 
 
+#: Migration tests run halves longer than the suite's usual 10 s visibility
+#: timeout; settings refuse a migration that could outlive it.
+VISIBILITY = 200
+
+
 def shared_pair(make_cluster: ClusterFactory, **alpha_settings: Any) -> Cluster:
-    c: Cluster = make_cluster()
+    c: Cluster = make_cluster(visibility_timeout=VISIBILITY)
     alpha, beta = c.hosts["alpha"], c.hosts["beta"]
     beta.update_settings(state_dir=str(alpha.settings.state_dir))
     if alpha_settings:

@@ -45,9 +45,14 @@ for w in WANTED:
             TABLE[(w, run, locks)] = acts
         # A QEMU without a monitor is killed, then planned as crashed.
         TABLE[(w, Run.UNRESPONSIVE, locks)] = [K, *TABLE[(w, Run.CRASHED, locks)]]
-        # Migration states.
-        TABLE[(w, Run.INMIGRATE, locks)] = [K, CU] if w == "offline" else [N]
+        # Migration states. The planner runs only under the VM's operation
+        # lock, which a live inmigrate half holds: an incoming copy found
+        # here belongs to no half and goes, whatever the locks say.
+        TABLE[(w, Run.INMIGRATE, locks)] = [K, CU]
+        TABLE[(w, Run.RECEIVED, locks)] = [K, CU]
         TABLE[(w, Run.POSTMIGRATE, locks)] = [K, CU]
+        # Not the QEMU we started: never signalled, never cleaned up.
+        TABLE[(w, Run.IMPOSTOR, locks)] = [R]
         # Running or paused here.
         for run in (Run.RUNNING, Run.PAUSED):
             if w == "offline":
@@ -118,3 +123,71 @@ def test_briefly_silent_monitor_is_left_alone() -> None:
                 kill_silent_after=120)
     assert [a.do for a in acts] == [Do.NOTHING]
     assert "silent for 10 s" in acts[0].reason
+
+
+# Rows written out literally, so a bug shared by the table builder above and
+# the planner cannot pass: (wanted, found, locks) -> actions.
+LITERAL_ROWS = [
+    ("here", Run.STOPPED, "free", [Do.START]),
+    ("here", Run.CRASHED, "ours", [Do.CLEAN_UP, Do.START]),
+    ("here", Run.STOPPED, "other", [Do.REFUSE]),
+    ("here", Run.RUNNING, "other", [Do.PAUSE, Do.REFUSE]),
+    ("here", Run.RECEIVED, "free", [Do.KILL, Do.CLEAN_UP]),
+    ("here", Run.IMPOSTOR, "ours", [Do.REFUSE]),
+    ("elsewhere", Run.RUNNING, "ours", [Do.OUTMIGRATE]),
+    ("offline", Run.RUNNING, "ours", [Do.STOP, Do.CLEAN_UP]),
+    ("here", Run.POSTMIGRATE, "ours", [Do.KILL, Do.CLEAN_UP]),
+]
+
+
+@pytest.mark.parametrize(("w", "run", "locks", "expected"), LITERAL_ROWS)
+def test_literal_rows(w: str, run: Run, locks: str, expected: list[Do]) -> None:
+    """Key cells, spelled out by hand."""
+    observed = Observed(run, LOCKS[locks], root_bytes=BASE.disk_bytes, iops=0, silent_for=60)
+    assert [a.do for a in plan(WANTED[w], observed, HOST, kill_silent_after=30)] == expected
+
+
+def handed_to_us(run: Run) -> Observed:
+    return Observed(run, LOCKS["ours"], root_bytes=BASE.disk_bytes, iops=0, handed_to_us=True)
+
+
+# The source handed every lock to this host: its QEMU was gone before it did,
+# so the VM is this host's whatever its (maybe not yet rewritten) config says.
+HANDED_TO_US = [
+    ("elsewhere", Run.RECEIVED, [Do.RESUME]),
+    ("here", Run.RECEIVED, [Do.RESUME]),
+    ("elsewhere", Run.INMIGRATE, [Do.NOTHING]),
+    ("elsewhere", Run.RUNNING, [Do.CLAIM]),
+    ("here", Run.RUNNING, [Do.CLAIM]),
+    ("elsewhere", Run.CRASHED, [Do.CLAIM, Do.CLEAN_UP, Do.START]),
+    ("elsewhere", Run.STOPPED, [Do.CLAIM, Do.CLEAN_UP, Do.START]),
+]
+
+
+@pytest.mark.parametrize(("w", "run", "expected"), HANDED_TO_US)
+def test_handed_locks_make_the_vm_ours(w: str, run: Run, expected: list[Do]) -> None:
+    """A received copy is resumed, a lost one is booted here; the locks are never let go."""
+    acts = plan(WANTED[w], handed_to_us(run), HOST)
+    assert [a.do for a in acts] == expected
+    assert all(a.keep_locks for a in acts if a.do is Do.CLEAN_UP)
+
+
+@pytest.mark.parametrize(("run", "expected"), [
+    (Run.STOPPED, [Do.FOLLOW]),
+    (Run.CRASHED, [Do.CLEAN_UP, Do.FOLLOW]),
+    (Run.POSTMIGRATE, [Do.KILL, Do.CLEAN_UP, Do.FOLLOW]),
+])
+def test_source_follows_its_handed_locks(run: Run, expected: list[Do]) -> None:
+    """A source whose locks went to beta points its config there and never starts the VM."""
+    observed = Observed(run, LOCKS["other"], root_bytes=BASE.disk_bytes, handed_away_to="beta")
+    acts = plan(BASE, observed, HOST)
+    assert [a.do for a in acts] == expected
+    assert acts[-1].host == "beta"
+    assert all(a.keep_locks for a in acts if a.do is Do.CLEAN_UP)
+
+
+def test_handed_away_but_config_moved_on_is_not_followed() -> None:
+    """Once the config names another host than us, the handover mark changes nothing."""
+    observed = Observed(Run.STOPPED, LOCKS["other"], handed_away_to="beta")
+    acts = plan(dataclasses.replace(BASE, kvm_host="gamma"), observed, HOST)
+    assert [a.do for a in acts] == [Do.NOTHING]

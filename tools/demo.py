@@ -98,6 +98,8 @@ def prepare() -> dict[str, Any]:
         d = BASE / host
         (d / "vm").mkdir(parents=True)
         settings = {
+            # Within the demo's visibility timeout (120 s), as settings demand.
+            "migration_timeout_max": 90, "migration_peer_grace": 20,
             "host": host, "vm_config_dir": str(d / "vm"), "run_dir": str(d / "run"),
             "state_dir": str(d / "state"), "log_file": str(d / "fcq.log"),
             "nic_mode": "user", "shutdown_grace": 20, "vm_max_total_memory": 2048,

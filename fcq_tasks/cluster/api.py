@@ -13,12 +13,16 @@ is down is refused at once instead of waiting silently in its queue.
 
 from __future__ import annotations
 
+import importlib
+import json
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kombu.exceptions
+import kombu.pools
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
@@ -27,13 +31,21 @@ from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import client_app, host_queue
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
-from fcq_tasks.config.vmspec import parse_vm_file
+from fcq_tasks.config.vmspec import read_vm_file
 from fcq_tasks.errors import BadRequest, FcqError, Refused, RemoteError, SystemFailure, TaskError
 
 #: What talking to Redis can raise, through redis-py or through kombu.
 BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
 
 VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
+
+#: Imperative tasks: they act on the world as it was when they were sent, so
+#: their messages carry expires_at (cluster.request_ttl from now) and a host
+#: refuses them once it has passed (a redelivery after a worker crash comes
+#: up to visibility_timeout late). ensure, sweeps and apply_config converge
+#: to the config as it is now: always safe, they never expire this way.
+EXPIRING_TASKS = frozenset({"fcq.start", "fcq.stop", "fcq.restart", "fcq.kill",
+                            "fcq.force_unlock"})
 
 #: How often wait() polls the result backend.
 POLL_INTERVAL = 0.2
@@ -52,6 +64,72 @@ class Orchestrator:
         if self._client is None:
             self._client = registry.connect(self.settings)
         return self._client
+
+    def close(self) -> None:
+        """Shut this orchestrator's connections down; safe to call twice.
+
+        Why it matters: Celery subscribes the result consumer to every task this
+        app sends and keeps every result a timed-out wait() asked for until the
+        app is garbage-collected. When that happens after the cluster's Redis is
+        gone, each AsyncResult.__del__ unsubscribes through the dead connection,
+        and the consumer retries its reconnect 20 times, 1 s apart, in whatever
+        thread the collector happens to run (a later test, the end of a run).
+        So the subscriptions are forgotten first: nothing left can reach the
+        network. Used again afterwards, the orchestrator reconnects lazily.
+
+        Celery keeps one result backend per thread: this closes the calling
+        thread's.
+        """
+        app: Any = self.app  # the private parts used here are not in Celery's stubs
+        backend = app._backend_cache or getattr(app._local, "backend", None)
+        if backend is not None:
+            consumer = getattr(backend, "result_consumer", None)
+            if consumer is not None:
+                # Emptied before the pending results are dropped below: their
+                # __del__ unsubscribes only keys still listed here.
+                consumer.subscribed_to.clear()
+                consumer.stop()  # closes the pub/sub connection, under its lock
+                consumer._pubsub = None  # a later consume_from() starts a fresh one
+                consumer.drainer.stop()
+            for pending in backend._pending_results:
+                pending.clear()
+            client = backend.__dict__.get("client")  # a cached_property: never create it
+            if client is not None:
+                client.connection_pool.disconnect()
+        # Broker connections: kombu pools them per cluster URL for the whole
+        # process, shared by every app of that cluster (other orchestrators, a
+        # worker's own app). A pool closed under another user blocks its next
+        # send forever (measured), so the pools are closed only when no other
+        # live app holds them; otherwise they stay, idle (no thread, no retry).
+        amqp = app.__dict__.get("amqp")
+        producers = None if amqp is None else amqp._producer_pool
+        pools_ours = [p for p in (producers, app._pool) if p is not None]
+        others = [a for a in list(importlib.import_module("celery._state")._get_active_apps())
+                  if a is not app]
+        held = {id(a._pool) for a in others} | {
+            id(a.__dict__["amqp"]._producer_pool) for a in others if "amqp" in a.__dict__}
+        if pools_ours and not held & {id(p) for p in pools_ours}:
+            for pool in pools_ours:
+                pool.force_close_all()
+            for group in (kombu.pools.producers, kombu.pools.connections):
+                for key in [k for k, v in group.items() if any(v is p for p in pools_ours)]:
+                    group.pop(key)  # the next user of this cluster gets a fresh pool
+        if amqp is not None:
+            amqp._producer_pool = None
+        # What app.close() does, minus deregistering the app: reused after
+        # this, it must still count as a holder of the pools it picks up again.
+        app._pool = None
+        if self._client is not None:
+            # registry.connect() shares one client per URL in the process: drop
+            # its idle connections only, never one another thread is using.
+            self._client.connection_pool.disconnect(inuse_connections=False)
+            self._client = None
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _registry(self) -> dict[str, dict[str, Any]]:
         try:
@@ -93,7 +171,9 @@ class Orchestrator:
         self._check_host(target)
         if operation == "force_unlock":
             # Never break a lock whose holder may be alive: refuse while any
-            # other live host reports the VM's QEMU running.
+            # other live host reports the VM's QEMU running. This is fast
+            # feedback only; the task checks again (and the locks' owners)
+            # when it runs, on the host that breaks the locks.
             running = [h for h, rec in self._registry().items()
                        if h != target and vm in rec["running"]]
             if running:
@@ -103,8 +183,13 @@ class Orchestrator:
                           operation, vm)
 
     def apply_config(self, path: Path, hosts: list[str] | None = None) -> dict[str, str]:
-        """Push a VM file to its kvm_host (and to hosts that know it): host → task id."""
-        spec = parse_vm_file(path)  # refuse a broken file before anything is sent
+        """Push a VM file to its kvm_host (and to hosts that know it): host → task id.
+
+        Each host writes it unless its own file has a higher ``version``.
+        """
+        # One read: refuse a broken file before anything is sent, and send
+        # exactly the text that was checked.
+        text, spec = read_vm_file(path)
         targets = set(hosts or [])
         if not hosts:
             if spec.kvm_host:
@@ -115,10 +200,13 @@ class Orchestrator:
                              "name one with --host")
         for target in sorted(targets):
             self._check_host(target)
-        text = path.read_text()
-        version = path.stat().st_mtime
-        return {t: self._send("fcq.apply_config", {"vm": spec.name, "config": text,
-                                                   "version": version, "host": t},
+        # The file's version orders pushes (hosts read it from the text; it
+        # is sent on its own too, for Flower). "version", the mtime, is only
+        # for hosts older than that rule during a rolling upgrade: they still
+        # compare modification times.
+        kwargs = {"vm": spec.name, "config": text, "config_version": spec.version,
+                  "version": spec.mtime}
+        return {t: self._send("fcq.apply_config", {**kwargs, "host": t},
                               t, "apply-config", spec.name)
                 for t in sorted(targets)}
 
@@ -144,23 +232,32 @@ class Orchestrator:
             raise BadRequest("host", f"{dst} has no config for {vm}: push it first "
                              "(fcq apply-config)")
         attempt = uuid.uuid4().hex[:16]
-        from fcq_tasks.host.migration import claim_attempt
+        from fcq_tasks.host.migration import attempt_seconds, claim_attempt, key_ttl
         # One attempt per VM at a time: the claim expires after the longest
-        # a migration may take, should both halves die without releasing it.
-        memory_gib = max(1.0, hosts[src]["vms"].get(vm, {}).get("memory_mb", 1024) / 1024)
-        ttl = int(self.settings.migration_timeout_per_gib * memory_gib) + 60
+        # a migration may take (both halves may start up to the peer grace
+        # apart), should both halves die without releasing it.
+        memory_mb = int(hosts[src]["vms"].get(vm, {}).get("memory_mb", 1024))
+        ttl = int(attempt_seconds(self.settings, memory_mb)
+                  + 2 * self.settings.migration_peer_grace) + 60
+        common = {"vm": vm, "attempt": attempt}
+        halves = {"inmigrate": {**common, "src": src, "host": dst},
+                  "outmigrate": {**common, "dst": dst, "host": src}}
         try:
             other = claim_attempt(self.client, vm, attempt, ttl)
+            if other is None:
+                # What each half was asked: for operators, and to tell a
+                # replay of a half from a new request.
+                self.client.set(f"fcq:mig:{vm}:{attempt}:request", json.dumps(halves),
+                                ex=key_ttl(self.settings))
         except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         if other is not None:
             raise Refused(f"{vm}: migration {other} is already in flight "
                           "(fcq migrate --abort to stop it)", vm=vm, attempt=other)
-        common = {"vm": vm, "attempt": attempt}
         header = group(
-            self.app.signature("fcq.inmigrate", kwargs={**common, "src": src, "host": dst},
+            self.app.signature("fcq.inmigrate", kwargs=halves["inmigrate"],
                                queue=host_queue(dst)),
-            self.app.signature("fcq.outmigrate", kwargs={**common, "dst": dst, "host": src},
+            self.app.signature("fcq.outmigrate", kwargs=halves["outmigrate"],
                                queue=host_queue(src), task_id=f"{attempt}-out"))
         body = self.app.signature("fcq.finish_migration", kwargs=common, queue=host_queue(dst))
         body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
@@ -178,7 +275,8 @@ class Orchestrator:
         from fcq_tasks.host.migration import request_abort
         if not NAME_RE.match(vm):
             raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
-        attempt = request_abort(self.client, vm, "fcq migrate --abort")
+        from fcq_tasks.host.migration import key_ttl
+        attempt = request_abort(self.client, vm, "fcq migrate --abort", key_ttl(self.settings))
         if attempt is None:
             raise BadRequest("vm", f"{vm} has no migration in flight")
         return attempt
@@ -193,6 +291,11 @@ class Orchestrator:
 
     def _send(self, task: str, kwargs: dict[str, Any], host: str, operation: str,
               vm: str) -> str:
+        if task in EXPIRING_TASKS:
+            # Wall clock on purpose: the host compares it with its own clock,
+            # and hosts are NTP-synced; request_ttl (minutes) dwarfs any skew
+            # NTP leaves, so keep it generous rather than tight.
+            kwargs = {**kwargs, "expires_at": time.time() + self.settings.cluster.request_ttl}
         try:
             result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host))
             registry.record_job(self.client, result.id, operation, vm, host,

@@ -11,28 +11,39 @@ raise :class:`TaskFailed` and keep their traceback.
 A task on a VM that is busy with another operation waits
 ``task_busy_wait`` seconds, then is retried later (``busy_retries`` ×
 ``busy_retry_delay``): never dropped, never interleaved.
+
+Imperative requests (start, stop, restart, kill, force-unlock) carry
+``expires_at`` and are refused once it has passed: a message redelivered
+after a worker crash arrives up to ``visibility_timeout`` late, and must not
+act on a world that has moved on. ensure, the sweep and apply_config
+converge to the config as it is now, so they never expire this way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+import redis
 import structlog
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Retry
 
 from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import app, host_queue
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
-from fcq_tasks.config.vmspec import parse_vm_text, spec_path
+from fcq_tasks.config.vmspec import parse_vm_text, spec_path, vm_file_version
 from fcq_tasks.errors import (
     BadRequest,
+    ConfigError,
     FcqError,
     LockedByOtherHost,
+    Refused,
     TaskError,
     TaskFailed,
     TaskRejected,
@@ -82,13 +93,49 @@ class FcqTask(Task):  # type: ignore[type-arg]
         return TaskFailed(info)
 
 
+def check_expiry(vm: str, operation: str, expires_at: object) -> None:
+    """Refuse an imperative request whose ``expires_at`` (epoch seconds) has passed.
+
+    A request without one comes from an orchestrator older than this rule
+    (a rolling upgrade) and is accepted, as it was before.
+    """
+    if expires_at is None:
+        return
+    if (isinstance(expires_at, bool) or not isinstance(expires_at, (int, float))
+            or not math.isfinite(expires_at)):
+        raise BadRequest("expires_at", f"must be a time in seconds since the epoch "
+                         f"(got {expires_at!r})")
+    # Wall clock, like the orchestrator that set it on another machine:
+    # hosts are NTP-synced, and request_ttl is minutes, far beyond any skew.
+    now = time.time()
+    if now > expires_at:
+        due = datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds")
+        raise Refused(f"{vm}: {operation} request expired: it was due by {due} and arrived "
+                      f"{now - expires_at:.0f} s later (redelivered after a worker crash, or "
+                      "held up that long); nothing was done: send it again if it is "
+                      "still wanted", vm=vm, field="expires_at", expires_at=expires_at,
+                      rule="an imperative request must run before its expires_at")
+
+
 def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
-              op: Callable[[VMAgent], dict[str, Any]]) -> dict[str, Any]:
+              op: Callable[[VMAgent], dict[str, Any]],
+              expires_at: object = None) -> dict[str, Any]:
+    """Run *op* on VM *vm* here; refuse it if *expires_at* is given and has passed."""
     settings = current_settings()
     try:
         name = check_vm(vm)
         if host is not None and host != settings.host:
             raise BadRequest("host", f"task for host {host!r} reached host {settings.host!r}")
+        # Before anything else: a stale request does not even wait for the VM.
+        check_expiry(name, operation, expires_at)
+        act = op
+        if expires_at is not None:
+            def act(agent: VMAgent) -> dict[str, Any]:
+                # Waiting for a busy VM takes time too: decide on the world
+                # as it is once this task holds the VM (the lock is reentrant).
+                with agent.locked():
+                    check_expiry(name, operation, expires_at)
+                    return op(agent)
         tasksettings = dataclasses.replace(settings,
                                            operation_wait=settings.cluster.task_busy_wait)
 
@@ -109,7 +156,7 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         agent = VMAgent(tasksettings, name, progress=progress, outmigrate_hook=outmigrate)
         structlog.contextvars.bind_contextvars(task_id=task.request.id, vm=name)
         try:
-            return op(agent)
+            return act(agent)
         finally:
             structlog.contextvars.unbind_contextvars("task_id", "vm")
             heartbeat(settings)
@@ -118,7 +165,9 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         if task.request.retries < c.busy_retries:
             log.info("busy-retry", vm=vm, operation=operation, retries=task.request.retries)
             # Name the queue: a retry built from a message that came through
-            # the host's direct exchange carries no queue of its own.
+            # the host's direct exchange carries no queue of its own. The
+            # retry reuses the request's kwargs, expires_at among them: a
+            # long chain of retries ends as "expired", never acts late.
             raise task.retry(queue=host_queue(settings.host), countdown=c.busy_retry_delay,
                              max_retries=c.busy_retries) from err
         raise task.fail(err) from err
@@ -128,58 +177,118 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         raise task.fail(err) from err
 
 
-def _vm_task(name: str, operation: str,
-             method: Callable[[VMAgent], dict[str, Any]]) -> Any:
-    """One VM task: validate, take the VM's operation lock, call the agent."""
+def _vm_task(name: str, operation: str, method: Callable[[VMAgent], dict[str, Any]],
+             expires: bool = True) -> Any:
+    """One VM task: validate, take the VM's operation lock, call the agent.
+
+    *expires*: the request is imperative and honours its ``expires_at``;
+    ensure converges to the config as it is now and is always safe.
+    """
     def body(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-             **_: Any) -> dict[str, Any]:
-        return run_on_vm(self, operation, vm, host, method)
+             expires_at: object = None, **_: Any) -> dict[str, Any]:
+        return run_on_vm(self, operation, vm, host, method,
+                         expires_at if expires else None)
     body.__doc__ = f"{operation} VM *vm* on this host (see VMAgent.{method.__name__})."
     return app.task(bind=True, base=FcqTask, name=f"fcq.{name}")(body)
+
+
+def refuse_live_holder(agent: VMAgent, client: redis.Redis) -> None:
+    """Refuse to break the VM's locks while their holder may be alive.
+
+    Checked when the locks are about to be broken, on the host breaking
+    them, not only when the request was submitted: a late or hand-made
+    message must not break a live host's lock (invariant 2). Refused when
+    another live host (heartbeat within its registry_ttl) reports the VM
+    running, when a lock's owner has a live heartbeat (a live holder stops
+    the VM itself), or when the registry cannot be read (never blind).
+    Only a holder without a heartbeat, which the operator vouches is down,
+    loses its lock.
+    """
+    me = agent.settings.host
+    try:
+        live = registry.hosts(client)
+    # Not JSON (ValueError) or not a host record (KeyError, TypeError) is
+    # as unreadable as an unreachable Redis.
+    except (redis.RedisError, ValueError, KeyError, TypeError) as err:
+        raise Refused(f"{agent.name}: cannot read the host registry ({err}); without it "
+                      "a live lock holder cannot be ruled out, so no lock is broken",
+                      vm=agent.name) from err
+    for other, record in live.items():
+        if other != me and agent.name in record.get("running", []):
+            raise Refused(f"{agent.name} runs on live host {other}: stop it there before "
+                          "breaking its locks", vm=agent.name, host=other)
+    for volume in agent.storage.volumes(agent.name):
+        owner = volume.lock_owner
+        if owner is not None and owner != me and owner in live:
+            raise Refused(f"{agent.name}: volume {volume.name} is locked by live host "
+                          f"{owner} (its heartbeat is fresh): {owner} must stop the VM "
+                          "itself; only the lock of a host without a heartbeat can be broken",
+                          vm=agent.name, volume=volume.name, host=owner)
+
+
+def force_unlock_checked(agent: VMAgent) -> dict[str, Any]:
+    """force-unlock, after ruling out a live holder, under the VM's operation lock."""
+    with agent.locked():
+        refuse_live_holder(agent, registry.connect(agent.settings))
+        return agent.force_unlock()
 
 
 start = _vm_task("start", "start", VMAgent.start)
 stop = _vm_task("stop", "stop", VMAgent.stop)
 restart = _vm_task("restart", "restart", VMAgent.restart)
-ensure = _vm_task("ensure", "ensure", VMAgent.ensure)
+ensure = _vm_task("ensure", "ensure", VMAgent.ensure, expires=False)
 kill = _vm_task("kill", "kill", VMAgent.kill)
-force_unlock = _vm_task("force_unlock", "force-unlock", VMAgent.force_unlock)
+force_unlock = _vm_task("force_unlock", "force-unlock", force_unlock_checked)
 
 
 @app.task(bind=True, base=FcqTask, name="fcq.apply_config")
 def apply_config(self: FcqTask, /, vm: str | None = None, config: str | None = None,
-                 version: float | None = None, host: str | None = None,
+                 config_version: object = None, host: str | None = None,
                  **_: Any) -> dict[str, Any]:
-    """Write a VM's config file on this host (unless it has a newer one), then ensure it."""
+    """Write a VM's config file on this host (unless its file has a higher version), then ensure.
+
+    The version that counts is the ``version`` key inside *config*: it
+    travels with the file, so clocks, copies and fcq's own rewrites of
+    ``kvm_host`` cannot reorder pushes. *config_version*, when sent, must
+    agree with it. A ``version`` argument (the file's mtime, sent by
+    orchestrators before this rule and still sent for hosts before it)
+    is ignored.
+    """
     settings = current_settings()
     try:
         name = check_vm(vm)
         if not isinstance(config, str):
             raise BadRequest("config", "must be the VM file's YAML text")
-        if isinstance(version, bool) or not isinstance(version, (int, float)):
-            raise BadRequest("version", "must be a number (the file's modification time)")
         spec = parse_vm_text(config, f"<apply_config {name}>")
         if spec.name != name:
             raise BadRequest("config", f"names VM {spec.name!r}, not {name!r}")
+        if config_version is not None and (isinstance(config_version, bool)
+                                           or config_version != spec.version):
+            raise BadRequest("config_version", f"must equal the pushed file's version key "
+                             f"({spec.version}) (got {config_version!r})")
     except FcqError as err:
         raise self.fail(err) from err
     path = spec_path(settings.vm_config_dir, name)
-    text, stamp = config, float(version)
+    text, pushed = config, spec.version
 
     def write_and_ensure(agent: VMAgent) -> dict[str, Any]:
         # Under the VM's operation lock: no ensure reads a half-applied change.
         with agent.locked():
             try:
-                current: float | None = path.stat().st_mtime
-            except FileNotFoundError:
+                current = vm_file_version(path)
+            except ConfigError as err:
+                # Broken beyond reading its version: any valid push repairs it.
+                log.warning("config-version-unreadable", vm=name, error=err.message)
                 current = None
-            if current is not None and current > stamp:
+            # Equal is applied: pushing the same file twice is idempotent.
+            if current is not None and current > pushed:
                 return {"vm": name, "host": settings.host, "operation": "apply-config",
                         "actions": [], "status": None, "outcome": "ignored",
-                        "reason": f"this host has a newer config ({current} > {stamp})"}
+                        "version": pushed,
+                        "reason": f"this host has a newer config (version {current} > "
+                                  f"{pushed})"}
             settings.vm_config_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(path, text, mode=0o644)
-            os.utime(path, (stamp, stamp))
             try:
                 result = agent.ensure()
             except LockedByOtherHost as err:
@@ -218,35 +327,57 @@ def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str
             "failed": sweep["failed"], "exit_code": sweep["exit_code"]}
 
 
-def _rendezvous(vm: str, attempt: object, side: str) -> Any:
-    from fcq_tasks.host.migration import Rendezvous
-    if not isinstance(attempt, str) or not NAME_RE.match(attempt):
-        raise BadRequest("attempt", "must be a migration attempt id")
-    return Rendezvous(registry.connect(current_settings()), vm, attempt, side)
+def _check_name(field: str, value: object, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise BadRequest(field, f"must be {what}: {NAME_RULE} (got {value!r})")
+    return value
 
 
-@app.task(bind=True, base=FcqTask, name="fcq.inmigrate")
+def _migration_half(task: FcqTask, operation: str, vm: object, host: object, attempt: object,
+                    peer_field: str, peer: object,
+                    half: Callable[[VMAgent, redis.Redis, str, str], dict[str, Any]]
+                    ) -> dict[str, Any]:
+    """Validate a half's arguments, then run it at most once for its attempt."""
+    from fcq_tasks.host.migration import DuplicateHalf
+    settings = current_settings()
+    try:
+        attempt_id = _check_name("attempt", attempt, "a migration attempt id")
+        # The peer ends up in the VM's config (kvm_host): never an unchecked string.
+        peer_host = _check_name(peer_field, peer, "a host name")
+        if peer_host == settings.host:
+            raise BadRequest(peer_field, f"names this host ({settings.host}): a migration "
+                             "needs two hosts")
+    except FcqError as err:
+        raise task.fail(err) from err
+
+    def op(agent: VMAgent) -> dict[str, Any]:
+        return half(agent, registry.connect(settings), attempt_id, peer_host)
+    try:
+        return run_on_vm(task, operation, vm, host, op)
+    except DuplicateHalf as dup:
+        # A second delivery of a half that ran or runs: no result of its
+        # own, so the chord counts the first one only.
+        raise Ignore(str(dup)) from dup
+
+
+# track_started off: a replayed half must not overwrite the first one's
+# state with STARTED (it ends without any result of its own).
+@app.task(bind=True, base=FcqTask, name="fcq.inmigrate", track_started=False)
 def inmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = None,
               src: str | None = None, host: str | None = None, **_: Any) -> dict[str, Any]:
     """The destination half of a live migration."""
     from fcq_tasks.host import migration
-
-    def op(agent: VMAgent) -> dict[str, Any]:
-        rdv = _rendezvous(agent.name, attempt, "dst")
-        return migration.inmigrate(agent, rdv, str(src), agent.progress)
-    return run_on_vm(self, "inmigrate", vm, host, op)
+    return _migration_half(self, "inmigrate", vm, host, attempt, "src", src,
+                           migration.inmigrate)
 
 
-@app.task(bind=True, base=FcqTask, name="fcq.outmigrate")
+@app.task(bind=True, base=FcqTask, name="fcq.outmigrate", track_started=False)
 def outmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = None,
                dst: str | None = None, host: str | None = None, **_: Any) -> dict[str, Any]:
     """The source half of a live migration."""
     from fcq_tasks.host import migration
-
-    def op(agent: VMAgent) -> dict[str, Any]:
-        rdv = _rendezvous(agent.name, attempt, "src")
-        return migration.outmigrate(agent, rdv, str(dst), agent.progress)
-    return run_on_vm(self, "outmigrate", vm, host, op)
+    return _migration_half(self, "outmigrate", vm, host, attempt, "dst", dst,
+                           migration.outmigrate)
 
 
 @app.task(bind=True, base=FcqTask, name="fcq.finish_migration")

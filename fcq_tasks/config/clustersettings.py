@@ -28,6 +28,11 @@ CLUSTER_DEFAULTS: dict[str, object] = {
     "busy_retry_delay": 5,
     "busy_retries": 12,
     "registry_ttl": 30,
+    # The busy-retry chain of the defaults is 10 + 12 × (5 + 10) = 190 s;
+    # 900 s leaves ~12 minutes more for a queue backlog and clock skew, and
+    # is still half the default visibility_timeout, so a task redelivered
+    # after a worker crash always arrives expired.
+    "request_ttl": 900,
     "flower_address": "127.0.0.1",
     "flower_port": 5555,
     "flower_auth_file": None,
@@ -47,9 +52,16 @@ class ClusterSettings:
     busy_retry_delay: int            # s until that retry
     busy_retries: int                # retries before the task fails as busy
     registry_ttl: int                # s a host counts as alive after its last heartbeat
+    request_ttl: int                 # s an imperative request (start, stop, …) stays valid
     flower_address: str
     flower_port: int
     flower_auth_file: Path | None
+
+    @property
+    def busy_retry_chain(self) -> float:
+        """Seconds from a task's first try to the end of its last wait for a busy VM."""
+        return self.task_busy_wait + self.busy_retries * (self.busy_retry_delay
+                                                          + self.task_busy_wait)
 
     def url_with_password(self) -> str:
         """The broker URL with the password from password_file filled in."""
@@ -92,7 +104,7 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
     def num(key: str, lo: int, hi: int) -> int:
         return v.check_int(f, f"cluster.{key}", raw[key], lo, hi)
 
-    return ClusterSettings(
+    settings = ClusterSettings(
         broker_url=url,
         password_file=opt_path("password_file"),
         result_expires=num("result_expires", 60, 30 * 86400),
@@ -104,10 +116,21 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
         busy_retry_delay=num("busy_retry_delay", 1, 3600),
         busy_retries=num("busy_retries", 0, 1000),
         registry_ttl=num("registry_ttl", 3, 3600),
+        request_ttl=num("request_ttl", 1, 7 * 86400),
         flower_address=v.check_str(f, "cluster.flower_address", raw["flower_address"]),
         flower_port=num("flower_port", 1, 65535),
         flower_auth_file=opt_path("flower_auth_file"),
     )
+    # Busy retries resend the request with its original expires_at: a ttl
+    # shorter than the chain would turn "busy, try again" into "expired".
+    chain = settings.busy_retry_chain
+    if settings.request_ttl < chain:
+        raise ConfigError(f, "cluster.request_ttl",
+                          f"must be at least the busy-retry chain, cluster.task_busy_wait + "
+                          f"cluster.busy_retries × (cluster.busy_retry_delay + "
+                          f"cluster.task_busy_wait) = {chain:g} s (got {settings.request_ttl}): "
+                          "raise request_ttl or shorten the chain")
+    return settings
 
 
 def sanitized(url: str) -> str:

@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
     "migration_downtime_ms": 300,
     "migration_bandwidth_mbps": 0,
     "migration_timeout_per_gib": 120.0,
+    "migration_timeout_max": 1500.0,
+    "migration_heartbeat_ttl": 10.0,
+    "migration_peer_grace": 60.0,
     "max_migrations": 1,
     "cluster": None,                    # see clustersettings.CLUSTER_DEFAULTS
 }
@@ -103,6 +106,9 @@ class HostSettings:
     migration_downtime_ms: int = 300        # QEMU's downtime-limit
     migration_bandwidth_mbps: int = 0       # 0: unlimited
     migration_timeout_per_gib: float = 120.0  # s per GiB of guest memory (at least one GiB)
+    migration_timeout_max: float = 1500.0   # s: no attempt takes longer, whatever its size
+    migration_heartbeat_ttl: float = 10.0   # s: a half silent this long counts as gone
+    migration_peer_grace: float = 60.0      # s: the other half has this long to show up
     max_migrations: int = 1                 # in or out, at once, on this host
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))
@@ -144,7 +150,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
     host = raw["host"] if raw["host"] is not None else socket.gethostname().split(".")[0]
     log_file = raw["log_file"]
     template = raw["template"]
-    return HostSettings(
+    settings = HostSettings(
         host=v.check_name(f, "host", host),
         vm_config_dir=Path(v.check_abs_path(f, "vm_config_dir", raw["vm_config_dir"])),
         run_dir=_run_dir(f, raw["run_dir"]),
@@ -176,11 +182,38 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
                                              raw["migration_bandwidth_mbps"], 0, 10**6),
         migration_timeout_per_gib=v.check_number(f, "migration_timeout_per_gib",
                                                  raw["migration_timeout_per_gib"], 1, 86400),
+        migration_timeout_max=v.check_number(f, "migration_timeout_max",
+                                             raw["migration_timeout_max"], 1, 86400),
+        migration_heartbeat_ttl=v.check_number(f, "migration_heartbeat_ttl",
+                                               raw["migration_heartbeat_ttl"], 1, 600),
+        migration_peer_grace=v.check_number(f, "migration_peer_grace",
+                                            raw["migration_peer_grace"], 1, 3600),
         max_migrations=v.check_int(f, "max_migrations", raw["max_migrations"], 1, 64),
         cluster=parse_cluster_settings(f, raw["cluster"]),
         source=source,
         warnings=warnings,
     )
+    _check_migration_fits(f, settings)
+    return settings
+
+
+def _check_migration_fits(f: str, s: HostSettings) -> None:
+    # A migration half is an acks_late task: one that runs longer than the
+    # broker's visibility timeout is delivered a second time while it runs.
+    # fcq ignores such a duplicate, but the broker no longer waits for the
+    # first one to be acknowledged, so a worker dying after that loses the
+    # half's redelivery. Refuse settings that allow it.
+    longest = s.migration_timeout_max + s.migration_peer_grace
+    if longest >= s.cluster.visibility_timeout:
+        raise ConfigError(f, "migration_timeout_max",
+                          f"migration_timeout_max + migration_peer_grace ({longest:.0f} s) must "
+                          "be shorter than cluster.visibility_timeout "
+                          f"({s.cluster.visibility_timeout} s): a half that outlives it is "
+                          "delivered again while it runs")
+    if s.migration_heartbeat_ttl * 2 > s.migration_peer_grace:
+        raise ConfigError(f, "migration_peer_grace",
+                          f"must be at least twice migration_heartbeat_ttl "
+                          f"({s.migration_heartbeat_ttl:.0f} s)")
 
 
 def _run_dir(f: str, value: object) -> Path:

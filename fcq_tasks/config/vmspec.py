@@ -5,12 +5,19 @@ Every field is checked; the first broken one raises :class:`ConfigError`
 naming the file, the field and the rule. Keys fcq does not know are kept as
 warnings (inventory systems write more keys than a hypervisor needs), and
 ``fcq config check --strict`` turns them into errors.
+
+The optional top-level ``version`` (a whole number, absent = 0) orders the
+pushes of one VM's file (``fcq apply-config``): a host keeps its file when a
+push has a lower version. It is written into the file, so it survives
+copies and checkouts, unlike a modification time; fcq's own rewrites of a
+file (:func:`rewrite_vm_parameters`) keep it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +26,7 @@ import yaml
 
 from fcq_tasks.config import validate as v
 from fcq_tasks.errors import ConfigError, UnknownVM
+from fcq_tasks.fileio import write_atomically
 
 GiB = 2**30
 MiB = 2**20
@@ -26,11 +34,15 @@ MiB = 2**20
 NET_RE = re.compile(r"^[a-z][a-z0-9]{0,7}\Z")
 NET_RULE = "network names are 1-8 characters of a-z and 0-9, starting with a letter"
 
-KNOWN_TOP = frozenset({"name", "parameters"})
+KNOWN_TOP = frozenset({"name", "version", "parameters"})
 KNOWN_PARAMETERS = frozenset({
     "id", "resource_group", "online", "kvm_host", "disk", "memory", "cores", "nics",
     "rbd_pool", "iops",
 })
+
+#: The largest ``version``: YAML integers are unbounded; an inventory's
+#: counter, or even a timestamp in nanoseconds, fits comfortably.
+MAX_VERSION = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class VMSpec:
     nics: tuple[Nic, ...]
     rbd_pool: str | None = None
     iops: int = 0                       # 0: no limit
+    # Orders pushes of this file; not part of the desired state itself.
+    version: int = field(default=0, compare=False)
     source: str = field(default="<memory>", compare=False)
     mtime: float = field(default=0.0, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -88,6 +102,11 @@ def load_vm_spec(config_dir: Path, name: str) -> VMSpec:
 
 
 def parse_vm_file(path: Path) -> VMSpec:
+    return read_vm_file(path)[1]
+
+
+def read_vm_file(path: Path) -> tuple[str, VMSpec]:
+    """The text of a VM file and its spec, from one read (what is sent is what was checked)."""
     f = str(path)
     try:
         text = path.read_text()
@@ -97,7 +116,32 @@ def parse_vm_file(path: Path) -> VMSpec:
     spec = parse_vm_text(text, f, mtime=mtime)
     if path.suffix == ".cfg" and path.stem != spec.name:
         raise ConfigError(f, "name", f"must match the file name {path.stem!r} (got {spec.name!r})")
-    return spec
+    return text, spec
+
+
+def vm_file_version(path: Path) -> int | None:
+    """The ``version`` of the VM file at *path*; None if there is no file.
+
+    Reads only that key, so the version of a file that is broken elsewhere
+    is still known. Raises ConfigError when the version itself cannot be
+    read (not YAML, not a mapping, not a whole number ≥ 0).
+    """
+    f = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(f, "(file)", f"cannot be read: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f, "(file)", f"is not valid YAML: {err}") from err
+    return _version(f, v.check_mapping(f, "(top level)", data))
+
+
+def _version(f: str, top: Mapping[str, object]) -> int:
+    return v.check_int(f, "version", top.get("version", 0), 0, MAX_VERSION)
 
 
 def parse_vm_text(text: str, source: str, mtime: float = 0.0) -> VMSpec:
@@ -137,6 +181,7 @@ def parse_vm_data(data: object, source: str, mtime: float = 0.0) -> VMSpec:
         nics=_nics(f, p.get("nics", [])),
         rbd_pool=None if rbd_pool is None else v.check_name(f, "parameters.rbd_pool", rbd_pool),
         iops=v.check_int(f, "parameters.iops", p.get("iops", 0), 0, 10**7),
+        version=_version(f, top),
         source=source,
         mtime=mtime,
         warnings=tuple(warnings),
@@ -185,4 +230,44 @@ def dump_vm_spec(spec: VMSpec) -> str:
         params["rbd_pool"] = spec.rbd_pool
     if spec.iops:
         params["iops"] = spec.iops
-    return yaml.safe_dump({"name": spec.name, "parameters": params}, sort_keys=False)
+    top: dict[str, object] = {"name": spec.name}
+    if spec.version:
+        top["version"] = spec.version
+    top["parameters"] = params
+    return yaml.safe_dump(top, sort_keys=False)
+
+
+def rewrite_vm_parameters(path: Path, **changes: object) -> VMSpec:
+    """Set ``parameters.<key>`` of the VM file at *path*; keep every other key as it is.
+
+    For fcq's own edits of a file (a migration points ``kvm_host`` at the
+    VM's new host): ``version`` stays what the file says, so such an edit
+    never makes a concurrent push of the same version look newer or older.
+    Only keys fcq knows can be changed; the result is validated before it
+    is written, and written atomically (readers see the old file or the new
+    one), so a bad value leaves the file untouched. YAML comments are not
+    kept. Call it under the VM's operation lock: it reads, then writes.
+    Returns the new spec.
+    """
+    f = str(path)
+    bad = sorted(k for k in changes if k not in KNOWN_PARAMETERS)
+    if bad:
+        raise ConfigError(f, f"parameters.{bad[0]}",
+                          "is not a parameter fcq knows; known: " + ", ".join(
+                              sorted(KNOWN_PARAMETERS)))
+    try:
+        text = path.read_text()
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # who may read it stays as it was
+    except OSError as err:
+        raise ConfigError(f, "(file)", f"cannot be read: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f, "(file)", f"is not valid YAML: {err}") from err
+    top = dict(v.check_mapping(f, "(top level)", data))
+    top["parameters"] = {**v.check_mapping(f, "parameters", top.get("parameters")), **changes}
+    spec = parse_vm_data(top, f)
+    if path.suffix == ".cfg" and path.stem != spec.name:
+        raise ConfigError(f, "name", f"must match the file name {path.stem!r} (got {spec.name!r})")
+    write_atomically(path, yaml.safe_dump(top, sort_keys=False), mode=mode)
+    return spec

@@ -1,28 +1,31 @@
 """One VM's QEMU process on this host: start, identify, stop, kill.
 
 A QEMU process is *ours* only if the PID in its pidfile belongs to a live,
-non-zombie process whose command line reads our rendered config file, and,
-when we recorded it at start, whose create time matches. A PID recycled by an
-unrelated process is therefore never signalled. Zombies count as dead: PID 1
-here reaps orphans only every ~1.5 s (FACTS.md).
+non-zombie process whose command line reads our rendered config file, and
+whose start time in clock ticks since boot equals the one recorded at start.
+A PID recycled by an unrelated process is therefore never signalled, and a
+wall-clock step changes nothing. Zombies count as dead: a daemonized QEMU
+that exited stays a zombie until PID 1 reaps it (seconds, on some init
+systems), and a zombie still answers ``kill -0``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from fcq_tasks.deadline import Deadline, poll_until
 from fcq_tasks.errors import QemuError
 from fcq_tasks.fileio import write_atomically
-from fcq_tasks.hazmat.qmp import QmpSession
+from fcq_tasks.hazmat.monitor import Monitor
 
 #: How often we look at a process we wait for.
 POLL_INTERVAL = 0.05
@@ -81,12 +84,41 @@ class VMRunPaths:
 
 @dataclass(frozen=True)
 class Identity:
-    """What we recorded when we started the process."""
+    """What we recorded when we started the process.
+
+    ``start_ticks`` is when the process started, in clock ticks since boot
+    (field 22 of ``/proc/<pid>/stat``), and ``boot_id`` names the boot. Both
+    are immune to wall-clock steps; psutil's ``create_time()`` is not (it
+    adds the boot time, which moves when NTP steps the clock), so a 1 s step
+    would make a live QEMU look like a stranger.
+    """
 
     pid: int
-    create_time: float
+    start_ticks: int | None     # None: a record written by an older fcq (create time only)
+    boot_id: str
     memory_mb: int
     argv: tuple[str, ...]
+    incoming: str | None = None  # the migration attempt this QEMU was started to receive
+
+
+def boot_id() -> str:
+    """This boot's random id: a pid and start ticks from another boot mean nothing."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process *pid* started, in clock ticks since boot; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces
+    # or parentheses itself: count fields from the last ")".
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])  # field 22 overall; fields[0] is field 3
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -94,6 +126,14 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@dataclass(frozen=True)
+class Examined:
+    """What the pid on record turned out to be."""
+
+    proc: psutil.Process | None    # our QEMU, alive
+    impostor: int | None = None    # a live process naming our config that is not the one we started
 
 
 class QemuProcess:
@@ -108,9 +148,13 @@ class QemuProcess:
     def identity(self) -> Identity | None:
         try:
             data = json.loads(self.paths.identity.read_text())
-            return Identity(pid=int(data["pid"]), create_time=float(data["create_time"]),
-                            memory_mb=int(data["memory_mb"]), argv=tuple(data["argv"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            ticks = data.get("start_ticks")
+            return Identity(pid=int(data["pid"]),
+                            start_ticks=None if ticks is None else int(ticks),
+                            boot_id=str(data.get("boot_id", "")),
+                            memory_mb=int(data["memory_mb"]), argv=tuple(data["argv"]),
+                            incoming=data.get("incoming"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def _pid_from_pidfile(self) -> int | None:
@@ -119,29 +163,46 @@ class QemuProcess:
         except (OSError, ValueError):
             return None
 
-    def find(self) -> psutil.Process | None:
-        """Our live QEMU process, or None. Never returns a stranger."""
+    def examine(self) -> Examined:
+        """Look at the process on record: ours, gone, or a stranger naming our config.
+
+        A process counts as ours when it is alive (not a zombie), its
+        command line reads our rendered config, and its start ticks and
+        boot id equal what we recorded. One that names our config but was
+        started at another moment is an impostor: it is neither ours (never
+        signalled) nor gone (its guest may be running, so its locks are
+        never released on its behalf).
+        """
         ident = self.identity()
         pid = ident.pid if ident is not None else self._pid_from_pidfile()
         if pid is None or pid <= 1:
-            return None
+            return Examined(None)
         try:
             proc = psutil.Process(pid)
             if not _alive(proc):
-                return None
-            cmdline = proc.cmdline()
-            if str(self.paths.config) not in cmdline:
-                return None
-            if ident is not None and abs(proc.create_time() - ident.create_time) > 0.5:
-                return None
+                return Examined(None)
+            if str(self.paths.config) not in proc.cmdline():
+                return Examined(None)  # the pid was recycled by an unrelated process
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            return None
-        return proc
+            return Examined(None)
+        if ident is not None and ident.start_ticks is not None and (
+                start_ticks(pid) != ident.start_ticks or ident.boot_id != boot_id()):
+            return Examined(None, impostor=pid)
+        return Examined(proc)
+
+    def find(self) -> psutil.Process | None:
+        """Our live QEMU process, or None. Never returns a stranger."""
+        return self.examine().proc
 
     # -- life cycle -----------------------------------------------------
 
-    def start(self, argv: list[str], memory_mb: int, timeout: float) -> Identity:
-        """Start QEMU daemonized and return once its monitor answers."""
+    def start(self, argv: list[str], memory_mb: int, timeout: float,
+              incoming: str | None = None) -> Identity:
+        """Start QEMU daemonized and return once its monitor answers.
+
+        *incoming*: the migration attempt this QEMU is to receive (recorded,
+        so that a later look can tell an incoming copy from a paused VM).
+        """
         for stale in (self.paths.pidfile, self.paths.qmp, self.paths.ga, self.paths.observer):
             stale.unlink(missing_ok=True)
         try:
@@ -163,52 +224,60 @@ class QemuProcess:
         for sock in (self.paths.qmp, self.paths.ga, self.paths.observer):
             if sock.exists():
                 os.chmod(sock, 0o600)
-        try:
-            create_time = psutil.Process(pid).create_time()
-        except psutil.NoSuchProcess as err:
+        ticks = start_ticks(pid)
+        if ticks is None:
             raise QemuError(f"{self.paths.name}: QEMU exited right after starting",
-                            vm=self.paths.name) from err
-        ident = self._write_identity(pid, create_time, memory_mb, list(argv))
-        self.wait_for_qmp(time.monotonic() + timeout)
+                            vm=self.paths.name)
+        ident = self._write_identity(Identity(pid, ticks, boot_id(), memory_mb, tuple(argv),
+                                              incoming))
+        self.wait_for_monitor(Deadline.after(timeout, "QEMU's monitor"))
         return ident
 
-    def _write_identity(self, pid: int, create_time: float, memory_mb: int,
-                        argv: list[str]) -> Identity:
+    def _write_identity(self, ident: Identity) -> Identity:
         write_atomically(self.paths.identity, json.dumps({
-            "pid": pid, "create_time": create_time, "memory_mb": memory_mb, "argv": argv}))
-        return Identity(pid=pid, create_time=create_time, memory_mb=memory_mb,
-                        argv=tuple(argv))
+            "pid": ident.pid, "start_ticks": ident.start_ticks, "boot_id": ident.boot_id,
+            "memory_mb": ident.memory_mb, "argv": list(ident.argv),
+            "incoming": ident.incoming}))
+        return ident
 
     def record_identity(self, proc: psutil.Process, memory_mb: int) -> Identity:
         """Write the identity of *proc* (which find() returned) after the fact."""
-        return self._write_identity(proc.pid, proc.create_time(), memory_mb, proc.cmdline())
+        old = self.identity()
+        return self._write_identity(Identity(
+            proc.pid, start_ticks(proc.pid), boot_id(), memory_mb, tuple(proc.cmdline()),
+            old.incoming if old is not None and old.pid == proc.pid else None))
 
-    def wait_for_qmp(self, deadline: float) -> None:
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+    def mark_resumed(self) -> None:
+        """The incoming copy runs: from now on it is an ordinary VM of this host."""
+        ident = self.identity()
+        if ident is not None and ident.incoming is not None:
+            self._write_identity(dataclasses.replace(ident, incoming=None))
+
+    def wait_for_monitor(self, deadline: Deadline) -> None:
+        last: list[Exception] = []
+
+        def answers() -> bool:
             if self.find() is None:
                 raise QemuError(f"{self.paths.name}: QEMU exited while starting; see "
                                 f"{self.paths.serial_log}", vm=self.paths.name)
             try:
-                with self.qmp() as qmp:
-                    qmp.runstate()
-                return
+                with self.monitor() as mon:
+                    mon.runstate()
+                return True
             except QemuError as err:
-                last = err
-                time.sleep(POLL_INTERVAL)
-        raise QemuError(f"{self.paths.name}: QMP did not answer after start: {last}",
-                        vm=self.paths.name)
+                last[:] = [err]
+                return False
+        if not poll_until(answers, deadline, POLL_INTERVAL):
+            raise QemuError(f"{self.paths.name}: QMP did not answer after start: "
+                            f"{last[0] if last else ''}", vm=self.paths.name)
 
-    def qmp(self) -> QmpSession:
-        return QmpSession(str(self.paths.qmp), self.qmp_timeout, self.paths.name)
+    def monitor(self) -> Monitor:
+        """fcq's monitor of this QEMU (one client at a time: hold it briefly)."""
+        return Monitor(str(self.paths.qmp), self.qmp_timeout, self.paths.name)
 
     def wait_gone(self, proc: psutil.Process, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not _alive(proc):
-                return True
-            time.sleep(POLL_INTERVAL)
-        return not _alive(proc)
+        return bool(poll_until(lambda: not _alive(proc), Deadline.after(timeout),
+                               POLL_INTERVAL))
 
     def kill(self, proc: psutil.Process) -> None:
         """SIGKILL *proc* (which find() returned) and wait until it is gone."""

@@ -13,9 +13,9 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from fcq_tasks.errors import QmpError
+from fcq_tasks.errors import QemuRefused, QmpError
 
 T = TypeVar("T")
 
@@ -34,6 +34,10 @@ class QmpSession:
         assert self._loop is not None
         try:
             return self._loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+        except ExecuteError as err:
+            # An answer, not silence: the monitor works and QEMU said no.
+            raise QemuRefused(f"{self.vm}: QEMU refused {what}: {err}", vm=self.vm,
+                              command=what, error_class=str(err.error_class)) from err
         except TimeoutError as err:
             raise QmpError(f"{self.vm}: QMP {what} timed out after {self.timeout} s",
                            vm=self.vm, command=what) from err

@@ -12,11 +12,22 @@ Safety rules encoded here:
 * a VM is started only when no other host holds its locks;
 * a QEMU whose monitor stays silent longer than a grace is killed: it cannot
   be managed (a briefly slow monitor on a loaded host is left alone);
+* a live process that names the VM's config but is not the QEMU fcq started
+  (by pid, start ticks and boot) is never treated as gone: no clean-up, no
+  released lock, no second start; an operator decides;
+* an incoming QEMU that no migration half owns (the agent only plans while
+  it holds the VM's operation lock, which a running half holds throughout)
+  is killed, and its locks are never taken on its behalf, unless the source
+  handed the locks over: then the source's QEMU is gone for sure and the
+  received copy is resumed instead of booting the guest again;
+* a source whose locks were handed to another host follows them: its config
+  is pointed at the new holder and it never starts the VM itself;
 * disks grow, never shrink.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -30,9 +41,11 @@ class Run(enum.Enum):
     CRASHED = "crashed"            # no process, but run files: it ended without fcq
     RUNNING = "running"
     PAUSED = "paused"              # any other QMP runstate: paused, suspended, ...
-    INMIGRATE = "inmigrate"        # waiting for an incoming migration
+    INMIGRATE = "inmigrate"        # waiting for or receiving an incoming migration
+    RECEIVED = "received"          # incoming copy complete, paused, waiting for `cont`
     POSTMIGRATE = "postmigrate"    # source after a completed migration: guest moved away
     UNRESPONSIVE = "unresponsive"  # process alive, QMP does not answer
+    IMPOSTOR = "impostor"          # a live process names our config but is not the QEMU we started
 
 
 class Do(enum.Enum):
@@ -45,6 +58,9 @@ class Do(enum.Enum):
     GROW_ROOT = "grow-root"
     SET_IOPS = "set-iops"
     OUTMIGRATE = "outmigrate"      # config moved the VM to another host
+    RESUME = "resume"              # run a received copy whose locks were handed to us
+    CLAIM = "claim"                # take on a VM whose locks were handed to us (config follows)
+    FOLLOW = "follow"              # point our config at the host our locks were handed to
     REFUSE = "refuse"              # a safety rule forbids the next step: report
     NOTHING = "nothing"
 
@@ -56,6 +72,9 @@ class Observed:
     root_bytes: int | None = None
     iops: int | None = None        # current limit of a running VM (0: none)
     silent_for: float = 0.0        # UNRESPONSIVE: seconds since QMP first failed to answer
+    handed_to_us: bool = False     # every lock was handed to this host and not yet claimed
+    handed_away_to: str = ""       # every lock was handed by this host to that host
+    impostor_pid: int = 0          # IMPOSTOR: the pid
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ class Action:
     iops: int = 0                  # SET_IOPS
     host: str = ""                 # OUTMIGRATE: destination; REFUSE: lock owner
     refusal: str = ""              # REFUSE: "locked" | "shrink" | "split-brain" | ...
+    keep_locks: bool = False       # CLEAN_UP: remove run files only
 
 
 def wanted(spec: VMSpec, host: str) -> str:
@@ -100,14 +120,36 @@ def plan(spec: VMSpec, observed: Observed, host: str,
     locks, other = _lock_summary(observed.lock_owners, host)
     run = observed.run
 
+    if run is Run.IMPOSTOR:
+        return [Action(Do.REFUSE, f"pid {observed.impostor_pid} names this VM's config but is "
+                       "not the QEMU fcq started: left alone, locks kept", refusal="impostor")]
+
     if run is Run.UNRESPONSIVE:
         if observed.silent_for < kill_silent_after:
             return [Action(Do.NOTHING, f"monitor silent for {observed.silent_for:.0f} s; "
                            f"killed after {kill_silent_after:.0f} s")]
         # Kill, then plan as if stopped: an unmanageable QEMU helps nobody.
-        rest = plan(spec, Observed(Run.CRASHED, observed.lock_owners, observed.root_bytes),
+        rest = plan(spec, dataclasses.replace(observed, run=Run.CRASHED, silent_for=0.0),
                     host)
         return [Action(Do.KILL, "QEMU process alive but its monitor does not answer"), *rest]
+
+    if observed.handed_to_us:
+        return _plan_handed_to_us(spec, observed, host, kill_silent_after)
+
+    if run in (Run.INMIGRATE, Run.RECEIVED):
+        # We plan only while holding the operation lock, which a running
+        # inmigrate half holds throughout: nobody receives this copy.
+        return [Action(Do.KILL, "incoming QEMU that no migration owns"),
+                Action(Do.CLEAN_UP, "remove its run files; it never held locks")]
+
+    if observed.handed_away_to and spec.kvm_host == host and \
+            run in (Run.STOPPED, Run.CRASHED, Run.POSTMIGRATE):
+        moved = [Action(Do.KILL, "migrated away: source copy left over")] \
+            if run is Run.POSTMIGRATE else []
+        if run is not Run.STOPPED:
+            moved.append(Action(Do.CLEAN_UP, "remove run files", keep_locks=True))
+        return [*moved, Action(Do.FOLLOW, f"locks were handed to {observed.handed_away_to}: "
+                              "the VM lives there now", host=observed.handed_away_to)]
 
     if run in (Run.STOPPED, Run.CRASHED):
         acts: list[Action] = []
@@ -122,11 +164,6 @@ def plan(spec: VMSpec, observed: Observed, host: str,
         acts.append(Action(Do.START, "online here but not running"))
         acts.extend(_shrink_refusal(spec, observed))
         return acts
-
-    if run is Run.INMIGRATE:
-        if want == "offline":
-            return [Action(Do.KILL, "incoming VM but config says offline"), Action(Do.CLEAN_UP, "")]
-        return [Action(Do.NOTHING, "waiting for an incoming migration")]
 
     if run is Run.POSTMIGRATE:
         # The guest runs elsewhere now; this copy must never be resumed.
@@ -161,6 +198,24 @@ def plan(spec: VMSpec, observed: Observed, host: str,
     if observed.iops is not None and observed.iops != spec.iops:
         acts.append(Action(Do.SET_IOPS, f"iops {observed.iops} → {spec.iops}", iops=spec.iops))
     return acts or [Action(Do.NOTHING, "running as configured")]
+
+
+def _plan_handed_to_us(spec: VMSpec, observed: Observed, host: str,
+                       kill_silent_after: float) -> list[Action]:
+    """The source handed every lock to this host (its QEMU was gone first): the VM is ours."""
+    run = observed.run
+    if run is Run.RECEIVED:
+        return [Action(Do.RESUME, "locks handed over: resume the received copy")]
+    if run is Run.INMIGRATE:
+        return [Action(Do.NOTHING, "locks handed over; the copy is still loading")]
+    claim = Action(Do.CLAIM, "locks handed over: this host runs the VM now", host=host)
+    if run in (Run.RUNNING, Run.PAUSED):
+        return [claim]
+    # STOPPED or CRASHED: the received copy is gone; boot the guest here.
+    own = dataclasses.replace(spec, kvm_host=host)
+    rest = plan(own, dataclasses.replace(observed, handed_to_us=False), host, kill_silent_after)
+    return [claim, *[dataclasses.replace(a, keep_locks=True) if a.do is Do.CLEAN_UP else a
+                     for a in rest]]
 
 
 def _shrink_refusal(spec: VMSpec, observed: Observed) -> list[Action]:

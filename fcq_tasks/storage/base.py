@@ -23,6 +23,8 @@ class VolumeInfo:
     name: str
     size: int | None          # bytes; None: the volume does not exist
     lock_owner: str | None    # host name holding its lock
+    handed_from: str | None = None  # the host that handed the lock to its owner (migration)
+    claimed: bool = True      # with handed_from: the new owner has taken the VM on
 
 
 class Storage(Protocol):
@@ -48,6 +50,20 @@ class Storage(Protocol):
 
     def unlock(self, vm: str, volume: str) -> bool:
         """Release this host's lock on the volume; True if it was released now."""
+        ...
+
+    def hand_over(self, vm: str, volume: str, to_host: str) -> None:
+        """Give this host's lock to *to_host* in one step (the migration handover).
+
+        Afterwards the lock names *to_host* as owner and this host as
+        ``handed_from``, unclaimed: the lock itself records that the
+        source let go only after its QEMU was gone. Raises StorageError if
+        this host does not hold the lock.
+        """
+        ...
+
+    def claim(self, vm: str, volume: str) -> None:
+        """Mark a lock handed to this host as taken on (its VM runs here for good)."""
         ...
 
     def force_unlock(self, vm: str, volume: str) -> str | None:

@@ -3,12 +3,15 @@
 Layout under the host's state directory::
 
     volumes/<vm>.<volume>        raw image file (sparse)
-    locks/<vm>.<volume>.lock     JSON {"host": ..., "since": ...}
+    locks/<vm>.<volume>.lock     JSON {"host": ..., "since": ...,
+                                       ["handed_from": ..., "claimed": ...]}
 
 A lock file is created complete under a temporary name and hard-linked into
 place, so taking a lock is atomic and a reader never sees a half-written
-owner. These locks mean what RBD's advisory locks mean, but only for
-processes sharing this file system: not for multi-host production use.
+owner. A migration's handover replaces the file in one rename, so the lock
+never is free between source and destination. These locks mean what RBD's
+advisory locks mean, but only for processes sharing this file system: not
+for multi-host production use.
 """
 
 from __future__ import annotations
@@ -72,7 +75,14 @@ class LocalStorage:
                 size: int | None = self._image(vm, volume).stat().st_size
             except FileNotFoundError:
                 size = None
-            out.append(VolumeInfo(volume, size, self.lock_owner(vm, volume)))
+            record = self._lock_record(vm, volume)
+            if record is None:
+                out.append(VolumeInfo(volume, size, None))
+                continue
+            handed = record.get("handed_from")
+            out.append(VolumeInfo(volume, size, str(record["host"]),
+                                  None if handed is None else str(handed),
+                                  record.get("claimed") is not False))
         return out
 
     def ensure_volumes(self, spec: VMSpec) -> list[str]:
@@ -129,7 +139,7 @@ class LocalStorage:
 
     # -- locks ------------------------------------------------------------
 
-    def lock_owner(self, vm: str, volume: str) -> str | None:
+    def _lock_record(self, vm: str, volume: str) -> dict[str, object] | None:
         try:
             data = json.loads(self._lockfile(vm, volume).read_text())
         except FileNotFoundError:
@@ -137,7 +147,38 @@ class LocalStorage:
         except (OSError, ValueError) as err:
             raise StorageError(f"{vm}: lock of {volume} is unreadable: {err}",
                                vm=vm, volume=volume) from err
-        return str(data["host"])
+        if not isinstance(data, dict) or not isinstance(data.get("host"), str):
+            raise StorageError(f"{vm}: lock of {volume} names no host", vm=vm, volume=volume)
+        return data
+
+    def lock_owner(self, vm: str, volume: str) -> str | None:
+        record = self._lock_record(vm, volume)
+        return None if record is None else str(record["host"])
+
+    def _replace_lock(self, vm: str, volume: str, record: dict[str, object]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.lock_dir, prefix=f".{vm}.{volume}.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(record, fh)
+            os.replace(tmp, self._lockfile(vm, volume))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def hand_over(self, vm: str, volume: str, to_host: str) -> None:
+        if self.lock_owner(vm, volume) != self.host:
+            raise StorageError(f"{vm}: cannot hand the lock of {volume} to {to_host}: "
+                               f"host {self.host} does not hold it", vm=vm, volume=volume)
+        self._replace_lock(vm, volume, {"host": to_host, "since": time.time(),
+                                        "handed_from": self.host, "claimed": False})
+
+    def claim(self, vm: str, volume: str) -> None:
+        record = self._lock_record(vm, volume)
+        if record is None or record["host"] != self.host:
+            raise StorageError(f"{vm}: cannot claim the lock of {volume}: host {self.host} "
+                               "does not hold it", vm=vm, volume=volume)
+        if record.get("claimed") is False:
+            self._replace_lock(vm, volume, {**record, "claimed": True})
 
     def lock(self, vm: str, volume: str) -> bool:
         self._prepare_dirs()

@@ -1,0 +1,165 @@
+"""The hypervisor contract: what fcq asks of a running QEMU, verb by verb.
+
+Like Nova's virt driver, this is the boundary nobody above crosses: the agent
+and the migration phases call these verbs, and no QMP command name appears
+outside this module. Each verb says what it guarantees when it returns, and
+raises :class:`~fcq_tasks.errors.QmpError` when the monitor did not answer
+(nothing is known about what QEMU did) or
+:class:`~fcq_tasks.errors.QemuRefused` when QEMU answered no (nothing was
+done).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from fcq_tasks.hazmat.qmp import QmpSession
+
+#: The six throttle fields QEMU wants in every block_set_io_throttle.
+_THROTTLE_ZERO = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops_rd": 0, "iops_wr": 0}
+
+#: QEMU's "unlimited": its own default would be 128 MiB/s.
+UNLIMITED_BANDWIDTH = 2**40
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One drive as QEMU has it open."""
+
+    device: str
+    size: int           # bytes the guest sees
+    iops: int           # 0: no limit
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """One reading of an outgoing (or incoming) migration."""
+
+    status: str                 # none, setup, active, completed, failed, cancelling, ...
+    transferred: int | None = None
+    remaining: int | None = None
+    mbps: float | None = None
+    total_ms: int | None = None
+    downtime_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    error: str = ""
+
+    @property
+    def completed(self) -> bool:
+        # Right after completion QEMU may report downtime 0 for a moment;
+        # only a reading with the downtime filled in is final.
+        return self.status == "completed" and bool(self.downtime_ms)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("failed", "cancelled")
+
+
+class Monitor:
+    """fcq's monitor connection to one QEMU, opened with ``with``."""
+
+    def __init__(self, socket_path: str, timeout: float, vm: str) -> None:
+        self._session = QmpSession(socket_path, timeout, vm)
+        self.vm = vm
+
+    def __enter__(self) -> Monitor:
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._session.__exit__(exc_type, exc, tb)
+
+    def _do(self, command: str, **arguments: object) -> Any:
+        return self._session.execute(command, **arguments)
+
+    # -- observing ------------------------------------------------------
+
+    def runstate(self) -> str:
+        """QEMU's run state: running, paused, inmigrate, postmigrate, ..."""
+        return str(self._do("query-status")["status"])
+
+    def blocks(self) -> dict[str, BlockInfo]:
+        """Every drive with a medium, by drive id."""
+        out = {}
+        for block in self._do("query-block"):
+            inserted = block.get("inserted")
+            if inserted is None:
+                continue
+            out[str(block["device"])] = BlockInfo(
+                device=str(block["device"]), size=int(inserted["image"]["virtual-size"]),
+                iops=int(inserted.get("iops", 0)))
+        return out
+
+    # -- life cycle -----------------------------------------------------
+
+    def powerdown(self) -> None:
+        """Press the ACPI power button; the guest may ignore it."""
+        self._do("system_powerdown")
+
+    def pause(self) -> None:
+        """Stop guest code. Returns once no vCPU runs."""
+        self._do("stop")
+
+    def resume(self) -> None:
+        """Run guest code. Only ever for a copy that is known to be the only one."""
+        self._do("cont")
+
+    def quit(self) -> None:
+        """Ask QEMU to exit at once (the guest is not asked)."""
+        self._do("quit")
+
+    # -- disks ----------------------------------------------------------
+
+    def resize_disk(self, device: str, size: int) -> None:
+        """Grow *device* to *size* bytes; the guest sees the new size at once.
+
+        QEMU has no shrink guard: callers check the size first.
+        """
+        self._do("block_resize", device=device, size=size)
+
+    def throttle(self, devices: list[str], iops: int) -> None:
+        """Limit each of *devices* to *iops* (0: no limit)."""
+        for device in devices:
+            self._do("block_set_io_throttle", device=device, iops=iops, **_THROTTLE_ZERO)
+
+    # -- migration --------------------------------------------------------
+
+    def listen_for_migration(self, uri: str) -> None:
+        """On a QEMU started with ``-incoming defer``: accept the stream on *uri*."""
+        self._do("migrate-incoming", uri=uri)
+
+    def migrate_to(self, uri: str, downtime_ms: int, bandwidth_bytes: int) -> None:
+        """Start sending this guest to *uri*: no compression, auto-converge.
+
+        Returns once the copy has started; the guest runs here until
+        QEMU's final pause, after which it never runs here again.
+        """
+        self._do("migrate-set-capabilities", capabilities=[
+            {"capability": "auto-converge", "state": True},
+            {"capability": "xbzrle", "state": False},
+            {"capability": "compress", "state": False}])
+        self._do("migrate-set-parameters", **{
+            "downtime-limit": downtime_ms, "max-bandwidth": bandwidth_bytes})
+        self._do("migrate", uri=uri)
+
+    def poll_migration(self) -> MigrationStatus:
+        info = self._do("query-migrate")
+        ram = info.get("ram", {})
+        return MigrationStatus(
+            status=str(info.get("status", "none")), transferred=ram.get("transferred"),
+            remaining=ram.get("remaining"), mbps=ram.get("mbps"),
+            total_ms=info.get("total-time"), downtime_ms=info.get("downtime"),
+            expected_downtime_ms=info.get("expected-downtime"),
+            error=str(info.get("error-desc", "")))
+
+    def cancel_migration(self) -> None:
+        """Ask QEMU to cancel the outgoing copy.
+
+        QEMU resumes the guest by itself after a cancel that came in time;
+        a cancel that lost the race with completion leaves it postmigrate,
+        which must never be resumed (the copy may run elsewhere).
+        """
+        self._do("migrate_cancel")

@@ -1,0 +1,154 @@
+"""The destination half of a live migration, in named phases.
+
+Each phase says what a crash inside it leaves behind; the next ensure on
+each host turns that into one running copy (docs/migration.md has the
+table).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from fcq_tasks.config.vmspec import VMSpec
+from fcq_tasks.deadline import Deadline
+from fcq_tasks.errors import BadRequest, FcqError, QemuError
+from fcq_tasks.host.agent import VMAgent
+from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted, Rendezvous
+from fcq_tasks.host.migration.slots import migration_slot
+from fcq_tasks.host.plan import Run
+
+
+def free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+class Incoming:
+    """Receive VM *agent.name* from host *src*."""
+
+    def __init__(self, agent: VMAgent, rdv: Rendezvous, src: str, deadline: Deadline) -> None:
+        self.agent = agent
+        self.rdv = rdv
+        self.src = src
+        self.deadline = deadline
+        self.log = agent.log.bind(action="inmigrate", src=src, attempt=rdv.attempt)
+
+    def run(self) -> dict[str, Any]:
+        a = self.agent
+        with a.locked(), migration_slot(a.settings.run_dir, a.settings.max_migrations, a.name,
+                                        a.settings.host):
+            try:
+                spec = self.check()
+            except BaseException as err:
+                self.rdv.abort(str(err) or type(err).__name__)
+                raise
+            try:
+                self.prepare(spec)
+                self.receive()
+                self.await_handover()
+            except BaseException as err:
+                self.give_up(err)
+                raise
+            return self.resume(spec)
+
+    def check(self) -> VMSpec:
+        """Phase 0: a config here, and no QEMU of this VM here. Changes nothing."""
+        spec = self.agent.spec()  # UnknownVM: the destination refuses without a config
+        found = self.agent.observe()
+        if found.run not in (Run.STOPPED, Run.CRASHED):
+            raise BadRequest("vm", f"{self.agent.name} already has a QEMU on "
+                             f"{self.agent.settings.host} ({found.run.value})")
+        if found.run is Run.CRASHED:
+            self.agent.clean_up(keep_locks=True)
+        return spec
+
+    def prepare(self, spec: VMSpec) -> None:
+        """Phase 1: start QEMU paused (-incoming defer -S), listen, publish the address.
+
+        Crash inside or later, before the locks were handed over: an
+        incoming QEMU that no half owns, holding no locks; the next ensure
+        here kills it (it only plans under the operation lock, which a live
+        half holds).
+        """
+        self.agent.start_qemu(spec, incoming=self.rdv.attempt)
+        address = self.agent.settings.migration_address
+        uri = f"tcp:{address}:{free_port(address)}"
+        with self.agent.qemu.monitor() as mon:
+            mon.listen_for_migration(uri)
+        self.rdv.set("addr", uri)
+        self.agent.progress("waiting-for-memory", uri=uri)
+
+    def receive(self) -> None:
+        """Phase 2: wait until QEMU has the whole guest (paused, never run here)."""
+        while True:
+            self.rdv.check(self.deadline)
+            if self.agent.process() is None:
+                raise QemuError(f"{self.agent.name}: incoming QEMU exited", vm=self.agent.name)
+            with self.agent.qemu.monitor() as mon:
+                state = mon.runstate()
+            if state != "inmigrate":
+                break
+            self.deadline.sleep(POLL)
+        if state != "paused":
+            raise QemuError(f"{self.agent.name}: incoming QEMU is {state}, not paused",
+                            vm=self.agent.name)
+        self.agent.progress("received")
+
+    def await_handover(self) -> None:
+        """Phase 3: wait until the source handed every lock to this host.
+
+        The locks, not the ``src-done`` key, are the source's word: they
+        move only after its QEMU is gone, and they are on the disks, so a
+        Redis restart or a source that stalls right after handing over
+        cannot lose them. Before giving up for any reason (abort, silence,
+        deadline) the locks are read once more: handed over means resume.
+        """
+        while not self._handed_to_us():
+            try:
+                self.rdv.check(self.deadline)
+            except MigrationAborted:
+                if self._handed_to_us():
+                    break
+                raise
+            self.deadline.sleep(POLL)
+
+    def _handed_to_us(self) -> bool:
+        return self.agent.observe().handed_to_us
+
+    def give_up(self, err: BaseException) -> None:
+        """Before the handover: kill our copy (it never ran), keep nothing."""
+        self.rdv.abort(str(err) or type(err).__name__)
+        try:
+            if self._handed_to_us():
+                # Handed over while we were failing: the copy is the guest now.
+                self.log.warning("handed-while-failing", detail="left for ensure to resume")
+                return
+            self.agent.kill_qemu()
+            self.agent.clean_up(keep_locks=True)
+        except FcqError as cleanup_err:
+            self.log.error("inmigrate-cleanup-failed", error=str(cleanup_err))
+        self.log.warning("inmigrate-failed", error=str(err))
+
+    def resume(self, spec: VMSpec) -> dict[str, Any]:
+        """Phase 4: confirm every lock is ours right before `cont`, then run the guest.
+
+        Nothing after a successful `cont` kills the guest: the steps after
+        it are best effort and the next ensure finishes them. Crash before
+        `cont`: the copy is received and the locks are ours, so ensure
+        resumes it. Crash after: ensure claims it (config and locks).
+        """
+        t0 = time.monotonic()
+        self.agent.resume_received()
+        handover_ms = round((time.monotonic() - t0) * 1000, 1)
+        self.rdv.try_set("dst-running", "1")
+        if spec.iops:
+            try:
+                self.agent.throttle(spec.iops)
+            except FcqError as err:
+                self.log.warning("throttle-deferred", error=str(err))
+        self.log.info("inmigrated", handover_ms=handover_ms)
+        return {"vm": self.agent.name, "host": self.agent.settings.host,
+                "operation": "inmigrate", "status": "running", "handover_ms": handover_ms}

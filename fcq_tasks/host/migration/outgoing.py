@@ -1,0 +1,163 @@
+"""The source half of a live migration, in named phases.
+
+Each phase says what a crash inside it leaves behind; the next ensure on
+each host turns that into one running copy (docs/migration.md has the
+table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from fcq_tasks.deadline import Deadline
+from fcq_tasks.errors import BadRequest, FcqError, QemuError, Refused
+from fcq_tasks.hazmat.monitor import UNLIMITED_BANDWIDTH, MigrationStatus
+from fcq_tasks.host.agent import VMAgent
+from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted, Rendezvous
+from fcq_tasks.host.migration.slots import migration_slot
+from fcq_tasks.host.plan import Run
+
+log = structlog.get_logger()
+
+#: How long a cancelled copy may stay "cancelling".
+CANCEL_WAIT = 10.0
+
+
+class Outgoing:
+    """Send VM *agent.name*, running here, to host *dst*."""
+
+    def __init__(self, agent: VMAgent, rdv: Rendezvous, dst: str, deadline: Deadline) -> None:
+        self.agent = agent
+        self.rdv = rdv
+        self.dst = dst
+        self.deadline = deadline
+        self.log = agent.log.bind(action="outmigrate", to=dst, attempt=rdv.attempt)
+
+    def run(self) -> dict[str, Any]:
+        a = self.agent
+        with a.locked(), migration_slot(a.settings.run_dir, a.settings.max_migrations, a.name,
+                                        a.settings.host):
+            try:
+                self.check()
+                uri = self.rdv.wait_for("addr", self.deadline)
+                status = self.copy(uri)
+            except BaseException as err:
+                self.rdv.abort(str(err) or type(err).__name__)
+                self.log.warning("outmigrate-failed", error=str(err), phase="copy")
+                raise
+            self.hand_over()
+        # The VM and the slot are free once the locks moved: the report
+        # waits without holding either.
+        return self.finish(status)
+
+    def check(self) -> None:
+        """Phase 0: only a VM that runs here with all its locks can leave. Changes nothing."""
+        found = self.agent.observe()
+        if found.run is not Run.RUNNING:
+            raise BadRequest("vm", f"{self.agent.name} is {found.run.value} on "
+                             f"{self.agent.settings.host}, not running: nothing to migrate")
+        if not self.agent.holds_all_locks():
+            raise Refused(f"{self.agent.name}: does not hold all its locks here",
+                          vm=self.agent.name)
+
+    def copy(self, uri: str) -> MigrationStatus:
+        """Phase 1: copy memory until QEMU says completed.
+
+        Crash inside: QEMU goes on copying alone. If the copy completes, the
+        guest is paused here for good (postmigrate) while this host still
+        holds the locks; the destination gives up once this half is silent
+        and kills its copy, and the source's ensure boots the guest again
+        here (the one cold boot the protocol still has: nobody who could
+        vouch that the source copy is gone handed the locks over).
+        On abort: the copy is cancelled and the guest runs on here, unless
+        the cancel lost the race with completion; then the copy is complete
+        and handing over is the only way to keep the guest.
+        """
+        s = self.agent.settings
+        bandwidth = s.migration_bandwidth_mbps * 2**20 // 8 if s.migration_bandwidth_mbps \
+            else UNLIMITED_BANDWIDTH
+        with self.agent.qemu.monitor() as mon:
+            mon.migrate_to(uri, s.migration_downtime_ms, bandwidth)
+        self.agent.progress("copying", uri=uri)
+        while True:
+            try:
+                self.rdv.check(self.deadline)
+            except MigrationAborted:
+                completed = self.cancel()
+                if completed is not None:
+                    self.log.warning("cancel-too-late", detail="copy had completed: handing over")
+                    return completed
+                raise
+            with self.agent.qemu.monitor() as mon:
+                status = mon.poll_migration()
+            if status.completed:
+                return status
+            if status.failed:
+                raise QemuError(f"{self.agent.name}: migration {status.status}: {status.error}",
+                                vm=self.agent.name)
+            if status.status == "active":
+                self.agent.progress("copying", transferred=status.transferred,
+                                    remaining=status.remaining, mbps=status.mbps,
+                                    expected_downtime=status.expected_downtime_ms)
+            self.deadline.sleep(POLL)
+
+    def cancel(self) -> MigrationStatus | None:
+        """Cancel the copy; the completed status if it had completed first, else None."""
+        try:
+            with self.agent.qemu.monitor() as mon:
+                mon.cancel_migration()
+                wait = Deadline.after(CANCEL_WAIT, "the cancel")
+                while True:
+                    status = mon.poll_migration()
+                    if status.status != "cancelling" or wait.passed():
+                        break
+                    wait.sleep(POLL)
+                state = mon.runstate()
+        except FcqError as err:
+            self.log.warning("migrate-cancel-failed", error=str(err))
+            return None
+        # fcq never sends `cont` here: a postmigrate guest may run elsewhere.
+        if state == "postmigrate":
+            return status if status.completed else MigrationStatus("completed", downtime_ms=1)
+        return None
+
+    def hand_over(self) -> None:
+        """Phase 2: the guest is paused here for good; give it to the destination.
+
+        Order: kill our QEMU (and see it gone), hand every lock to the
+        destination in one step each (the lock then records that this host
+        let go), point our config at the destination, publish ``src-done``.
+        Crash before the locks moved: as in phase 1. Crash after: the
+        destination resumes its copy (it polls the locks, not only
+        ``src-done``) and this host's ensure follows the locks (config →
+        destination), never starting the guest here.
+        """
+        a = self.agent
+        a.kill_qemu()
+        a.clean_up(keep_locks=True)
+        a.hand_over_locks(self.dst)
+        try:
+            a.set_kvm_host(self.dst)
+        except (FcqError, OSError) as err:  # ensure follows the locks later
+            self.log.warning("config-follow-deferred", error=str(err))
+        self.rdv.try_set("src-done", "1")
+        a.progress("handed-over")
+
+    def finish(self, status: MigrationStatus) -> dict[str, Any]:
+        """Phase 3: report. The guest is the destination's now; waiting is for the report only."""
+        dst_running = False
+        wait = Deadline.after(2 * self.rdv.heartbeat_ttl, "the destination's resume")
+        while not wait.passed():
+            if self.rdv.try_get("dst-running") is not None:
+                dst_running = True
+                break
+            wait.sleep(POLL)
+        result = {"vm": self.agent.name, "host": self.agent.settings.host,
+                  "operation": "outmigrate", "to": self.dst, "outcome": "handed-over",
+                  "dst_running": dst_running, "total_ms": status.total_ms,
+                  "downtime_ms": status.downtime_ms, "transferred": status.transferred}
+        self.log.info("outmigrated", total_ms=status.total_ms, downtime_ms=status.downtime_ms,
+                      dst_running=dst_running)
+        return result

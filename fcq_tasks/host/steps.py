@@ -1,0 +1,363 @@
+"""One VM on this host, seen and acted on step by step: the agent's public steps.
+
+:class:`VMSteps` observes (what runs, who holds which lock) and carries out
+single steps: start a QEMU, power it down, kill it, take, hand over or
+release locks, resume a received copy, rewrite the VM's host. It decides
+nothing: the planner decides and :class:`~fcq_tasks.host.agent.VMAgent`
+runs the plan; the migration phases call the same steps. Each step logs
+``action=…`` and undoes its own partial work when it fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import structlog
+
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.vmspec import VMSpec, load_vm_spec, rewrite_vm_parameters, spec_path
+from fcq_tasks.deadline import Deadline
+from fcq_tasks.errors import (
+    FcqError,
+    Inconsistent,
+    QemuError,
+    QmpError,
+    Refused,
+    StorageError,
+)
+from fcq_tasks.fileio import write_atomically
+from fcq_tasks.hazmat.accel import cpu_model, detect_accelerator
+from fcq_tasks.hazmat.guestagent import GuestAgent
+from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths, boot_id
+from fcq_tasks.hazmat.template import RunPaths, render_qemu_config
+from fcq_tasks.host import admission
+from fcq_tasks.host.oplock import operation_lock
+from fcq_tasks.host.plan import Observed, Run
+from fcq_tasks.storage import VOLUMES, Storage, open_storage
+
+#: Called with a step name and details while a long operation runs (the
+#: Celery task publishes them as task state for Flower and `fcq` to show).
+Progress = Callable[..., None]
+
+
+def _no_progress(step: str, **details: Any) -> None:
+    pass
+
+
+#: Seconds between two ACPI power-button presses during a stop.
+POWERDOWN_REPEAT = 3.0
+
+_RUNSTATES = {"running": Run.RUNNING, "inmigrate": Run.INMIGRATE,
+              "postmigrate": Run.POSTMIGRATE}
+
+
+class VMSteps:
+    """Steps on VM *name* on the host *settings* describe. The constructor does no I/O."""
+
+    def __init__(self, settings: HostSettings, name: str, storage: Storage | None = None,
+                 progress: Progress | None = None) -> None:
+        self.settings = settings
+        self.name = name
+        self.progress: Progress = progress if progress is not None else _no_progress
+        self.paths = VMRunPaths(settings.run_dir, name)
+        self.qemu = QemuProcess(self.paths, settings.qmp_timeout)
+        self.storage = storage if storage is not None else open_storage(settings)
+        self.log = structlog.get_logger().bind(vm=name, host=settings.host)
+
+    # -- observing --------------------------------------------------------
+
+    def spec(self) -> VMSpec:
+        spec = load_vm_spec(self.settings.vm_config_dir, self.name)
+        for warning in spec.warnings:
+            self.log.warning("config-warning", detail=warning)
+        return spec
+
+    def process(self) -> psutil.Process | None:
+        return self.qemu.find()
+
+    def observe(self) -> Observed:
+        vols = self.storage.volumes(self.name)
+        owners = {v.name: v.lock_owner for v in vols}
+        me = self.settings.host
+        handed_to_us = all(v.lock_owner == me and v.handed_from is not None and not v.claimed
+                           for v in vols)
+        holders = {v.lock_owner for v in vols}
+        handed_away_to = ""
+        if len(holders) == 1 and all(v.handed_from == me for v in vols):
+            handed_away_to = str(next(iter(holders)))
+        base = Observed(Run.STOPPED, owners, next((v.size for v in vols if v.name == "root"),
+                                                    None),
+                        handed_to_us=handed_to_us, handed_away_to=handed_away_to)
+        found = self.qemu.examine()
+        if found.impostor is not None:
+            self.log.error("impostor", pid=found.impostor, action="refuse",
+                           detail="a process names this VM's config but is not the QEMU "
+                           "fcq started (start time differs)")
+            return _with(base, run=Run.IMPOSTOR, impostor_pid=found.impostor)
+        if found.proc is None:
+            return _with(base, run=Run.CRASHED if self.paths.leftovers() else Run.STOPPED)
+        try:
+            with self.qemu.monitor() as mon:
+                state = mon.runstate()
+                blocks = mon.blocks()
+        except QmpError as err:
+            silent_for = self._silent_for()
+            self.log.warning("qmp-unreachable", error=str(err), silent_for=round(silent_for, 1))
+            return _with(base, run=Run.UNRESPONSIVE, silent_for=silent_for)
+        self.paths.silent_mark.unlink(missing_ok=True)
+        run = _RUNSTATES.get(state, Run.PAUSED)
+        if run is Run.PAUSED:
+            ident = self.qemu.identity()
+            if ident is not None and ident.incoming is not None:
+                run = Run.RECEIVED
+        root = blocks.get("root")
+        return _with(base, run=run, root_bytes=root.size if root else base.root_bytes,
+                     iops=root.iops if root else 0)
+
+    def _silent_for(self) -> float:
+        """Seconds since QMP was first seen silent; the mark survives across sweeps.
+
+        The mark holds a reading of the monotonic clock (shared by every
+        process of one boot, never stepped): a wall-clock step can neither
+        make a slow monitor look silent for hours nor reset its grace.
+        """
+        mark = self.paths.silent_mark
+        now = time.monotonic()
+        try:
+            data = json.loads(mark.read_text())
+            if data.get("boot_id") == boot_id():
+                return max(0.0, now - float(data["since"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        write_atomically(mark, json.dumps({"boot_id": boot_id(), "since": now}))
+        return 0.0
+
+    def guest_agent_answers(self, timeout: float) -> bool:
+        try:
+            with GuestAgent(str(self.paths.ga), timeout, self.name) as ga:
+                ga.ping()
+            return True
+        except FcqError:
+            return False
+
+    def locked(self) -> Any:
+        """The VM's operation lock (reentrant): hold it across several steps."""
+        return operation_lock(self.settings.run_dir, self.name, self.settings.operation_wait)
+
+    # -- locks --------------------------------------------------------------
+
+    def take_locks(self) -> list[str]:
+        """Take every lock of the VM for this host, or none (all or nothing)."""
+        taken = []
+        try:
+            for volume in VOLUMES:
+                if self.storage.lock(self.name, volume):
+                    taken.append(volume)
+        except BaseException:
+            for volume in taken:
+                self.storage.unlock(self.name, volume)
+            raise
+        return taken
+
+    def release_locks(self) -> None:
+        for volume in VOLUMES:
+            if self.storage.unlock(self.name, volume):
+                self.log.info("unlocked", action="release-lock", volume=volume)
+
+    def hand_over_locks(self, to_host: str) -> None:
+        """Give every lock to *to_host* (only once this host's QEMU is gone)."""
+        if self.process() is not None:
+            raise Inconsistent(self.name, "running", "locks handed over while QEMU runs here")
+        for volume in VOLUMES:
+            self.storage.hand_over(self.name, volume, to_host)
+        self.log.info("locks-handed-over", action="hand-over", to=to_host)
+
+    def holds_all_locks(self) -> bool:
+        return all(v.lock_owner == self.settings.host for v in self.storage.volumes(self.name))
+
+    def claim_locks(self) -> None:
+        for volume in VOLUMES:
+            self.storage.claim(self.name, volume)
+
+    # -- config -------------------------------------------------------------
+
+    def set_kvm_host(self, host: str) -> None:
+        """Point this host's copy of the VM's config at *host* (its version is kept)."""
+        path = spec_path(self.settings.vm_config_dir, self.name)
+        if not path.exists():
+            return
+        if self.spec().kvm_host != host:
+            rewrite_vm_parameters(path, kvm_host=host)
+            self.log.info("config-follows", action="set-kvm-host", kvm_host=host)
+
+    # -- QEMU ---------------------------------------------------------------
+
+    def clean_up(self, keep_locks: bool = False) -> None:
+        if self.process() is not None:
+            raise Inconsistent(self.name, "running", "clean-up asked while QEMU runs")
+        removed = self.qemu.clean_up()
+        if removed:
+            self.log.info("cleaned-up", action="clean-up", removed=removed)
+        if not keep_locks:
+            self.release_locks()
+
+    def argv(self, accel: str) -> list[str]:
+        p = self.paths
+        return [self.settings.qemu_binary, "-nodefaults", "-no-user-config",
+                "-display", "none", "-cpu", cpu_model(accel),
+                "-serial", f"file:{p.serial_log}", "-msg", "timestamp=on",
+                "-readconfig", str(p.config),
+                "-daemonize", "-pidfile", str(p.pidfile)]
+
+    def start_qemu(self, spec: VMSpec, incoming: str | None = None) -> None:
+        """Start QEMU; *incoming* (an attempt id): paused, waiting for a migration, no locks."""
+        s = self.settings
+        s.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        accel = detect_accelerator(s.accelerator)
+        drives = [self.storage.drive(self.name, v) for v in VOLUMES]
+        config = render_qemu_config(s, spec, accel, drives,
+                                    RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga),
+                                             observer=str(self.paths.observer)))
+        # -S: even when the migration completes, guest code waits for `cont`,
+        # which comes only once the source's QEMU is gone and the locks moved.
+        argv = self.argv(accel) + (["-incoming", "defer", "-S"] if incoming else [])
+        t0 = time.monotonic()
+        if incoming:
+            missing = [v.name for v in self.storage.volumes(self.name) if v.size is None]
+            if missing:
+                raise StorageError(f"{self.name}: volumes {', '.join(missing)} are not "
+                                   "visible on this host: migration needs shared storage",
+                                   vm=self.name)
+        else:
+            self._prepare_volumes(spec)
+        self.progress("admission", memory_mb=spec.memory_mb)
+        with admission.admission(s.run_dir, self.name, spec.memory_mb, s.vm_max_total_memory,
+                                 s.qmp_timeout, wait=s.start_timeout):
+            taken = [] if incoming else self.take_locks()
+            try:
+                write_atomically(self.paths.config, config)
+                self.progress("qemu-start")
+                self.log.info("qemu-start", action="start", argv=" ".join(argv),
+                              accel=accel, memory_mb=spec.memory_mb, incoming=incoming)
+                self.qemu.start(argv, spec.memory_mb, s.start_timeout, incoming=incoming)
+                if spec.iops and not incoming:
+                    self.throttle(spec.iops)
+            except BaseException:
+                self._undo_start(taken)
+                raise
+        self.log.info("started", action="start", seconds=round(time.monotonic() - t0, 3))
+
+    def _prepare_volumes(self, spec: VMSpec) -> None:
+        # Volumes first, outside the host-wide admission lock: creating a
+        # root can take minutes and must not hold up other VMs' starts. We
+        # still hold this VM's operation lock.
+        self.progress("volumes")
+        created = self.storage.ensure_volumes(spec)
+        if created:
+            self.log.info("volumes-created", action="start", volumes=created)
+        root = next(v.size for v in self.storage.volumes(self.name) if v.name == "root")
+        if root is not None and root < spec.disk_bytes:
+            self.storage.grow(self.name, "root", spec.disk_bytes)
+            self.log.info("grown", action="grow-root", size=spec.disk_bytes)
+
+    def _undo_start(self, taken: list[str]) -> None:
+        """Leave no half-started VM: kill what we started, give back what we took."""
+        proc = self.process()
+        if proc is not None:
+            self.qemu.kill(proc)
+        self.qemu.clean_up()
+        for volume in taken:
+            self.storage.unlock(self.name, volume)
+        self.log.warning("start-undone", action="start", released=taken)
+
+    def throttle(self, iops: int) -> None:
+        with self.qemu.monitor() as mon:
+            mon.throttle(list(VOLUMES), iops)
+        self.log.info("iops-set", action="set-iops", iops=iops)
+
+    def grow_root(self, size: int) -> None:
+        with self.qemu.monitor() as mon:
+            mon.resize_disk("root", size)
+        self.log.info("grown", action="grow-root", size=size)
+
+    def pause(self) -> None:
+        with self.qemu.monitor() as mon:
+            mon.pause()
+        self.log.warning("paused", action="pause")
+
+    def resume_received(self) -> None:
+        """Run the received copy: only with every lock ours, checked right before `cont`."""
+        if not self.holds_all_locks():
+            raise Refused(f"{self.name}: not every lock is held by {self.settings.host}: "
+                          "the received copy is not resumed", vm=self.name)
+        self.set_kvm_host(self.settings.host)
+        with self.qemu.monitor() as mon:
+            mon.resume()
+        self.log.info("resumed", action="resume", detail="received copy runs here")
+        self.after_resume()
+
+    def after_resume(self) -> None:
+        """Best effort once the guest runs here: nothing in here may kill it."""
+        try:
+            self.qemu.mark_resumed()
+            self.claim_locks()
+        except (FcqError, OSError) as err:
+            self.log.warning("claim-deferred", action="claim", error=str(err),
+                             detail="the next ensure claims the locks")
+
+    def claim(self) -> None:
+        """Take on a VM whose locks were handed to this host: config and locks follow."""
+        self.set_kvm_host(self.settings.host)
+        self.qemu.mark_resumed()
+        self.claim_locks()
+        self.log.info("claimed", action="claim")
+
+    def stop_qemu(self) -> None:
+        proc = self.process()
+        if proc is None:
+            return
+        grace = self.settings.shutdown_grace
+        deadline = Deadline.after(grace, "the guest's power-off")
+        self.log.info("powerdown", action="stop", grace=grace)
+        self.progress("powerdown", grace=grace)
+        # A power-button press that arrives while the guest boots is lost
+        # (nothing listens yet), so press again every few seconds until the
+        # grace runs out; a guest already shutting down ignores it. A slow
+        # monitor on a loaded host is no reason to skip the rest of the grace.
+        while True:
+            try:
+                with self.qemu.monitor() as mon:
+                    mon.powerdown()
+            except QemuError as err:
+                self.log.warning("powerdown-failed", action="stop", error=str(err))
+            if self.qemu.wait_gone(proc, min(POWERDOWN_REPEAT, deadline.remaining())):
+                self.log.info("stopped", action="stop", how="acpi")
+                return
+            if deadline.passed():
+                break
+        self.log.warning("quit", action="stop", detail=f"guest ignored ACPI for {grace} s")
+        try:
+            with self.qemu.monitor() as mon:
+                mon.quit()
+        except QemuError as err:
+            self.log.warning("quit-failed", action="stop", error=str(err))
+        if self.qemu.wait_gone(proc, self.settings.qmp_timeout):
+            self.log.info("stopped", action="stop", how="quit")
+            return
+        self.log.warning("kill", action="stop", detail="QEMU did not exit: SIGKILL")
+        self.qemu.kill(proc)
+
+    def kill_qemu(self) -> None:
+        proc = self.process()
+        if proc is not None:
+            self.qemu.kill(proc)
+            self.log.warning("killed", action="kill", pid=proc.pid)
+
+
+def _with(observed: Observed, **changes: Any) -> Observed:
+    return dataclasses.replace(observed, **changes)
