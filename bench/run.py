@@ -129,7 +129,8 @@ def bare_migration(host: Host, argv: list[str]) -> tuple[float, float, float]:
     for side in ("src", "dst"):
         cfg = run / f"{side}.cfg"
         cfg.write_text(cfg_text.replace(str(agent.paths.qmp), str(run / f"{side}.qmp"))
-                       .replace(str(agent.paths.ga), str(run / f"{side}.ga")))
+                       .replace(str(agent.paths.ga), str(run / f"{side}.ga"))
+                       .replace(str(agent.paths.observer), str(run / f"{side}.obs")))
         args = [str(cfg) if a == str(agent.paths.config) else a for a in argv]
         args = [str(run / f"{side}.pid") if a == str(agent.paths.pidfile) else a for a in args]
         args = ["null" if a.startswith("file:") else a for a in args]  # no serial log

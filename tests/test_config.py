@@ -253,3 +253,31 @@ def test_unknown_host_setting_is_a_warning(tmp_path: Path) -> None:
     f = tmp_path / "host.yaml"
     f.write_text("shutdown_grase: 5\n")
     assert any("shutdown_grase" in w for w in load_host_settings(f).warnings)
+
+
+@pytest.mark.parametrize(("settings", "field", "rule"), [
+    ({"migration_timeout_max": 1800, "cluster": {"visibility_timeout": 1800}},
+     "migration_timeout_max", "must be shorter than cluster.visibility_timeout"),
+    ({"migration_timeout_max": 100, "migration_peer_grace": 50,
+      "cluster": {"visibility_timeout": 120}},
+     "migration_timeout_max", "(150 s) must be shorter than cluster.visibility_timeout"),
+    ({"migration_heartbeat_ttl": 40, "migration_peer_grace": 60},
+     "migration_peer_grace", "at least twice migration_heartbeat_ttl"),
+])
+def test_migration_that_could_outlive_the_visibility_timeout_is_refused(
+        tmp_path: Path, settings: dict[str, object], field: str, rule: str) -> None:
+    """A half running longer than the broker's visibility timeout would be delivered
+    again while it runs: such settings are refused at load, naming the field."""
+    path = tmp_path / "host.yaml"
+    path.write_text(yaml.safe_dump({"host": "alpha", **settings}))
+    with pytest.raises(ConfigError) as err:
+        load_host_settings(path)
+    assert err.value.field == field and rule in err.value.rule
+
+
+def test_default_migration_settings_fit_the_default_visibility_timeout(tmp_path: Path) -> None:
+    """The defaults load: 1500 s + 60 s of grace stay under 1800 s."""
+    path = tmp_path / "host.yaml"
+    path.write_text(yaml.safe_dump({"host": "alpha"}))
+    s = load_host_settings(path)
+    assert s.migration_timeout_max + s.migration_peer_grace < s.cluster.visibility_timeout
