@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: deps demo test lint unit bench clean
+.PHONY: deps demo test lint unit bench chaos clean
 
 deps:
 	@VENV=$(VENV) bash tools/install-deps.sh
@@ -20,6 +20,13 @@ test: deps lint
 
 bench: deps
 	$(PY) bench/run.py
+
+# N live migrations, one random fault each, invariants checked throughout
+# (tests/chaos.py); about a minute per run. Not part of `make test`: its
+# findings are about the migration protocol. SEED=S replays a campaign.
+N ?= 10
+chaos: deps
+	$(PY) -m tests.chaos --runs $(N) $(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf build demo-state

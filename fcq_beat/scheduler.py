@@ -9,7 +9,8 @@ up in the queue of a host that is down.
 Exactly one beat sends: each beat must hold the Redis key ``fcq:beat``
 (``SET NX`` with a ttl, refreshed on every tick by its holder only). A second
 beat waits in standby and takes over within ``LOCK_TTL`` seconds after the
-first dies. Two beats would double every sweep (FACTS.md).
+first dies. Two beats would double every sweep (Celery beat does not
+coordinate with other beats: each process sends the whole schedule).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from fcq_tasks.hazmat.guestagent import GuestAgent
 from fcq_tasks.hazmat.qmp import QmpSession
 from fcq_tasks.host.agent import VMAgent
 
-#: Under TCG the guest agent answers ~3 s after start (FACTS.md); leave room
-#: for a loaded CI machine.
+#: Under TCG a 256 MB test guest's agent answers ~3 s after QEMU starts
+#: (measured on a 2-core machine); leave room for a loaded CI machine.
 GUEST_BOOT_TIMEOUT = 60.0
 
 

@@ -3,20 +3,22 @@
 One module-level ``app`` is how Celery finds tasks; it is configured exactly
 once per process by :func:`configure` (worker, beat, orchestrator), from the
 frozen settings, never from environment writes. The choices here come from
-measurements on this project's machines (FACTS.md):
+measurements with Celery 5 and Redis 7 on the development machines:
 
 * JSON only, in both directions: no pickles cross the broker.
 * ``acks_late`` + ``task_reject_on_worker_lost`` + prefetch 1: a task whose
   worker dies is delivered again, to a worker of the same host queue.
-* The Redis ``visibility_timeout`` must exceed the longest task, and kombu's
-  scan for unacknowledged tasks is made frequent (``restore_interval``, a
+* The Redis ``visibility_timeout`` must exceed the longest task (a task
+  still running when it passes is delivered again), and kombu's scan for
+  unacknowledged tasks is made frequent (``restore_interval``, a
   throttle of 1) so that redelivery after ``kill -9`` takes seconds, not the
   ~105 s of the defaults.
 * Sent and task events on, so Flower sees tasks queued for a host whose
   worker is down.
 * Nothing is routed by default: sending a task without an explicit queue
   is refused (see :func:`refuse_unrouted`), so no message can land in a
-  queue nobody consumes.
+  queue nobody consumes (a chord callback or errback without a queue goes
+  to Celery's default queue, and there it never runs).
 """
 
 from __future__ import annotations

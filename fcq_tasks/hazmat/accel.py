@@ -2,8 +2,9 @@
 
 ``/dev/kvm`` existing proves nothing: on these machines it is a software
 "PVM" hypervisor that makes QEMU ~2000x slower and aborts with ``-cpu host``
-(FACTS.md). Real KVM needs the CPU's virtualisation flag and the matching
-kvm_intel/kvm_amd module.
+(such a machine shows no vmx/svm flag in /proc/cpuinfo and has
+/sys/module/kvm_pvm, yet QEMU starts with ``accel=kvm``). Real KVM needs the
+CPU's virtualisation flag and the matching kvm_intel/kvm_amd module.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Talk to qemu-guest-agent inside a VM over its virtio-serial socket.
 
 The channel has no framing or session: a request a previous client left
-behind is answered first. The protocol that works (FACTS.md) is to send a
-0xFF byte and ``guest-sync-delimited`` with a fresh random id, drop input up
-to the guest's 0xFF, and accept only the answer carrying that id.
+behind is answered first. The protocol that works with qemu-ga (tried on the
+test guest; anything less takes a stale queued answer for the new one) is to
+send a 0xFF byte and ``guest-sync-delimited`` with a fresh random id, drop
+input up to the guest's 0xFF, and accept only the answer carrying that id.
 """
 
 from __future__ import annotations
