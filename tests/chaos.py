@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -253,7 +254,7 @@ class Campaign:
             state = cluster_state(self.cluster, VM)
         result.samples = sampler.sample_count
         result.longest_gap = sampler.longest_gap()
-        self.classify(result, state, sampler, original)
+        self.classify(result, state, sampler, original, attempt)
         result.repaired = self.repair(state)
         result.seconds = time.monotonic() - t_start
         return result
@@ -338,7 +339,11 @@ class Campaign:
             state, info = orch.state(task_id)
             if state in ("SUCCESS", "FAILURE", "REVOKED"):
                 if state == "FAILURE":
-                    return f"FAILURE {remote_error(info).message[:100]}"
+                    # A chord reports "Dependency X raised TaskFailed({...})": the
+                    # half's own message is the informative part.
+                    text = remote_error(info).message
+                    inner = re.search(r"'message': '([^']*)", text)
+                    return f"FAILURE {(inner.group(1) if inner else text)[:90]}"
                 return f"{state}" + (f" {info.get('outcome')}" if isinstance(info, dict) else "")
             for side, host in (("src", src), ("dst", dst)):
                 if not client.exists(prefix + f"done:{side}") and self.worker(host) is not None:
@@ -388,12 +393,14 @@ class Campaign:
         return notes
 
     def classify(self, result: RunResult, state: ClusterState, sampler: GuestSampler,
-                 original: Qemu) -> None:
+                 original: Qemu, attempt: str) -> None:
         running = state.running
         result.twice = sampler.max_running() > 1 or len(running) > 1
         result.lost = not running
         result.stale = state.stale()
-        result.notes += state.notes()
+        # Earlier attempts' records expire on their own schedule: only this one's.
+        result.notes += [n for n in state.notes()
+                         if not n.startswith("attempt ") or n.startswith(f"attempt {attempt}:")]
         if sampler.twice():
             result.notes.append(f"twice at: {sampler.twice()[0].describe()}")
         if result.twice:

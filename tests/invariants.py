@@ -152,6 +152,8 @@ def probe_runstate(socket: Path, vm: str, timeout: float = PROBE_TIMEOUT) -> str
             return session.runstate()
     except FcqError:
         return NOT_ANSWERING
+    except Exception:  # a QEMU killed mid-probe may end the session any odd way
+        return NOT_ANSWERING
 
 
 def observer_socket(host: Host, vm: str) -> Path:
@@ -163,8 +165,8 @@ def observer_socket(host: Host, vm: str) -> Path:
 class GuestSampler(threading.Thread):
     """Samples, every *interval* seconds, which hosts run VM *vm*; use it with ``with``.
 
-    Each host is probed on its own thread, so a QEMU that does not answer
-    delays no other host's probe and no sample: a probe still out when a
+    Probes run in a pool with one thread per host, so a QEMU that does not
+    answer delays no other host's probe and no sample: a probe still out when a
     sample is taken makes that host NOT_ANSWERING in it, and no second probe
     goes to that QEMU until the first one ended (its QMP timeout bounds it).
     A sample therefore combines answers sent at one moment and received
@@ -398,9 +400,13 @@ class ClusterState:
         """Not violations, but worth a look: expiring attempt keys, unclaimed handovers."""
         out = [f"{name}: lock handed over, not claimed: {', '.join(s.unclaimed)}"
                for name, s in sorted(self.hosts.items()) if s.unclaimed]
-        expiring = sorted(set(self.keys) - set(self.stale_keys))
-        if expiring:
-            out.append(f"expiring keys: {', '.join(k.split(':', 3)[-1] for k in expiring)}")
+        by_attempt: dict[str, list[str]] = {}
+        for key in sorted(set(self.keys) - set(self.stale_keys)):
+            # fcq:mig:<vm>:<attempt>:<name>
+            attempt, _, name = key.split(":", 3)[-1].partition(":")
+            by_attempt.setdefault(attempt, []).append(name)
+        out += [f"attempt {attempt}: expiring keys {', '.join(names)}"
+                for attempt, names in by_attempt.items()]
         return out
 
 
