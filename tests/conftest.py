@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ class Host:
     base: Path
     settings: HostSettings
     settings_file: Path
+    #: fcq processes fcq_async() started: a test that fails before it
+    #: collects them would leave them running into the next test.
+    children: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -83,9 +86,11 @@ class Host:
 
     def fcq_async(self, *args: str) -> subprocess.Popen[str]:
         env = {**os.environ, "FCQ_CONFIG": str(self.settings_file)}
-        return subprocess.Popen([sys.executable, "-m", "fcq_tasks", "--local", *args], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "fcq_tasks", "--local", *args], env=env,
                                 text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.children.append(proc)
+        return proc
 
     def wait_for_oplock_holder(self, vm: str, timeout: float = 30) -> None:
         """Wait until some process holds VM *vm*'s operation lock (probing with flock)."""
@@ -158,6 +163,10 @@ def make_host(guest: Path) -> Iterator[HostFactory]:
 
     yield factory
     for host in hosts:
+        for child in host.children:
+            if child.poll() is None:
+                child.kill()
+            child.communicate()  # reaps it and closes its pipes
         for proc in host.qemu_processes():
             proc.kill()
         shutil.rmtree(host.base, ignore_errors=True)

@@ -24,6 +24,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
         if value:
             return value
         time.sleep(interval)
+    # One last look: if this thread was held up past the deadline (a long
+    # garbage collection, a loaded machine), the condition may have come
+    # true meanwhile, and "timed out" would then be a false report.
+    value = predicate()
+    if value:
+        return value
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
