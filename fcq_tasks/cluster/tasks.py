@@ -148,7 +148,10 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         def outmigrate(dst: str) -> None:
             from fcq_tasks.cluster.api import Orchestrator
             try:
-                task_id = Orchestrator(settings).migrate(name, dst)
+                # Closed at once: an orchestrator left to the garbage collector
+                # unsubscribes its results later, on whatever thread runs then.
+                with Orchestrator(settings) as orch:
+                    task_id = orch.migrate(name, dst)
                 log.info("outmigration-started", vm=name, to=dst, task_id=task_id)
             except FcqError as err:  # e.g. one already in flight: the next ensure looks again
                 log.warning("outmigration-not-started", vm=name, to=dst, error=err.message)
