@@ -12,11 +12,9 @@ import time
 from typing import Any
 
 from fcq_tasks.config.vmspec import VMSpec
-from fcq_tasks.deadline import Deadline
 from fcq_tasks.errors import BadRequest, FcqError, QemuError
-from fcq_tasks.host.agent import VMAgent
-from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted, Rendezvous
-from fcq_tasks.host.migration.slots import migration_slot
+from fcq_tasks.host.migration.half import Half
+from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted
 from fcq_tasks.host.plan import Run
 
 
@@ -26,24 +24,17 @@ def free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
-class Incoming:
-    """Receive VM *agent.name* from host *src*."""
+class Incoming(Half):
+    """Receive VM *agent.name* from host *peer* (the source)."""
 
-    def __init__(self, agent: VMAgent, rdv: Rendezvous, src: str, deadline: Deadline) -> None:
-        self.agent = agent
-        self.rdv = rdv
-        self.src = src
-        self.deadline = deadline
-        self.log = agent.log.bind(action="inmigrate", src=src, attempt=rdv.attempt)
+    action = "inmigrate"
 
     def run(self) -> dict[str, Any]:
-        a = self.agent
-        with a.locked(), migration_slot(a.settings.run_dir, a.settings.max_migrations, a.name,
-                                        a.settings.host):
+        with self.holding():
             try:
                 spec = self.check()
             except BaseException as err:
-                self.rdv.abort(str(err) or type(err).__name__)
+                self.abort(err)
                 raise
             try:
                 self.prepare(spec)
@@ -120,7 +111,7 @@ class Incoming:
 
     def give_up(self, err: BaseException) -> None:
         """Before the handover: kill our copy (it never ran), keep nothing."""
-        self.rdv.abort(str(err) or type(err).__name__)
+        self.abort(err)
         try:
             if self._handed_to_us():
                 # Handed over while we were failing: the copy is the guest now.

@@ -14,9 +14,8 @@ import structlog
 from fcq_tasks.deadline import Deadline
 from fcq_tasks.errors import BadRequest, FcqError, QemuError, Refused
 from fcq_tasks.hazmat.monitor import UNLIMITED_BANDWIDTH, MigrationStatus
-from fcq_tasks.host.agent import VMAgent
-from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted, Rendezvous
-from fcq_tasks.host.migration.slots import migration_slot
+from fcq_tasks.host.migration.half import Half
+from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted
 from fcq_tasks.host.plan import Run
 
 log = structlog.get_logger()
@@ -25,26 +24,19 @@ log = structlog.get_logger()
 CANCEL_WAIT = 10.0
 
 
-class Outgoing:
-    """Send VM *agent.name*, running here, to host *dst*."""
+class Outgoing(Half):
+    """Send VM *agent.name*, running here, to host *peer* (the destination)."""
 
-    def __init__(self, agent: VMAgent, rdv: Rendezvous, dst: str, deadline: Deadline) -> None:
-        self.agent = agent
-        self.rdv = rdv
-        self.dst = dst
-        self.deadline = deadline
-        self.log = agent.log.bind(action="outmigrate", to=dst, attempt=rdv.attempt)
+    action = "outmigrate"
 
     def run(self) -> dict[str, Any]:
-        a = self.agent
-        with a.locked(), migration_slot(a.settings.run_dir, a.settings.max_migrations, a.name,
-                                        a.settings.host):
+        with self.holding():
             try:
                 self.check()
                 uri = self.rdv.wait_for("addr", self.deadline)
                 status = self.copy(uri)
             except BaseException as err:
-                self.rdv.abort(str(err) or type(err).__name__)
+                self.abort(err)
                 self.log.warning("outmigrate-failed", error=str(err), phase="copy")
                 raise
             self.hand_over()
@@ -137,9 +129,9 @@ class Outgoing:
         a = self.agent
         a.kill_qemu()
         a.clean_up(keep_locks=True)
-        a.hand_over_locks(self.dst)
+        a.hand_over_locks(self.peer)
         try:
-            a.set_kvm_host(self.dst)
+            a.set_kvm_host(self.peer)
         except (FcqError, OSError) as err:  # ensure follows the locks later
             self.log.warning("config-follow-deferred", error=str(err))
         self.rdv.try_set("src-done", "1")
@@ -155,7 +147,7 @@ class Outgoing:
                 break
             wait.sleep(POLL)
         result = {"vm": self.agent.name, "host": self.agent.settings.host,
-                  "operation": "outmigrate", "to": self.dst, "outcome": "handed-over",
+                  "operation": "outmigrate", "to": self.peer, "outcome": "handed-over",
                   "dst_running": dst_running, "total_ms": status.total_ms,
                   "downtime_ms": status.downtime_ms, "transferred": status.transferred}
         self.log.info("outmigrated", total_ms=status.total_ms, downtime_ms=status.downtime_ms,
