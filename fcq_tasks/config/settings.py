@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 from fcq_tasks.config import validate as v
 from fcq_tasks.config.clustersettings import ClusterSettings, parse_cluster_settings
@@ -134,10 +133,7 @@ def load_host_settings(path: str | os.PathLike[str] | None = None) -> HostSettin
             text = Path(path).read_text()
         except OSError as err:
             raise ConfigError(source, "(file)", f"cannot be read: {err.strerror}") from err
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(source, "(file)", f"is not valid YAML: {err}") from err
+        data = v.parse_yaml(source, text)
         if data is not None:
             raw.update(v.check_mapping(source, "(top level)", data))
     return parse_host_settings(raw, source)

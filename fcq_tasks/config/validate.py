@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import yaml
+
 from fcq_tasks.errors import ConfigError
 
 #: VM and host names end up in file names, socket paths, QEMU arguments and
@@ -100,3 +102,11 @@ def unknown_keys(value: Mapping[str, object], known: frozenset[str], prefix: str
     """Dotted names of the keys a parser does not know, for warnings."""
     dot = f"{prefix}." if prefix else ""
     return sorted(f"{dot}{k}" for k in value if k not in known)
+
+
+def parse_yaml(file: str, text: str) -> object:
+    """*text* as YAML data; not YAML is a ConfigError naming *file*."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(file, "(file)", f"is not valid YAML: {err}") from err

@@ -133,10 +133,7 @@ def vm_file_version(path: Path) -> int | None:
         return None
     except OSError as err:
         raise ConfigError(f, "(file)", f"cannot be read: {err.strerror}") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f, "(file)", f"is not valid YAML: {err}") from err
+    data = v.parse_yaml(f, text)
     return _version(f, v.check_mapping(f, "(top level)", data))
 
 
@@ -145,10 +142,7 @@ def _version(f: str, top: Mapping[str, object]) -> int:
 
 
 def parse_vm_text(text: str, source: str, mtime: float = 0.0) -> VMSpec:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(source, "(file)", f"is not valid YAML: {err}") from err
+    data = v.parse_yaml(source, text)
     return parse_vm_data(data, source, mtime)
 
 
@@ -260,10 +254,7 @@ def rewrite_vm_parameters(path: Path, **changes: object) -> VMSpec:
         mode = stat.S_IMODE(os.stat(path).st_mode)  # who may read it stays as it was
     except OSError as err:
         raise ConfigError(f, "(file)", f"cannot be read: {err.strerror}") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f, "(file)", f"is not valid YAML: {err}") from err
+    data = v.parse_yaml(f, text)
     top = dict(v.check_mapping(f, "(top level)", data))
     top["parameters"] = {**v.check_mapping(f, "parameters", top.get("parameters")), **changes}
     spec = parse_vm_data(top, f)
