@@ -38,7 +38,7 @@ from fcq_tasks.hazmat.template import RunPaths, render_qemu_config
 from fcq_tasks.host import admission
 from fcq_tasks.host.oplock import operation_lock
 from fcq_tasks.host.plan import Observed, Run
-from fcq_tasks.storage import VOLUMES, Storage, open_storage
+from fcq_tasks.storage import VOLUMES, Storage, VolumeInfo, open_storage
 
 #: Called with a step name and details while a long operation runs (the
 #: Celery task publishes them as task state for Flower and `fcq` to show).
@@ -84,8 +84,7 @@ class VMSteps:
         vols = self.storage.volumes(self.name)
         owners = {v.name: v.lock_owner for v in vols}
         me = self.settings.host
-        handed_to_us = all(v.lock_owner == me and v.handed_from is not None and not v.claimed
-                           for v in vols)
+        handed_to_us = _handed_to(vols, me)
         holders = {v.lock_owner for v in vols}
         handed_away_to = ""
         if len(holders) == 1 and all(v.handed_from == me for v in vols):
@@ -176,6 +175,10 @@ class VMSteps:
         for volume in VOLUMES:
             self.storage.hand_over(self.name, volume, to_host)
         self.log.info("locks-handed-over", action="hand-over", to=to_host)
+
+    def locks_handed_to_us(self) -> bool:
+        """Every lock was handed to this host in a migration and not yet claimed."""
+        return _handed_to(self.storage.volumes(self.name), self.settings.host)
 
     def holds_all_locks(self) -> bool:
         return all(v.lock_owner == self.settings.host for v in self.storage.volumes(self.name))
@@ -357,6 +360,11 @@ class VMSteps:
         if proc is not None:
             self.qemu.kill(proc)
             self.log.warning("killed", action="kill", pid=proc.pid)
+
+
+def _handed_to(vols: list[VolumeInfo], host: str) -> bool:
+    return all(v.lock_owner == host and v.handed_from is not None and not v.claimed
+               for v in vols)
 
 
 def _with(observed: Observed, **changes: Any) -> Observed:
