@@ -177,6 +177,24 @@ def host(make_host: HostFactory) -> Host:
     return make_host()
 
 
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[Any]:
+    """One throwaway Ceph cluster (1 mon, 1 memstore OSD) for the whole session."""
+    from fcq_tasks.storage import cephconn
+    from tests.ceph import CephCluster
+    cluster = CephCluster().start()
+    yield cluster
+    cephconn.shutdown_all()
+    cluster.stop()
+
+
+def rbd_settings(cluster: Any, host: str, **ceph: Any) -> dict[str, Any]:
+    """Host settings for storage: rbd as *host* (its own cephx identity)."""
+    keyring = cluster.client(host)
+    return {"storage": "rbd", "ceph": {"conf": str(cluster.conf), "client_id": host,
+                                       "keyring": str(keyring), "pool": "fcq", **ceph}}
+
+
 @pytest.fixture
 def redis_server() -> Iterator[Any]:
     """A real redis-server with a password and AOF on a free port."""

@@ -24,6 +24,7 @@ LOCKS: dict[str, dict[str, str | None]] = {
     "ours": {"root": HOST, "swap": HOST, "tmp": HOST},
     "partial": {"root": HOST, "swap": None, "tmp": None},
     "other": {"root": "beta", "swap": "beta", "tmp": "beta"},
+    "mixed": {"root": "beta", "swap": HOST, "tmp": HOST},
 }
 K, CU, ST, SP, PA, TL = Do.KILL, Do.CLEAN_UP, Do.START, Do.STOP, Do.PAUSE, Do.TAKE_LOCKS
 N, R, OUT = Do.NOTHING, Do.REFUSE, Do.OUTMIGRATE
@@ -38,7 +39,7 @@ for w in WANTED:
             acts = [CU] if run is Run.CRASHED or held else []
             if w != "here":
                 acts = acts or [N]
-            elif locks == "other":
+            elif locks in ("other", "mixed"):
                 acts = [*acts, R]
             else:
                 acts = [*acts, ST]
@@ -55,9 +56,13 @@ for w in WANTED:
         TABLE[(w, Run.IMPOSTOR, locks)] = [R]
         # Running or paused here.
         for run in (Run.RUNNING, Run.PAUSED):
-            if w == "offline":
+            if locks == "other":
+                # Every lock is beta's: ours were broken, the copy here is
+                # stale, whatever the config wants.
+                acts = [K, CU]
+            elif w == "offline":
                 acts = [SP, CU]
-            elif locks == "other":
+            elif locks == "mixed":
                 acts = [R] if run is Run.PAUSED else [PA, R]
             elif w == "elsewhere":
                 acts = [OUT]
@@ -106,7 +111,7 @@ def test_refusals_name_the_other_host() -> None:
     """A start refused for a foreign lock and a split brain both say which host holds it."""
     locked = plan(BASE, Observed(Run.STOPPED, LOCKS["other"]), HOST)
     assert (locked[-1].refusal, locked[-1].host) == ("locked", "beta")
-    split = plan(BASE, Observed(Run.RUNNING, LOCKS["other"], BASE.disk_bytes, 0), HOST)
+    split = plan(BASE, Observed(Run.RUNNING, LOCKS["mixed"], BASE.disk_bytes, 0), HOST)
     assert (split[-1].refusal, split[-1].host) == ("split-brain", "beta")
 
 
@@ -131,7 +136,9 @@ LITERAL_ROWS = [
     ("here", Run.STOPPED, "free", [Do.START]),
     ("here", Run.CRASHED, "ours", [Do.CLEAN_UP, Do.START]),
     ("here", Run.STOPPED, "other", [Do.REFUSE]),
-    ("here", Run.RUNNING, "other", [Do.PAUSE, Do.REFUSE]),
+    ("here", Run.RUNNING, "other", [Do.KILL, Do.CLEAN_UP]),
+    ("offline", Run.RUNNING, "other", [Do.KILL, Do.CLEAN_UP]),
+    ("here", Run.RUNNING, "mixed", [Do.PAUSE, Do.REFUSE]),
     ("here", Run.RECEIVED, "free", [Do.KILL, Do.CLEAN_UP]),
     ("here", Run.IMPOSTOR, "ours", [Do.REFUSE]),
     ("elsewhere", Run.RUNNING, "ours", [Do.OUTMIGRATE]),

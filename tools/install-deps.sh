@@ -10,6 +10,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-guest-agent qemu-block-extra seabios
     busybox-static xfsprogs util-linux kmod cpio gzip redis-server curl
     python3 python3-venv python3-dev
+    ceph-mon ceph-osd ceph-common python3-rados python3-rbd
 )
 
 missing=()
@@ -38,6 +39,20 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ setup.py -nt "$stamp" ];
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     touch "$stamp"
+fi
+
+# Ceph's Python bindings exist only as Debian packages (no PyPI release):
+# put exactly those two modules on the virtualenv's path, through a .pth
+# naming a folder of symlinks, not the whole of Debian's dist-packages.
+bindings="$(realpath "$VENV")/ceph-bindings"
+mkdir -p "$bindings"
+for mod in rados rbd; do
+    so=$(ls /usr/lib/python3/dist-packages/$mod.cpython-311-*.so)
+    ln -sfn "$so" "$bindings/$(basename "$so")"
+done
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ "$(cat "$site/fcq-ceph-bindings.pth" 2>/dev/null)" != "$bindings" ]; then
+    echo "$bindings" > "$site/fcq-ceph-bindings.pth"
 fi
 
 "$VENV/bin/python" tools/guest/build.py build/guest

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from fcq_tasks.config import validate as v
+from fcq_tasks.config.cephsettings import CephSettings, parse_ceph_settings
 from fcq_tasks.config.clustersettings import ClusterSettings, parse_cluster_settings
 from fcq_tasks.errors import ConfigError
 
@@ -34,6 +35,12 @@ ADDRESS_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9.-]{0,252}\Z")
 RUN_DIR_MAX = 107 - 1 - 63 - len(".qmp.sock")
 
 DEFAULT_CREATE_VM = ("qemu-img", "create", "-q", "-f", "raw", "{path}", "{size}")
+#: The rbd backend's default: an empty image (production puts an OS image's
+#: clone here). Only layering: fcq's advisory locks must not meet librbd's
+#: exclusive-lock feature, with which writes hang until the lock is free.
+DEFAULT_CREATE_VM_RBD = ("rbd", "--conf", "{conf}", "--id", "{client_id}", "--keyring",
+                         "{keyring}", "create", "--image-feature", "layering", "--size",
+                         "{size_mib}", "{pool}/{image}")
 
 DEFAULTS: dict[str, Any] = {
     "host": None,                       # short host name from the OS
@@ -53,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "guest_agent_timeout": 10.0,
     "operation_wait": 0.0,
     "template": None,                   # built-in fcq_tasks/hazmat/qemu.cfg.j2
-    "create_vm": list(DEFAULT_CREATE_VM),
+    "create_vm": None,                  # DEFAULT_CREATE_VM or DEFAULT_CREATE_VM_RBD
     "nic_mode": "tap",
     "direct_boot": None,
     "migration_address": "127.0.0.1",
@@ -65,9 +72,14 @@ DEFAULTS: dict[str, Any] = {
     "migration_peer_grace": 60.0,
     "max_migrations": 1,
     "cluster": None,                    # see clustersettings.CLUSTER_DEFAULTS
+    "ceph": None,                       # see cephsettings (storage: rbd)
 }
 
-CREATE_VM_PLACEHOLDERS = frozenset({"name", "path", "size", "size_bytes", "volume"})
+CREATE_VM_PLACEHOLDERS = {
+    "local": frozenset({"name", "path", "size", "size_bytes", "size_mib", "volume"}),
+    "rbd": frozenset({"name", "pool", "image", "size", "size_bytes", "size_mib", "volume",
+                      "conf", "client_id", "keyring"}),
+}
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,7 @@ class HostSettings:
     max_migrations: int = 1                 # in or out, at once, on this host
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))
+    ceph: CephSettings | None = None        # with storage: rbd
     source: str = field(default="<defaults>", compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -146,15 +159,19 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
     host = raw["host"] if raw["host"] is not None else socket.gethostname().split(".")[0]
     log_file = raw["log_file"]
     template = raw["template"]
+    storage = v.check_choice(f, "storage", raw["storage"], ("local", "rbd"))
+    name = v.check_name(f, "host", host)
+    if storage != "rbd" and raw["ceph"] is not None:
+        raise ConfigError(f, "ceph", "is only used with storage: rbd")
     settings = HostSettings(
-        host=v.check_name(f, "host", host),
+        host=name,
         vm_config_dir=Path(v.check_abs_path(f, "vm_config_dir", raw["vm_config_dir"])),
         run_dir=_run_dir(f, raw["run_dir"]),
         state_dir=Path(v.check_abs_path(f, "state_dir", raw["state_dir"])),
         log_file=None if log_file is None else Path(v.check_abs_path(f, "log_file", log_file)),
         log_level=v.check_choice(f, "log_level", raw["log_level"],
                                  ("debug", "info", "warning", "error")),
-        storage=v.check_choice(f, "storage", raw["storage"], ("local",)),
+        storage=storage,
         qemu_binary=v.check_str(f, "qemu_binary", raw["qemu_binary"]),
         accelerator=v.check_choice(f, "accelerator", raw["accelerator"], ("auto", "kvm", "tcg")),
         vm_max_total_memory=_memory_limit(f, raw["vm_max_total_memory"]),
@@ -167,7 +184,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
                                            raw["guest_agent_timeout"], 0.1, 600),
         operation_wait=v.check_number(f, "operation_wait", raw["operation_wait"], 0, 3600),
         template=None if template is None else Path(v.check_abs_path(f, "template", template)),
-        create_vm=_create_vm(f, raw["create_vm"]),
+        create_vm=_create_vm(f, raw["create_vm"], storage),
         nic_mode=v.check_choice(f, "nic_mode", raw["nic_mode"], ("tap", "user", "none")),
         direct_boot=_direct_boot(f, raw["direct_boot"]),
         migration_address=v.check_str(f, "migration_address", raw["migration_address"],
@@ -186,6 +203,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
                                             raw["migration_peer_grace"], 1, 3600),
         max_migrations=v.check_int(f, "max_migrations", raw["max_migrations"], 1, 64),
         cluster=parse_cluster_settings(f, raw["cluster"]),
+        ceph=parse_ceph_settings(f, raw["ceph"], name) if storage == "rbd" else None,
         source=source,
         warnings=warnings,
     )
@@ -229,7 +247,9 @@ def _memory_limit(f: str, value: object) -> int:
     return v.check_int(f, "vm_max_total_memory", value, 0, 2**30)
 
 
-def _create_vm(f: str, value: object) -> tuple[str, ...]:
+def _create_vm(f: str, value: object, storage: str) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_CREATE_VM_RBD if storage == "rbd" else DEFAULT_CREATE_VM
     # An argv list, never a shell string: placeholders are filled per
     # argument, so a VM name can never become shell syntax.
     if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
@@ -237,9 +257,10 @@ def _create_vm(f: str, value: object) -> tuple[str, ...]:
                           "must be a non-empty list of strings (an argv, not a shell line)")
     for arg in value:
         for _, name, _, _ in string.Formatter().parse(arg):
-            if name is not None and name not in CREATE_VM_PLACEHOLDERS:
-                raise ConfigError(f, "create_vm", f"unknown placeholder {{{name}}}; known: "
-                                  + ", ".join(sorted(CREATE_VM_PLACEHOLDERS)))
+            known = CREATE_VM_PLACEHOLDERS[storage]
+            if name is not None and name not in known:
+                raise ConfigError(f, "create_vm", f"unknown placeholder {{{name}}} for "
+                                  f"storage {storage}; known: " + ", ".join(sorted(known)))
     return tuple(value)
 
 

@@ -30,6 +30,18 @@ def check_name(file: str, field: str, value: object) -> str:
     return value
 
 
+#: Ceph pool names as fleets name them ("rbd", "rbd.ssd"): no "/" or "@",
+#: which would change the meaning of a pool/image@snap spec.
+POOL_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,99}\Z")
+
+
+def check_pool(file: str, field: str, value: object) -> str:
+    if not isinstance(value, str) or not POOL_RE.match(value):
+        raise ConfigError(file, field, "must be a Ceph pool name: 1-100 characters of "
+                          f"letters, digits, '.', '_' and '-' (got {value!r})")
+    return value
+
+
 def check_int(file: str, field: str, value: object, lo: int, hi: int) -> int:
     # bool is an int subclass; "online: true" must not pass as memory: 1.
     if isinstance(value, bool) or not isinstance(value, int):

@@ -7,8 +7,14 @@ in order and observes again; it never decides on its own.
 Safety rules encoded here:
 
 * a VM runs only on the host its config names (``kvm_host``);
-* a VM running here while another host holds one of its locks is a split
-  brain: it is paused (guest code stops) and reported, never resumed by fcq;
+* a VM running here while one other host holds *every* one of its locks is
+  a stale copy: its locks were broken (on RBD its clients were fenced first)
+  and the other host runs the VM now. It is killed, not powered down (a
+  clean shutdown would write to disks that are no longer ours), and the
+  other host's locks are left alone;
+* a VM running here while another host holds only some of its locks is a
+  split brain: it is paused (guest code stops) and reported, never resumed
+  by fcq;
 * a VM is started only when no other host holds its locks;
 * a QEMU whose monitor stays silent longer than a grace is killed: it cannot
   be managed (a briefly slow monitor on a loaded host is left alone);
@@ -171,6 +177,11 @@ def plan(spec: VMSpec, observed: Observed, host: str,
                 Action(Do.CLEAN_UP, "release what the source still holds")]
 
     # RUNNING or PAUSED
+    if locks == "other" and all(o == other for o in observed.lock_owners.values()):
+        return [Action(Do.KILL, f"stale copy: host {other} holds every lock (ours were "
+                       "broken)", host=other),
+                Action(Do.CLEAN_UP, "remove run files; the locks are not ours",
+                       keep_locks=True)]
     if want == "offline":
         return [Action(Do.STOP, "config says offline"), Action(Do.CLEAN_UP, "release locks")]
     if locks == "other":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from fcq_tasks.errors import (
     FcqError,
     Inconsistent,
     QemuError,
+    QemuRefused,
     QmpError,
     Refused,
     StorageError,
@@ -103,7 +105,13 @@ class VMSteps:
         try:
             with self.qemu.monitor() as mon:
                 state = mon.runstate()
-                blocks = mon.blocks()
+                try:
+                    blocks = mon.blocks()
+                except QemuRefused as err:
+                    # A fenced QEMU (blocklisted RBD client) answers but
+                    # cannot describe its disks: what runs is still known.
+                    self.log.warning("query-block-refused", error=str(err))
+                    blocks = {}
         except QmpError as err:
             silent_for = self._silent_for()
             self.log.warning("qmp-unreachable", error=str(err), silent_for=round(silent_for, 1))
@@ -150,12 +158,15 @@ class VMSteps:
 
     # -- locks --------------------------------------------------------------
 
-    def take_locks(self) -> list[str]:
-        """Take every lock of the VM for this host, or none (all or nothing)."""
+    def take_locks(self, instance: str = "") -> list[str]:
+        """Take every lock of the VM for this host, or none (all or nothing).
+
+        *instance* names the QEMU the locks cover (RBD puts it in the cookie).
+        """
         taken = []
         try:
             for volume in VOLUMES:
-                if self.storage.lock(self.name, volume):
+                if self.storage.lock(self.name, volume, instance):
                     taken.append(volume)
         except BaseException:
             for volume in taken:
@@ -241,12 +252,14 @@ class VMSteps:
         self.progress("admission", memory_mb=spec.memory_mb)
         with admission.admission(s.run_dir, self.name, spec.memory_mb, s.vm_max_total_memory,
                                  s.qmp_timeout, wait=s.start_timeout):
-            taken = [] if incoming else self.take_locks()
+            instance = secrets.token_hex(6)
+            taken = [] if incoming else self.take_locks(instance)
             try:
                 write_atomically(self.paths.config, config)
                 self.progress("qemu-start")
                 self.log.info("qemu-start", action="start", argv=" ".join(argv),
-                              accel=accel, memory_mb=spec.memory_mb, incoming=incoming)
+                              accel=accel, memory_mb=spec.memory_mb, incoming=incoming,
+                              instance=instance)
                 self.qemu.start(argv, spec.memory_mb, s.start_timeout, incoming=incoming)
                 if spec.iops and not incoming:
                     self.throttle(spec.iops)
@@ -294,7 +307,16 @@ class VMSteps:
         self.log.warning("paused", action="pause")
 
     def resume_received(self) -> None:
-        """Run the received copy: only with every lock ours, checked right before `cont`."""
+        """Run the received copy: only with every lock ours, checked right before `cont`.
+
+        A handed lock is taken for real here (RBD cannot move a lock, the
+        source left a note and released it); a lock anyone else holds
+        raises, and nothing is resumed. No roll-back on failure: a handed
+        lock taken here is still this host's, released it would drop the
+        handover.
+        """
+        for volume in VOLUMES:
+            self.storage.lock(self.name, volume)
         if not self.holds_all_locks():
             raise Refused(f"{self.name}: not every lock is held by {self.settings.host}: "
                           "the received copy is not resumed", vm=self.name)

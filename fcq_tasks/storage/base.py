@@ -44,8 +44,13 @@ class Storage(Protocol):
         """Grow a volume that no running QEMU has open. Refuses to shrink."""
         ...
 
-    def lock(self, vm: str, volume: str) -> bool:
-        """Take the volume's lock for this host; True if it was taken now."""
+    def lock(self, vm: str, volume: str, instance: str = "") -> bool:
+        """Take the volume's lock for this host; True if it was taken now.
+
+        *instance* names the QEMU instance the lock covers (recorded with it).
+        A lock handed to another host and not yet claimed counts as that
+        host's.
+        """
         ...
 
     def unlock(self, vm: str, volume: str) -> bool:
@@ -66,8 +71,14 @@ class Storage(Protocol):
         """Mark a lock handed to this host as taken on (its VM runs here for good)."""
         ...
 
-    def force_unlock(self, vm: str, volume: str) -> str | None:
-        """Break the lock whoever holds it; return the previous owner."""
+    def force_unlock(self, vm: str, volume: str,
+                     keep: frozenset[str] = frozenset()) -> str | None:
+        """Break the lock whoever holds it; return the previous owner.
+
+        Where the backend can, the old holder is fenced first (RBD: every
+        client that could write the image is blocklisted, except this
+        process's and the client addresses in *keep*).
+        """
         ...
 
     def drive(self, vm: str, volume: str) -> Drive:

@@ -96,7 +96,8 @@ class LocalStorage:
             tmp = self.volume_dir / f".{spec.name}.root.creating"
             tmp.unlink(missing_ok=True)
             values = {"name": spec.name, "path": str(tmp), "volume": "root",
-                      "size": f"{spec.disk_gib}G", "size_bytes": str(spec.disk_bytes)}
+                      "size": f"{spec.disk_gib}G", "size_bytes": str(spec.disk_bytes),
+                      "size_mib": str(spec.disk_bytes >> 20)}
             try:
                 _run([arg.format(**values) for arg in self.settings.create_vm], spec.name,
                      "create-vm")
@@ -180,13 +181,13 @@ class LocalStorage:
         if record.get("claimed") is False:
             self._replace_lock(vm, volume, {**record, "claimed": True})
 
-    def lock(self, vm: str, volume: str) -> bool:
+    def lock(self, vm: str, volume: str, instance: str = "") -> bool:
         self._prepare_dirs()
         path = self._lockfile(vm, volume)
         fd, tmp = tempfile.mkstemp(dir=self.lock_dir, prefix=f".{vm}.{volume}.")
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump({"host": self.host, "since": time.time()}, fh)
+                json.dump({"host": self.host, "since": time.time(), "instance": instance}, fh)
             for _ in range(LOCK_ATTEMPTS):
                 try:
                     os.link(tmp, path)
@@ -226,7 +227,9 @@ class LocalStorage:
         finally:
             aside.unlink(missing_ok=True)
 
-    def force_unlock(self, vm: str, volume: str) -> str | None:
+    def force_unlock(self, vm: str, volume: str,
+                     keep: frozenset[str] = frozenset()) -> str | None:
+        # Nothing to fence: local files are written only by this host.
         owner = self.lock_owner(vm, volume)
         self._lockfile(vm, volume).unlink(missing_ok=True)
         return owner

@@ -1,0 +1,129 @@
+"""One Ceph connection per process and identity, reused; images opened one at a time.
+
+A worker handles many VMs on many threads: opening a cluster connection
+per call would cost a monitor handshake each time (and fc.qemu crashed
+librbd by leaking them). So each process keeps one ``rados.Rados`` per
+(conf, client id, keyring), opens an ioctx and the image for each call and
+always closes both, and never has one image open twice at once.
+
+When another host fences this one (see :mod:`fcq_tasks.storage.fence`),
+the connection is blocklisted and every call on it fails with
+``ConnectionShutdown``: the next call reconnects under a new address, so a
+host that was wrongly thought gone recovers by itself, while the fenced
+QEMU processes (their own clients) stay fenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import rados
+import rbd
+
+from fcq_tasks.config.cephsettings import CephSettings
+from fcq_tasks.errors import StorageError
+
+T = TypeVar("T")
+
+_connections: dict[tuple[str, str, str], Any] = {}
+_connections_lock = threading.Lock()
+_image_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
+
+
+def _key(ceph: CephSettings) -> tuple[str, str, str]:
+    return (str(ceph.conf), ceph.client_id, str(ceph.keyring))
+
+
+def connection(ceph: CephSettings) -> Any:
+    """This process's connection for *ceph*'s identity (connected on first use)."""
+    key = _key(ceph)
+    with _connections_lock:
+        conn = _connections.get(key)
+        if conn is not None:
+            return conn
+        timeout = str(int(ceph.op_timeout))
+        conn = rados.Rados(conffile=str(ceph.conf), rados_id=ceph.client_id, conf={
+            "keyring": str(ceph.keyring),
+            # fcq fences explicitly (fence.py): breaking a lock must not
+            # also blocklist whatever client happened to take it.
+            "rbd_blocklist_on_break_lock": "false",
+            # A cluster that does not answer makes a call fail, not hang a
+            # worker thread forever.
+            "rados_mon_op_timeout": timeout,
+            "rados_osd_op_timeout": timeout,
+            "client_mount_timeout": timeout,
+        })
+        try:
+            conn.connect(timeout=int(ceph.op_timeout))
+        except rados.Error as err:
+            conn.shutdown()
+            raise StorageError(f"cannot connect to Ceph as client.{ceph.client_id} "
+                               f"({ceph.conf}): {err}") from err
+        _connections[key] = conn
+        return conn
+
+
+def drop(ceph: CephSettings, conn: Any) -> None:
+    """Forget *conn* (blocklisted or broken); the next call connects anew."""
+    with _connections_lock:
+        if _connections.get(_key(ceph)) is conn:
+            del _connections[_key(ceph)]
+    with contextlib.suppress(Exception):
+        conn.shutdown()
+
+
+def shutdown_all() -> None:
+    """Close every connection of this process (tests, worker shutdown)."""
+    with _connections_lock:
+        conns = list(_connections.values())
+        _connections.clear()
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.shutdown()
+
+
+def with_pool(ceph: CephSettings, pool: str, fn: Callable[[Any, Any], T]) -> T:
+    """Call ``fn(conn, ioctx)`` with an ioctx of *pool* that is closed afterwards.
+
+    Reconnects once when the connection turns out to be blocklisted: every
+    caller re-reads what it decides on, so running *fn* again is safe.
+    """
+    for attempt in (1, 2):
+        conn = connection(ceph)
+        try:
+            with conn.open_ioctx(pool) as ioctx:
+                return fn(conn, ioctx)
+        except (rados.ConnectionShutdown, rbd.ConnectionShutdown):
+            drop(ceph, conn)
+            if attempt == 2:
+                raise
+        except rados.ObjectNotFound as err:
+            raise StorageError(f"Ceph pool {pool!r} does not exist or client."
+                               f"{ceph.client_id} may not use it: {err}", pool=pool) from err
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def image_turn(ceph: CephSettings, pool: str, image: str) -> Iterator[None]:
+    """Be the only thread of this process with *image* open."""
+    key = (*_key(ceph)[:2], pool, image)
+    with _connections_lock:
+        lock = _image_locks.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
+def with_image(ceph: CephSettings, pool: str, image: str, fn: Callable[[Any, Any], T]) -> T:
+    """Call ``fn(conn, img)`` with *image* open (closed afterwards), alone in this process.
+
+    Raises ``rbd.ImageNotFound`` when the image does not exist.
+    """
+    def call(conn: Any, ioctx: Any) -> T:
+        with rbd.Image(ioctx, image) as img:
+            return fn(conn, img)
+
+    with image_turn(ceph, pool, image):
+        return with_pool(ceph, pool, call)

@@ -1,0 +1,385 @@
+"""RBD storage: a VM's volumes as Ceph images, with advisory locks that fence.
+
+Images are ``<pool>/<vm>.root``, ``<vm>.swap`` and ``<vm>.tmp``; the pool is
+the VM file's ``rbd_pool``, else ``ceph.pool`` of the host settings.
+
+Locks. Each image carries one exclusive advisory lock whose cookie names the
+host and the QEMU instance it covers (``fcq host=alpha instance=3f2a…``).
+Ownership is by the host in the cookie, not by the rados client that took
+it: a worker that restarted (new client, new address) still owns its
+host's locks and releases them by breaking its own old lock, without any
+fencing.
+
+Handover. RBD cannot move a lock from one client to another in one step,
+so the handover is written down first: the source sets the image metadata
+``fcq.handover`` = ``{"to": DEST, "from": SOURCE}`` and only then releases
+its lock. While that note exists, only DEST may take the lock (anyone else
+is refused as if DEST held it, and a host that took it in a race gives it
+back), and until DEST claims the VM the image reports DEST as owner,
+handed from SOURCE, unclaimed, exactly as the local backend does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import rbd
+import structlog
+
+from fcq_tasks.config.cephsettings import CephSettings
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.config.vmspec import VMSpec, load_vm_spec, spec_path
+from fcq_tasks.errors import ConfigError, LockedByOtherHost, ShrinkRefused, StorageError
+from fcq_tasks.hazmat.template import Drive
+from fcq_tasks.storage import cephconn, fence
+from fcq_tasks.storage.base import VOLUMES, VolumeInfo
+
+HANDOVER_KEY = "fcq.handover"
+COOKIE_PREFIX = "fcq "
+
+#: Longest a create-vm / mkfs / qemu-img command may run.
+COMMAND_TIMEOUT = 300.0
+
+#: The only image features fcq accepts: librbd's exclusive-lock (and what
+#: depends on it) would make a second QEMU's writes hang instead of
+#: failing, and trades the lock between live QEMUs: not fencing.
+UNWANTED_FEATURES = (rbd.RBD_FEATURE_FAST_DIFF | rbd.RBD_FEATURE_OBJECT_MAP
+                     | rbd.RBD_FEATURE_JOURNALING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
+
+
+def make_cookie(host: str, instance: str) -> str:
+    return f"{COOKIE_PREFIX}host={host} instance={instance}"
+
+
+def cookie_host(cookie: str) -> str | None:
+    """The host a lock cookie names; None for a lock fcq did not take."""
+    if not cookie.startswith(COOKIE_PREFIX):
+        return None
+    fields = dict(part.split("=", 1) for part in cookie[len(COOKIE_PREFIX):].split()
+                  if "=" in part)
+    return fields.get("host")
+
+
+def _run(argv: list[str], vm: str, what: str) -> None:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                                stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise StorageError(f"{vm}: {what} failed: {err}", vm=vm) from err
+    if result.returncode != 0:
+        raise StorageError(f"{vm}: {what} exited with {result.returncode}: "
+                           f"{(result.stderr or result.stdout).strip()[-1000:]}", vm=vm)
+
+
+class RbdStorage:
+    def __init__(self, settings: HostSettings) -> None:
+        assert settings.ceph is not None
+        self.settings = settings
+        self.ceph: CephSettings = settings.ceph
+        self.host = settings.host
+        self.log = structlog.get_logger().bind(host=settings.host)
+
+    # -- naming -------------------------------------------------------------
+
+    def pool(self, vm: str) -> str:
+        """The VM's pool: its file's rbd_pool, else the host's default."""
+        if not spec_path(self.settings.vm_config_dir, vm).exists():
+            return self.ceph.pool
+        try:
+            return load_vm_spec(self.settings.vm_config_dir, vm).rbd_pool or self.ceph.pool
+        except ConfigError as err:
+            raise StorageError(f"{vm}: cannot tell its pool: {err}", vm=vm) from err
+
+    @staticmethod
+    def image(vm: str, volume: str) -> str:
+        return f"{vm}.{volume}"
+
+    def _with_image(self, vm: str, volume: str, fn: Any, pool: str | None = None) -> Any:
+        return cephconn.with_image(self.ceph, pool or self.pool(vm), self.image(vm, volume), fn)
+
+    # -- volumes ------------------------------------------------------------
+
+    def volumes(self, vm: str) -> list[VolumeInfo]:
+        pool = self.pool(vm)
+
+        def info(conn: Any, ioctx: Any) -> list[VolumeInfo]:
+            out = []
+            for volume in VOLUMES:
+                with cephconn.image_turn(self.ceph, pool, self.image(vm, volume)):
+                    try:
+                        with rbd.Image(ioctx, self.image(vm, volume), read_only=True) as img:
+                            out.append(self._info(volume, img))
+                    except rbd.ImageNotFound:
+                        out.append(VolumeInfo(volume, None, None))
+            return out
+
+        return cephconn.with_pool(self.ceph, pool, info)
+
+    def _info(self, volume: str, img: Any) -> VolumeInfo:
+        holder = self._holder(img)
+        note = _handover(img)
+        size = int(img.size())
+        if holder is not None:
+            host = holder[0]
+            if note and note.get("to") == host:
+                return VolumeInfo(volume, size, host, str(note.get("from")), False)
+            return VolumeInfo(volume, size, host)
+        if note:
+            return VolumeInfo(volume, size, str(note.get("to")), str(note.get("from")), False)
+        return VolumeInfo(volume, size, None)
+
+    @staticmethod
+    def _holder(img: Any) -> tuple[str, str, str] | None:
+        """(host, client, cookie) of the image's lock; None if it is free."""
+        lockers = img.list_lockers()
+        for client, cookie, _addr in (lockers.get("lockers", []) if lockers else []):
+            host = cookie_host(str(cookie))
+            # A lock fcq did not take still blocks: report who took it.
+            return (host or f"{client} (cookie {cookie!r})", str(client), str(cookie))
+        return None
+
+    def ensure_volumes(self, spec: VMSpec) -> list[str]:
+        pool = spec.rbd_pool or self.ceph.pool
+        created = []
+        if not self._exists(pool, spec.name, "root"):
+            self._create_root(spec, pool)
+            created.append("root")
+        for volume, size, argv in (
+                ("swap", spec.swap_bytes, ["mkswap", "-L", "swap"]),
+                ("tmp", spec.tmp_bytes, ["mkfs.xfs", "-q", "-L", "tmp"])):
+            if not self._exists(pool, spec.name, volume):
+                self._create_formatted(spec.name, pool, volume, size, argv)
+                created.append(volume)
+        return created
+
+    def _exists(self, pool: str, vm: str, volume: str) -> bool:
+        try:
+            cephconn.with_image(self.ceph, pool, self.image(vm, volume), lambda c, i: None)
+            return True
+        except rbd.ImageNotFound:
+            return False
+
+    def _creating(self, vm: str, volume: str) -> str:
+        return f"{vm}.{volume}.creating"
+
+    def _remove(self, pool: str, image: str) -> None:
+        def remove(conn: Any, ioctx: Any) -> None:
+            with contextlib.suppress(rbd.ImageNotFound):
+                rbd.RBD().remove(ioctx, image)
+        cephconn.with_pool(self.ceph, pool, remove)
+
+    def _rename_into_place(self, pool: str, vm: str, volume: str) -> None:
+        tmp = self._creating(vm, volume)
+
+        def finish(conn: Any, ioctx: Any) -> None:
+            with rbd.Image(ioctx, tmp) as img:
+                unwanted = img.features() & UNWANTED_FEATURES
+                if unwanted:
+                    # In one call: fast-diff needs object-map, which needs
+                    # exclusive-lock; librbd refuses to drop them one by one.
+                    img.update_features(unwanted, False)
+                    self.log.info("features-disabled", vm=vm, volume=volume,
+                                  features=unwanted, action="create")
+            rbd.RBD().rename(ioctx, tmp, self.image(vm, volume))
+
+        cephconn.with_pool(self.ceph, pool, finish)
+
+    def _create_root(self, spec: VMSpec, pool: str) -> None:
+        # create-vm writes a temporary image that is renamed into place only
+        # once it succeeded: a create-vm killed half-way never leaves a root
+        # that looks done.
+        tmp = self._creating(spec.name, "root")
+        self._remove(pool, tmp)
+        c = self.ceph
+        values = {"name": spec.name, "pool": pool, "image": tmp, "volume": "root",
+                  "size": f"{spec.disk_gib}G", "size_bytes": str(spec.disk_bytes),
+                  "size_mib": str(spec.disk_bytes >> 20), "conf": str(c.conf),
+                  "client_id": c.client_id, "keyring": str(c.keyring)}
+        try:
+            _run([arg.format(**values) for arg in self.settings.create_vm], spec.name,
+                 "create-vm")
+            if not self._exists(pool, spec.name, "root.creating"):
+                raise StorageError(f"{spec.name}: create-vm ran but did not create "
+                                   f"{pool}/{tmp}", vm=spec.name)
+            self._rename_into_place(pool, spec.name, "root")
+        finally:
+            self._remove(pool, tmp)
+
+    def _create_formatted(self, vm: str, pool: str, volume: str, size: int,
+                          mkfs: list[str]) -> None:
+        # No kernel rbd on a host is assumed: the file system is made on a
+        # sparse local file and copied into the image by QEMU's own rbd
+        # driver (only the written blocks travel).
+        tmp = self._creating(vm, volume)
+        self._remove(pool, tmp)
+
+        def create(conn: Any, ioctx: Any) -> None:
+            rbd.RBD().create(ioctx, tmp, size, features=rbd.RBD_FEATURE_LAYERING)
+
+        scratch = self.settings.state_dir / "scratch"
+        scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, part = tempfile.mkstemp(dir=scratch, prefix=f".{vm}.{volume}.")
+        try:
+            os.ftruncate(fd, size)
+            os.close(fd)
+            _run([*mkfs, part], vm, f"making {volume}")
+            cephconn.with_pool(self.ceph, pool, create)
+            _run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", part,
+                  self._qemu_uri(pool, tmp)], vm, f"writing {volume}")
+            self._rename_into_place(pool, vm, volume)
+        finally:
+            Path(part).unlink(missing_ok=True)
+            self._remove(pool, tmp)
+
+    def _qemu_uri(self, pool: str, image: str) -> str:
+        c = self.ceph
+        return f"rbd:{pool}/{image}:id={c.client_id}:conf={c.conf}:keyring={c.keyring}"
+
+    def grow(self, vm: str, volume: str, size: int) -> None:
+        def grow(conn: Any, img: Any) -> None:
+            current = int(img.size())
+            if size < current:
+                raise ShrinkRefused(vm, volume, current, size)
+            if size > current:
+                # allow_shrink=False: librbd's resize shrinks by default.
+                img.resize(size, allow_shrink=False)
+        self._with_image(vm, volume, grow)
+
+    # -- locks --------------------------------------------------------------
+
+    def lock(self, vm: str, volume: str, instance: str = "") -> bool:
+        cookie = make_cookie(self.host, instance or secrets.token_hex(6))
+
+        def take(conn: Any, img: Any) -> bool:
+            holder = self._holder(img)
+            if holder is not None:
+                if holder[0] == self.host:
+                    return False
+                raise LockedByOtherHost(vm, volume, holder[0])
+            self._refuse_handed_elsewhere(vm, volume, img)
+            try:
+                img.lock_exclusive(cookie)
+            except (rbd.ImageBusy, rbd.ImageExists):
+                holder = self._holder(img)
+                if holder is not None and holder[0] == self.host:
+                    return False
+                raise LockedByOtherHost(vm, volume, holder[0] if holder else "?") from None
+            try:
+                # The note may have been written between our look and our
+                # lock: a lock taken against it is given back.
+                self._refuse_handed_elsewhere(vm, volume, img)
+            except LockedByOtherHost:
+                img.unlock(cookie)
+                raise
+            return True
+
+        return bool(self._with_image(vm, volume, take))
+
+    def _refuse_handed_elsewhere(self, vm: str, volume: str, img: Any) -> None:
+        note = _handover(img)
+        if note and note.get("to") != self.host:
+            raise LockedByOtherHost(vm, volume, str(note.get("to")))
+
+    def _release_own(self, img: Any, conn: Any, client: str, cookie: str) -> None:
+        if client == f"client.{conn.get_instance_id()}":
+            img.unlock(cookie)
+        else:
+            # Our host's lock, taken by an earlier client of ours (a worker
+            # that restarted): break it, without fencing (it is our own).
+            img.break_lock(client, cookie)
+
+    def unlock(self, vm: str, volume: str) -> bool:
+        def release(conn: Any, img: Any) -> bool:
+            holder = self._holder(img)
+            note = _handover(img)
+            if holder is None:
+                if note and note.get("to") == self.host:
+                    img.metadata_remove(HANDOVER_KEY)
+                    return True
+                return False
+            host, client, cookie = holder
+            if host != self.host:
+                return False
+            self._release_own(img, conn, client, cookie)
+            if note and note.get("to") == self.host:
+                img.metadata_remove(HANDOVER_KEY)
+            return True
+
+        try:
+            return bool(self._with_image(vm, volume, release))
+        except rbd.ImageNotFound:
+            return False
+
+    def hand_over(self, vm: str, volume: str, to_host: str) -> None:
+        def hand(conn: Any, img: Any) -> None:
+            holder = self._holder(img)
+            if holder is None or holder[0] != self.host:
+                raise StorageError(f"{vm}: cannot hand the lock of {volume} to {to_host}: "
+                                   f"host {self.host} does not hold it", vm=vm, volume=volume)
+            # The note first: the lock is never free without saying whose it is.
+            img.metadata_set(HANDOVER_KEY, json.dumps(
+                {"to": to_host, "from": self.host, "at": time.time()}))
+            self._release_own(img, conn, holder[1], holder[2])
+
+        self._with_image(vm, volume, hand)
+
+    def claim(self, vm: str, volume: str) -> None:
+        self.lock(vm, volume)
+
+        def clear(conn: Any, img: Any) -> None:
+            holder = self._holder(img)
+            if holder is None or holder[0] != self.host:
+                raise StorageError(f"{vm}: cannot claim the lock of {volume}: host "
+                                   f"{self.host} does not hold it", vm=vm, volume=volume)
+            note = _handover(img)
+            if note and note.get("to") == self.host:
+                img.metadata_remove(HANDOVER_KEY)
+
+        self._with_image(vm, volume, clear)
+
+    def force_unlock(self, vm: str, volume: str, keep: frozenset[str] = frozenset()
+                     ) -> str | None:
+        """Fence every other writer of the image, then break its lock and handover note."""
+        def brk(conn: Any, img: Any) -> str | None:
+            holder = self._holder(img)
+            note = _handover(img)
+            fence.fence(self.ceph, conn, img, vm, volume, keep)
+            if holder is not None:
+                img.break_lock(holder[1], holder[2])
+            if note:
+                img.metadata_remove(HANDOVER_KEY)
+            if holder is not None:
+                return holder[0]
+            return None if not note else str(note.get("to"))
+
+        try:
+            result = self._with_image(vm, volume, brk)
+        except rbd.ImageNotFound:
+            return None
+        return None if result is None else str(result)
+
+    def drive(self, vm: str, volume: str) -> Drive:
+        # cache=none: no librbd write-back cache, so a fenced QEMU's guest
+        # sees its write fail instead of a cached write lost later.
+        return Drive(id=volume, file=self._qemu_uri(self.pool(vm), self.image(vm, volume)),
+                     format="raw", cache="none")
+
+
+def _handover(img: Any) -> dict[str, Any] | None:
+    try:
+        raw = img.metadata_get(HANDOVER_KEY)
+    except KeyError:
+        return None
+    try:
+        note = json.loads(raw)
+    except ValueError:
+        return {"to": "?", "from": "?"}
+    return note if isinstance(note, dict) else {"to": "?", "from": "?"}

@@ -1,0 +1,236 @@
+"""The rbd backend against a real throwaway Ceph cluster, with real QEMUs.
+
+Two "hosts" here share one kernel, but RBD gives them no shared protection
+(no image file locks): what keeps a second writer out is fcq's lock and,
+once a lock is broken, the blocklist.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from fcq_tasks.errors import LockedByOtherHost, ShrinkRefused
+from fcq_tasks.hazmat.guestagent import GuestAgent
+from fcq_tasks.host.agent import VMAgent
+from fcq_tasks.storage import cephconn
+from fcq_tasks.storage.rbd import RbdStorage
+from tests.ceph import CephCluster
+from tests.conftest import Host, HostFactory, rbd_settings
+from tests.helpers import qmp, wait_for, wait_guest
+
+pytestmark = pytest.mark.qemu
+GiB = 2**30
+_names = itertools.count(1)
+
+
+def vm_name() -> str:
+    """A VM name no other test in this session used (the cluster is shared)."""
+    return f"rbd{os.getpid() % 1000}-{next(_names)}"
+
+
+def rbd_host(make_host: HostFactory, ceph: CephCluster, name: str, **ceph_settings: Any) -> Host:
+    return make_host(name, **rbd_settings(ceph, name, **ceph_settings))
+
+
+def lockers(ceph: CephCluster, image: str) -> list[dict[str, Any]]:
+    out: Any = json.loads(ceph.rbd("lock", "ls", "--format", "json", f"fcq/{image}"))
+    # Pacific prints a list of {id, locker, address}; older ones a mapping.
+    return list(out) if isinstance(out, list) else [{"id": k, **v} for k, v in out.items()]
+
+
+def watchers(ceph: CephCluster, image: str) -> list[str]:
+    status = json.loads(ceph.rbd("status", "--format", "json", f"fcq/{image}"))
+    return [str(w["address"]) for w in status["watchers"]]
+
+
+def guest_sh(agent: VMAgent, script: str, timeout: float = 30) -> str:
+    """Run *script* in the guest (through its agent); its output and exit code."""
+    with GuestAgent(str(agent.paths.ga), 20, agent.name) as ga:
+        pid = ga.execute("guest-exec", path="/bin/sh", arg=["-c", script],
+                         **{"capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = ga.execute("guest-exec-status", pid=pid)
+            if status["exited"]:
+                out = base64.b64decode(status.get("out-data", "")).decode()
+                err = base64.b64decode(status.get("err-data", "")).decode()
+                return f"{out}{err}rc={status.get('exitcode')}"
+            time.sleep(0.1)
+    raise AssertionError(f"guest command did not finish: {script}")
+
+
+def guest_write(agent: VMAgent, char: str) -> str:
+    """The guest writes 4 KiB of *char* to the start of its root disk, bypassing its cache."""
+    return guest_sh(agent, "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = root ] && "
+                    "dev=/dev/${d##*/}; done; head -c 4096 /dev/zero | tr '\\0' " + char
+                    + " | dd of=$dev bs=4096 count=1 oflag=direct conv=fsync 2>&1; "
+                    "r=$?; echo; echo dd=$r")
+
+
+def guest_disk_bytes(agent: VMAgent, serial: str) -> int:
+    out = guest_sh(agent, "for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/size); "
+                          "done")
+    sizes = dict(line.split() for line in out.splitlines() if line.count(" ") == 1)
+    return int(sizes[serial]) * 512
+
+
+def test_volumes_made_with_labels_and_no_exclusive_lock(make_host: HostFactory,
+                                                        ceph: CephCluster,
+                                                        tmp_path: Path) -> None:
+    """root by create-vm (even one that asks for exclusive-lock), swap and tmp labelled."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    # librbd's default features include exclusive-lock: fcq must take it off.
+    alpha.update_settings(create_vm=["rbd", "--conf", "{conf}", "--id", "{client_id}",
+                                     "--keyring", "{keyring}", "create", "--size", "{size_mib}",
+                                     "{pool}/{image}"])
+    vm = vm_name()
+    alpha.write_vm(vm)
+    agent = alpha.agent(vm)
+    assert sorted(agent.storage.ensure_volumes(agent.spec())) == ["root", "swap", "tmp"]
+    assert agent.storage.ensure_volumes(agent.spec()) == []
+    images = ceph.rbd("ls", "fcq").split()
+    assert {f"{vm}.root", f"{vm}.swap", f"{vm}.tmp"} <= set(images)
+    assert not [i for i in images if i.startswith(vm) and i.endswith(".creating")]
+    for volume, label, kind in (("swap", "swap", "swap"), ("tmp", "tmp", "xfs")):
+        out = tmp_path / volume
+        ceph.rbd("export", f"fcq/{vm}.{volume}", str(out))
+        probe = subprocess.run(["blkid", "-o", "export", str(out)], capture_output=True,
+                               text=True, check=True).stdout
+        assert f"LABEL={label}" in probe and f"TYPE={kind}" in probe
+    info = json.loads(ceph.rbd("info", "--format", "json", f"fcq/{vm}.root"))
+    assert info["size"] == GiB
+    assert "exclusive-lock" not in info["features"]
+
+
+def test_vm_runs_from_rbd_and_locks_name_host(make_host: HostFactory, ceph: CephCluster) -> None:
+    """A VM boots from RBD images through QEMU's rbd driver; the locks' cookies name the host."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    beta = rbd_host(make_host, ceph, "beta")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    agent = alpha.agent(vm)
+    agent.ensure()
+    wait_guest(agent)
+    files = {b["device"]: b["inserted"]["file"] for b in qmp(agent, "query-block")}
+    # QEMU shows the rbd driver's options as JSON: pool, image and identity.
+    root = json.loads(files["root"].removeprefix("json:"))["file"]
+    assert (root["driver"], root["pool"], root["image"], root["user"]) == (
+        "rbd", "fcq", f"{vm}.root", "alpha")
+    for volume in ("root", "swap", "tmp"):
+        held = lockers(ceph, f"{vm}.{volume}")
+        assert len(held) == 1 and held[0]["id"].startswith("fcq host=alpha instance=")
+    # Another host may neither start it nor take a lock.
+    beta.write_vm(vm, kvm_host="beta")
+    with pytest.raises(LockedByOtherHost) as info:
+        beta.agent(vm).ensure()
+    assert info.value.owner == "alpha"
+    assert beta.qemu_processes() == []
+    assert lockers(ceph, f"{vm}.root")[0]["id"].startswith("fcq host=alpha")
+    agent.stop()
+    assert all(lockers(ceph, f"{vm}.{v}") == [] for v in ("root", "swap", "tmp"))
+
+
+def test_stalled_holder_is_fenced_and_its_stale_copy_stopped(make_host: HostFactory,
+                                                             ceph: CephCluster) -> None:
+    """SIGSTOP the holder, break its locks, run the VM elsewhere, SIGCONT: it cannot write.
+
+    Its host's next sweep kills the stale copy and leaves the new holder's
+    locks alone. The old holder's clients, QEMU's included, are on the
+    blocklist.
+    """
+    alpha = rbd_host(make_host, ceph, "alpha")
+    beta = rbd_host(make_host, ceph, "beta")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    old = alpha.agent(vm)
+    old.ensure()
+    wait_guest(old)
+    assert "dd=0" in guest_write(old, "A")
+    assert ceph.read("fcq", f"{vm}.root", 0, 4096) == b"A" * 4096
+    [qemu] = alpha.qemu_processes()
+    watchers_before = set(watchers(ceph, f"{vm}.root"))
+    assert watchers_before
+    os.kill(qemu.pid, signal.SIGSTOP)
+    try:
+        beta.write_vm(vm, kvm_host="beta")
+        new = beta.agent(vm)
+        broken = new.force_unlock()["broken"]
+        assert broken == {"root": "alpha", "swap": "alpha", "tmp": "alpha"}
+        fenced = set(ceph.blocklist())
+        assert watchers_before <= fenced, (watchers_before, fenced)
+        new.ensure()
+        wait_guest(new)
+        assert "dd=0" in guest_write(new, "B")
+    finally:
+        os.kill(qemu.pid, signal.SIGCONT)
+    # The woken holder's guest writes: its QEMU's client is fenced, the
+    # write fails in the guest, and the new holder's data stays.
+    out = guest_write(old, "C")
+    assert "dd=0" not in out, out
+    assert ceph.read("fcq", f"{vm}.root", 0, 4096) == b"B" * 4096
+    stats = {s["device"]: s["stats"] for s in qmp(old, "query-blockstats")}
+    assert stats["root"]["failed_wr_operations"] >= 1
+    # alpha's sweep: every lock is beta's, so the copy here is stale.
+    result = old.ensure()
+    assert result["actions"][:1] == ["kill"] and result["status"] == "stopped"
+    assert alpha.qemu_processes() == []
+    for volume in ("root", "swap", "tmp"):
+        assert lockers(ceph, f"{vm}.{volume}")[0]["id"].startswith("fcq host=beta")
+    assert qmp(new, "query-status")["status"] == "running"
+    assert "dd=0" in guest_write(new, "D")
+    assert ceph.read("fcq", f"{vm}.root", 0, 4096) == b"D" * 4096
+
+
+def test_resize_seen_by_guest_and_shrink_refused(make_host: HostFactory,
+                                                ceph: CephCluster) -> None:
+    """A bigger config grows the image and the guest's disk; a smaller one changes nothing."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    vm = vm_name()
+    alpha.write_vm(vm, disk=1)
+    agent = alpha.agent(vm)
+    agent.ensure()
+    wait_guest(agent)
+    assert guest_disk_bytes(agent, "root") == GiB
+    alpha.write_vm(vm, disk=2)
+    assert "grow-root" in agent.ensure()["actions"]
+    wait_for(lambda: guest_disk_bytes(agent, "root") == 2 * GiB, 20, "guest sees 2 GiB")
+    assert json.loads(ceph.rbd("info", "--format", "json", f"fcq/{vm}.root"))["size"] == 2 * GiB
+    storage = agent.storage
+    with pytest.raises(ShrinkRefused):
+        storage.grow(vm, "root", GiB)
+    alpha.write_vm(vm, disk=1)
+    with pytest.raises(ShrinkRefused):
+        agent.ensure()
+    assert json.loads(ceph.rbd("info", "--format", "json", f"fcq/{vm}.root"))["size"] == 2 * GiB
+    assert guest_disk_bytes(agent, "root") == 2 * GiB
+
+
+def test_no_leaked_handles(make_host: HostFactory, ceph: CephCluster) -> None:
+    """Many calls reuse one connection per identity and leave no image open behind them."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    storage = RbdStorage(alpha.settings)
+    storage.ensure_volumes(alpha.agent(vm).spec())
+    storage.volumes(vm)
+    me = psutil.Process()
+    fds, threads = me.num_fds(), me.num_threads()
+    for _ in range(100):
+        storage.volumes(vm)
+        storage.lock(vm, "root")
+        storage.unlock(vm, "root")
+    assert me.num_fds() <= fds + 2 and me.num_threads() <= threads + 2
+    assert len([k for k in cephconn._connections if k[1] == "alpha"]) == 1
+    for volume in ("root", "swap", "tmp"):
+        assert watchers(ceph, f"{vm}.{volume}") == []
