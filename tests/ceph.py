@@ -47,6 +47,7 @@ class CephCluster:
         self.memory_mb = memory_mb
         self.port = _free_port()
         self.daemons: list[subprocess.Popen[bytes]] = []
+        self._pools_made = 0
 
     # -- commands ---------------------------------------------------------
 
@@ -145,6 +146,16 @@ keyring = {d}/osd.0/keyring
         self.ceph("osd", "pool", "create", pool, "8", "8")
         # Returns once the pool's PGs are active: the cluster's ready signal.
         self.rbd("pool", "init", pool)
+
+    def new_pool(self) -> str:
+        """A new pool with a name not used before in this cluster (a test's own)."""
+        self._pools_made += 1
+        pool = f"t{self._pools_made}"
+        self.add_pool(pool)
+        return pool
+
+    def delete_pool(self, pool: str) -> None:
+        self.ceph("osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it")
 
     def _daemon(self, argv: list[str]) -> None:
         self.daemons.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL,

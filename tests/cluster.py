@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,9 +182,12 @@ def migration_settings(visibility_timeout: int) -> dict[str, Any]:
 
 
 def make_cluster(make_host: HostFactory, redis_server: RedisServer, names: tuple[str, ...],
+                 storage: Callable[[str], dict[str, Any]] | None = None,
                  **cluster_overrides: Any) -> Cluster:
+    """Hosts *names* on one Redis; *storage* gives each host's storage settings."""
     cluster = cluster_settings(redis_server, **cluster_overrides)
     hosts = {n: make_host(n, cluster=cluster,
-                          **migration_settings(int(cluster["visibility_timeout"])))
+                          **migration_settings(int(cluster["visibility_timeout"])),
+                          **(storage(n) if storage else {}))
              for n in names}
     return Cluster(redis_server, hosts)

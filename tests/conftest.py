@@ -188,11 +188,12 @@ def ceph() -> Iterator[Any]:
     cluster.stop()
 
 
-def rbd_settings(cluster: Any, host: str, **ceph: Any) -> dict[str, Any]:
-    """Host settings for storage: rbd as *host* (its own cephx identity)."""
-    keyring = cluster.client(host)
-    return {"storage": "rbd", "ceph": {"conf": str(cluster.conf), "client_id": host,
-                                       "keyring": str(keyring), "pool": "fcq", **ceph}}
+def rbd_settings(cluster: Any, host: str, pool: str = "fcq", **ceph: Any) -> dict[str, Any]:
+    """Host settings for storage: rbd as *host*, with an identity that may use only *pool*."""
+    client_id = host if pool == "fcq" else f"{host}-{pool}"
+    keyring = cluster.client(client_id, pools=(pool,))
+    return {"storage": "rbd", "ceph": {"conf": str(cluster.conf), "client_id": client_id,
+                                       "keyring": str(keyring), "pool": pool, **ceph}}
 
 
 @pytest.fixture
@@ -207,13 +208,29 @@ def redis_server() -> Iterator[Any]:
 
 
 @pytest.fixture
-def make_cluster(make_host: HostFactory, redis_server: Any) -> Iterator[Callable[..., Any]]:
-    """Hosts alpha and beta sharing one Redis; services are stopped afterwards."""
+def make_cluster(make_host: HostFactory, redis_server: Any,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """Hosts alpha and beta sharing one Redis; services are stopped afterwards.
+
+    ``storage="rbd"``: the hosts keep their VMs on the session's Ceph
+    cluster, in a pool of this test's own (with identities that may use only
+    it), so no test sees another's images or locks.
+    """
     from tests.cluster import Cluster, make_cluster
     made: list[Cluster] = []
+    pools: list[str] = []
 
-    def factory(names: tuple[str, ...] = ("alpha", "beta"), **cluster: Any) -> Cluster:
-        c = make_cluster(make_host, redis_server, names, **cluster)
+    def factory(names: tuple[str, ...] = ("alpha", "beta"), storage: str = "local",
+                **cluster: Any) -> Cluster:
+        per_host = None
+        if storage == "rbd":
+            ceph = request.getfixturevalue("ceph")
+            pool = ceph.new_pool()
+            pools.append(pool)
+
+            def per_host(name: str) -> dict[str, Any]:
+                return rbd_settings(ceph, name, pool=pool)
+        c = make_cluster(make_host, redis_server, names, storage=per_host, **cluster)
         made.append(c)
         return c
 
@@ -224,3 +241,5 @@ def make_cluster(make_host: HostFactory, redis_server: Any) -> Iterator[Callable
     with contextlib.ExitStack() as stack:
         for c in made:
             stack.callback(c.stop_all)
+        for pool in pools:
+            stack.callback(request.getfixturevalue("ceph").delete_pool, pool)

@@ -1,8 +1,9 @@
 """Live migration between two worker hosts on one machine, real QEMU, idle guests.
 
-alpha and beta share one state directory: the stand-in for shared storage
-(RBD) that live migration needs; their run and config directories are
-separate, like on two machines.
+The VM's disks are RBD images on the throwaway Ceph cluster, in a pool of
+the test's own; alpha and beta have their own cephx identities and their own
+run, config and state directories, like two machines. Nothing on this
+kernel protects one QEMU's images from another's: only fcq's locks do.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ VISIBILITY = 200
 
 
 def shared_pair(make_cluster: ClusterFactory, **alpha_settings: Any) -> Cluster:
-    c: Cluster = make_cluster(visibility_timeout=VISIBILITY)
+    c: Cluster = make_cluster(visibility_timeout=VISIBILITY, storage="rbd")
     alpha, beta = c.hosts["alpha"], c.hosts["beta"]
-    beta.update_settings(state_dir=str(alpha.settings.state_dir))
     if alpha_settings:
         alpha.update_settings(**alpha_settings)
     for h in (alpha, beta):

@@ -6,9 +6,9 @@ sampler reads every QEMU's run state through its observer monitor every
 at any sampled moment, exactly one running copy, locks and every host's
 config agreeing, no migration key or slot left behind.
 
-alpha and beta share one state directory (the stand-in for shared storage);
-the locks, not QEMU's own image locks, must keep the guest single: the
-destination QEMU opens the images while the source's still runs, as on RBD.
+The VM's disks are RBD images on the throwaway Ceph cluster: no image file
+lock keeps a second QEMU out, only fcq's locks do, and the destination's
+QEMU opens the images while the source's still runs, as in production.
 """
 
 from __future__ import annotations

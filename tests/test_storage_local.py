@@ -9,7 +9,7 @@ import pytest
 
 from fcq_tasks.config.settings import DEFAULTS, parse_host_settings
 from fcq_tasks.config.vmspec import GiB, MiB, VMSpec
-from fcq_tasks.errors import LockedByOtherHost, ShrinkRefused, StorageError
+from fcq_tasks.errors import BadRequest, LockedByOtherHost, ShrinkRefused, StorageError
 from fcq_tasks.storage import LocalStorage
 
 SPEC = VMSpec(name="vm01", id=1, resource_group="test", online=True, kvm_host="alpha",
@@ -107,3 +107,24 @@ def test_unlock_never_deletes_another_hosts_lock(tmp_path: Path) -> None:
     beta.lock("vm01", "root")
     assert alpha.unlock("vm01", "root") is False
     assert alpha.lock_owner("vm01", "root") == "beta"
+
+
+def test_snapshots(tmp_path: Path) -> None:
+    """A snapshot keeps the volume's content of that moment; names are checked."""
+    s = storage(tmp_path)
+    s.ensure_volumes(SPEC)
+    root = tmp_path / "volumes" / "vm01.root"
+    with root.open("r+b") as fh:
+        fh.write(b"before")
+    assert s.snapshot("vm01", "root", "s1")
+    assert not s.snapshot("vm01", "root", "s1")
+    with root.open("r+b") as fh:
+        fh.write(b"after!")
+    snap = tmp_path / "volumes" / "vm01.root@s1"
+    assert snap.read_bytes()[:6] == b"before"
+    assert [(x.name, x.size) for x in s.snapshots("vm01", "root")] == [("s1", 2 * GiB)]
+    with pytest.raises(BadRequest):
+        s.snapshot("vm01", "root", "../x")
+    assert s.remove_snapshot("vm01", "root", "s1") and not snap.exists()
+    assert not s.remove_snapshot("vm01", "root", "s1")
+    assert [v.name for v in s.volumes("vm01")] == ["root", "swap", "tmp"]

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from fcq_tasks.errors import LockedByOtherHost, ShrinkRefused
+from fcq_tasks.errors import BadRequest, LockedByOtherHost, ShrinkRefused
 from fcq_tasks.hazmat.guestagent import GuestAgent
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.storage import cephconn
@@ -234,3 +234,67 @@ def test_no_leaked_handles(make_host: HostFactory, ceph: CephCluster) -> None:
     assert len([k for k in cephconn._connections if k[1] == "alpha"]) == 1
     for volume in ("root", "swap", "tmp"):
         assert watchers(ceph, f"{vm}.{volume}") == []
+
+
+def throttles(agent: VMAgent) -> dict[str, tuple[int, int]]:
+    return {b["device"]: (b["inserted"]["iops"], b["inserted"]["bps"])
+            for b in qmp(agent, "query-block")}
+
+
+def test_limits_pool_default_vm_override_and_kept(make_host: HostFactory,
+                                                 ceph: CephCluster) -> None:
+    """Pool default from host settings, per-VM override, applied at start, put back by ensure."""
+    alpha = rbd_host(make_host, ceph, "alpha",
+                     pool_limits={"fcq": {"iops": 300, "bps": 20_000_000}})
+    vm = vm_name()
+    alpha.write_vm(vm, iops=1000)  # bps: the pool's default
+    agent = alpha.agent(vm)
+    agent.ensure()
+    assert throttles(agent) == {v: (1000, 20_000_000) for v in ("root", "swap", "tmp")}
+    # Changed by hand behind fcq's back: the next sweep puts it back.
+    qmp(agent, "block_set_io_throttle", device="root", iops=5, bps=0, bps_rd=0, bps_wr=0,
+        iops_rd=0, iops_wr=0)
+    assert throttles(agent)["root"] == (5, 0)
+    assert "set-iops" in agent.ensure()["actions"]
+    assert throttles(agent)["root"] == (1000, 20_000_000)
+    # An explicit 0 in the VM file means no limit, whatever the pool says.
+    alpha.write_vm(vm, iops=0, bps=0)
+    agent.ensure()
+    assert throttles(agent) == {v: (0, 0) for v in ("root", "swap", "tmp")}
+
+
+def test_snapshots_created_listed_removed(make_host: HostFactory, ceph: CephCluster) -> None:
+    """RBD snapshots of a volume: the same name twice is a no-op, bad names are refused."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    storage = RbdStorage(alpha.settings)
+    storage.ensure_volumes(alpha.agent(vm).spec())
+    assert storage.snapshot(vm, "root", "daily-1")
+    assert not storage.snapshot(vm, "root", "daily-1")
+    assert storage.snapshot(vm, "root", "daily-2")
+    assert [s.name for s in storage.snapshots(vm, "root")] == ["daily-1", "daily-2"]
+    assert all(s.size == GiB and s.created > time.time() - 60
+               for s in storage.snapshots(vm, "root"))
+    assert "daily-1" in ceph.rbd("snap", "ls", f"fcq/{vm}.root")
+    with pytest.raises(BadRequest, match="snapshot"):
+        storage.snapshot(vm, "root", "x@y")
+    assert storage.remove_snapshot(vm, "root", "daily-1")
+    assert not storage.remove_snapshot(vm, "root", "daily-1")
+    assert [s.name for s in storage.snapshots(vm, "root")] == ["daily-2"]
+    assert storage.snapshots(vm, "swap") == []
+
+
+def test_guest_reads_its_seed_data(make_host: HostFactory, ceph: CephCluster) -> None:
+    """The VM's configuration as JSON, readable in the guest through fw_cfg at boot."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    vm = vm_name()
+    alpha.write_vm(vm, memory=160, iops=700)
+    agent = alpha.agent(vm)
+    agent.ensure()
+    wait_guest(agent)
+    out = guest_sh(agent, "cat /sys/firmware/qemu_fw_cfg/by_name/opt/fcq/config.json/raw")
+    seed = json.loads(out.rsplit("rc=", 1)[0])
+    assert (seed["format"], seed["name"], seed["host"]) == (1, vm, "alpha")
+    assert seed["parameters"]["memory"] == 160 and seed["parameters"]["iops"] == 700
+    assert seed["parameters"]["kvm_host"] == "alpha"

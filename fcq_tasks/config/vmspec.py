@@ -37,7 +37,7 @@ NET_RULE = "network names are 1-8 characters of a-z and 0-9, starting with a let
 KNOWN_TOP = frozenset({"name", "version", "parameters"})
 KNOWN_PARAMETERS = frozenset({
     "id", "resource_group", "online", "kvm_host", "disk", "memory", "cores", "nics",
-    "rbd_pool", "iops",
+    "rbd_pool", "iops", "bps",
 })
 
 #: The largest ``version``: YAML integers are unbounded; an inventory's
@@ -63,7 +63,9 @@ class VMSpec:
     cores: int
     nics: tuple[Nic, ...]
     rbd_pool: str | None = None
-    iops: int = 0                       # 0: no limit
+    # I/O limits per volume; None: the pool's default (host settings), 0: none.
+    iops: int | None = None
+    bps: int | None = None              # bytes per second
     # Orders pushes of this file; not part of the desired state itself.
     version: int = field(default=0, compare=False)
     source: str = field(default="<memory>", compare=False)
@@ -174,12 +176,17 @@ def parse_vm_data(data: object, source: str, mtime: float = 0.0) -> VMSpec:
         cores=v.check_int(f, "parameters.cores", need("cores"), 1, 255),
         nics=_nics(f, p.get("nics", [])),
         rbd_pool=None if rbd_pool is None else v.check_pool(f, "parameters.rbd_pool", rbd_pool),
-        iops=v.check_int(f, "parameters.iops", p.get("iops", 0), 0, 10**7),
+        iops=_limit(f, "iops", p.get("iops"), 10**7),
+        bps=_limit(f, "bps", p.get("bps"), 10**12),
         version=_version(f, top),
         source=source,
         mtime=mtime,
         warnings=tuple(warnings),
     )
+
+
+def _limit(f: str, key: str, value: object, hi: int) -> int | None:
+    return None if value is None else v.check_int(f, f"parameters.{key}", value, 0, hi)
 
 
 def _nics(f: str, value: object) -> tuple[Nic, ...]:
@@ -213,8 +220,8 @@ def _nics(f: str, value: object) -> tuple[Nic, ...]:
     return tuple(nics)
 
 
-def dump_vm_spec(spec: VMSpec) -> str:
-    """The seed-format YAML of *spec* (used by the demo and tests to write configs)."""
+def vm_document(spec: VMSpec) -> dict[str, object]:
+    """*spec* in the seed format, as a mapping (name, version, parameters)."""
     params: dict[str, object] = {
         "id": spec.id, "resource_group": spec.resource_group, "online": spec.online,
         "kvm_host": spec.kvm_host, "disk": spec.disk_gib, "memory": spec.memory_mb,
@@ -222,13 +229,20 @@ def dump_vm_spec(spec: VMSpec) -> str:
     }
     if spec.rbd_pool is not None:
         params["rbd_pool"] = spec.rbd_pool
-    if spec.iops:
+    if spec.iops is not None:
         params["iops"] = spec.iops
+    if spec.bps is not None:
+        params["bps"] = spec.bps
     top: dict[str, object] = {"name": spec.name}
     if spec.version:
         top["version"] = spec.version
     top["parameters"] = params
-    return yaml.safe_dump(top, sort_keys=False)
+    return top
+
+
+def dump_vm_spec(spec: VMSpec) -> str:
+    """The seed-format YAML of *spec* (used by the demo and tests to write configs)."""
+    return yaml.safe_dump(vm_document(spec), sort_keys=False)
 
 
 def rewrite_vm_parameters(path: Path, **changes: object) -> VMSpec:

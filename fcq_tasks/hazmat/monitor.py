@@ -18,7 +18,7 @@ from typing import Any
 from fcq_tasks.hazmat.qmp import QmpSession
 
 #: The six throttle fields QEMU wants in every block_set_io_throttle.
-_THROTTLE_ZERO = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops_rd": 0, "iops_wr": 0}
+_THROTTLE_ZERO = {"bps_rd": 0, "bps_wr": 0, "iops_rd": 0, "iops_wr": 0}
 
 #: QEMU's "unlimited": its own default would be 128 MiB/s.
 UNLIMITED_BANDWIDTH = 2**40
@@ -31,6 +31,7 @@ class BlockInfo:
     device: str
     size: int           # bytes the guest sees
     iops: int           # 0: no limit
+    bps: int = 0        # bytes per second; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Monitor:
                 continue
             out[str(block["device"])] = BlockInfo(
                 device=str(block["device"]), size=int(inserted["image"]["virtual-size"]),
-                iops=int(inserted.get("iops", 0)))
+                iops=int(inserted.get("iops", 0)), bps=int(inserted.get("bps", 0)))
         return out
 
     # -- life cycle -----------------------------------------------------
@@ -120,10 +121,11 @@ class Monitor:
         """
         self._do("block_resize", device=device, size=size)
 
-    def throttle(self, devices: list[str], iops: int) -> None:
-        """Limit each of *devices* to *iops* (0: no limit)."""
+    def throttle(self, devices: list[str], iops: int, bps: int = 0) -> None:
+        """Limit each of *devices* to *iops* and *bps* bytes/s in total (0: no limit)."""
         for device in devices:
-            self._do("block_set_io_throttle", device=device, iops=iops, **_THROTTLE_ZERO)
+            self._do("block_set_io_throttle", device=device, iops=iops, bps=bps,
+                     **_THROTTLE_ZERO)
 
     # -- migration --------------------------------------------------------
 

@@ -68,6 +68,10 @@ class VMRunPaths:
         return self._p("obs.sock")
 
     @property
+    def seed(self) -> Path:
+        return self._p("seed.json")
+
+    @property
     def serial_log(self) -> Path:
         return self._p("serial.log")
 
@@ -78,7 +82,7 @@ class VMRunPaths:
     def leftovers(self) -> list[Path]:
         """Run files that exist although no process may be running."""
         return [p for p in (self.pidfile, self.identity, self.qmp, self.ga, self.observer,
-                          self.silent_mark)
+                          self.silent_mark, self.seed)
                 if p.exists()]
 
 

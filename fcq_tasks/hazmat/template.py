@@ -37,6 +37,7 @@ class RunPaths:
     qmp: str           # fcq's own monitor: one client at a time, fcq's
     ga: str
     observer: str = ""  # a second monitor for read-only observers (tests, metrics)
+    seed: str = ""      # the VM's configuration as JSON, for the guest (fw_cfg)
 
 
 def _quote(value: object) -> str:

@@ -58,6 +58,7 @@ class VMAgent(VMSteps):
             "root_bytes": obs.root_bytes,
             "locks": obs.lock_owners,
             "iops": obs.iops,
+            "bps": obs.bps,
         })
         if obs.run is Run.RUNNING:
             result["guest_agent"] = self.guest_agent_answers(timeout=1.0)
@@ -155,7 +156,7 @@ class VMAgent(VMSteps):
         elif do is Do.FOLLOW:
             self.set_kvm_host(action.host)
         elif do is Do.SET_IOPS:
-            self.throttle(action.iops)
+            self.throttle(action.iops, action.bps)
         elif do is Do.OUTMIGRATE:
             if self.outmigrate_hook is None:
                 self.log.warning("needs-outmigration", action="outmigrate", to=action.host,

@@ -77,6 +77,7 @@ class Observed:
     lock_owners: dict[str, str | None] = field(default_factory=dict)  # volume → host
     root_bytes: int | None = None
     iops: int | None = None        # current limit of a running VM (0: none)
+    bps: int = 0                   # current bandwidth limit, bytes/s (0: none)
     silent_for: float = 0.0        # UNRESPONSIVE: seconds since QMP first failed to answer
     handed_to_us: bool = False     # every lock was handed to this host and not yet claimed
     handed_away_to: str = ""       # every lock was handed by this host to that host
@@ -89,6 +90,7 @@ class Action:
     reason: str
     size: int = 0                  # GROW_ROOT: new size in bytes
     iops: int = 0                  # SET_IOPS
+    bps: int = 0                   # SET_IOPS
     host: str = ""                 # OUTMIGRATE: destination; REFUSE: lock owner
     refusal: str = ""              # REFUSE: "locked" | "shrink" | "split-brain" | ...
     keep_locks: bool = False       # CLEAN_UP: remove run files only
@@ -206,8 +208,11 @@ def plan(spec: VMSpec, observed: Observed, host: str,
         acts.append(Action(Do.GROW_ROOT, f"root {observed.root_bytes} < {spec.disk_bytes} bytes",
                            size=spec.disk_bytes))
     acts.extend(_shrink_refusal(spec, observed))
-    if observed.iops is not None and observed.iops != spec.iops:
-        acts.append(Action(Do.SET_IOPS, f"iops {observed.iops} → {spec.iops}", iops=spec.iops))
+    want_limits = (spec.iops or 0, spec.bps or 0)
+    if observed.iops is not None and (observed.iops, observed.bps) != want_limits:
+        acts.append(Action(Do.SET_IOPS, f"limits iops {observed.iops}, bps {observed.bps} → "
+                           f"iops {want_limits[0]}, bps {want_limits[1]}",
+                           iops=want_limits[0], bps=want_limits[1]))
     return acts or [Action(Do.NOTHING, "running as configured")]
 
 

@@ -21,7 +21,13 @@ import psutil
 import structlog
 
 from fcq_tasks.config.settings import HostSettings
-from fcq_tasks.config.vmspec import VMSpec, load_vm_spec, rewrite_vm_parameters, spec_path
+from fcq_tasks.config.vmspec import (
+    VMSpec,
+    load_vm_spec,
+    rewrite_vm_parameters,
+    spec_path,
+    vm_document,
+)
 from fcq_tasks.deadline import Deadline
 from fcq_tasks.errors import (
     FcqError,
@@ -74,10 +80,15 @@ class VMSteps:
     # -- observing --------------------------------------------------------
 
     def spec(self) -> VMSpec:
+        """The VM's config, with its I/O limits resolved (file, else the pool's default)."""
         spec = load_vm_spec(self.settings.vm_config_dir, self.name)
         for warning in spec.warnings:
             self.log.warning("config-warning", detail=warning)
-        return spec
+        ceph = self.settings.ceph
+        default = ceph.limits_for(spec.rbd_pool or ceph.pool) if ceph else None
+        return dataclasses.replace(
+            spec, iops=spec.iops if spec.iops is not None else (default.iops if default else 0),
+            bps=spec.bps if spec.bps is not None else (default.bps if default else 0))
 
     def process(self) -> psutil.Process | None:
         return self.qemu.find()
@@ -124,7 +135,7 @@ class VMSteps:
                 run = Run.RECEIVED
         root = blocks.get("root")
         return _with(base, run=run, root_bytes=root.size if root else base.root_bytes,
-                     iops=root.iops if root else 0)
+                     iops=root.iops if root else 0, bps=root.bps if root else 0)
 
     def _silent_for(self) -> float:
         """Seconds since QMP was first seen silent; the mark survives across sweeps.
@@ -236,7 +247,8 @@ class VMSteps:
         drives = [self.storage.drive(self.name, v) for v in VOLUMES]
         config = render_qemu_config(s, spec, accel, drives,
                                     RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga),
-                                             observer=str(self.paths.observer)))
+                                             observer=str(self.paths.observer),
+                                             seed=str(self.paths.seed)))
         # -S: even when the migration completes, guest code waits for `cont`,
         # which comes only once the source's QEMU is gone and the locks moved.
         argv = self.argv(accel) + (["-incoming", "defer", "-S"] if incoming else [])
@@ -256,17 +268,23 @@ class VMSteps:
             taken = [] if incoming else self.take_locks(instance)
             try:
                 write_atomically(self.paths.config, config)
+                write_atomically(self.paths.seed, self.seed_data(spec))
                 self.progress("qemu-start")
                 self.log.info("qemu-start", action="start", argv=" ".join(argv),
                               accel=accel, memory_mb=spec.memory_mb, incoming=incoming,
                               instance=instance)
                 self.qemu.start(argv, spec.memory_mb, s.start_timeout, incoming=incoming)
-                if spec.iops and not incoming:
-                    self.throttle(spec.iops)
+                if (spec.iops or spec.bps) and not incoming:
+                    self.throttle(spec.iops or 0, spec.bps or 0)
             except BaseException:
                 self._undo_start(taken)
                 raise
         self.log.info("started", action="start", seconds=round(time.monotonic() - t0, 3))
+
+    def seed_data(self, spec: VMSpec) -> str:
+        """What the guest reads at boot: its configuration as JSON (docs/guest.md)."""
+        return json.dumps({"format": 1, "host": self.settings.host, **vm_document(spec)},
+                          indent=2, sort_keys=True) + "\n"
 
     def _prepare_volumes(self, spec: VMSpec) -> None:
         # Volumes first, outside the host-wide admission lock: creating a
@@ -291,10 +309,10 @@ class VMSteps:
             self.storage.unlock(self.name, volume)
         self.log.warning("start-undone", action="start", released=taken)
 
-    def throttle(self, iops: int) -> None:
+    def throttle(self, iops: int, bps: int = 0) -> None:
         with self.qemu.monitor() as mon:
-            mon.throttle(list(VOLUMES), iops)
-        self.log.info("iops-set", action="set-iops", iops=iops)
+            mon.throttle(list(VOLUMES), iops, bps)
+        self.log.info("limits-set", action="set-iops", iops=iops, bps=bps)
 
     def grow_root(self, size: int) -> None:
         with self.qemu.monitor() as mon:
@@ -331,6 +349,11 @@ class VMSteps:
         try:
             self.qemu.mark_resumed()
             self.claim_locks()
+            # Throttles are QEMU settings, not guest state: they do not
+            # travel with the migration.
+            spec = self.spec()
+            if spec.iops or spec.bps:
+                self.throttle(spec.iops or 0, spec.bps or 0)
         except (FcqError, OSError) as err:
             self.log.warning("claim-deferred", action="claim", error=str(err),
                              detail="the next ensure claims the locks")

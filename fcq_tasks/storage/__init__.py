@@ -9,7 +9,7 @@ The agent never looks behind it.
 from __future__ import annotations
 
 from fcq_tasks.config.settings import HostSettings
-from fcq_tasks.storage.base import VOLUMES, Storage, VolumeInfo
+from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, Storage, VolumeInfo, check_snapshot
 from fcq_tasks.storage.local import LocalStorage
 
 
@@ -24,4 +24,5 @@ def open_storage(settings: HostSettings) -> Storage:
     raise AssertionError(f"unknown storage {settings.storage!r}: settings validation missed it")
 
 
-__all__ = ["VOLUMES", "LocalStorage", "Storage", "VolumeInfo", "open_storage"]
+__all__ = ["VOLUMES", "LocalStorage", "SnapshotInfo", "Storage", "VolumeInfo",
+           "check_snapshot", "open_storage"]

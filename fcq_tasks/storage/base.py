@@ -9,13 +9,35 @@ it holds all of that VM's locks.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
 from fcq_tasks.config.vmspec import VMSpec
+from fcq_tasks.errors import BadRequest
 from fcq_tasks.hazmat.template import Drive
 
 VOLUMES = ("root", "swap", "tmp")
+
+#: Snapshot names: no "@", "/" or spaces, which would change what an RBD
+#: spec or a file name means.
+SNAPSHOT_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}\Z")
+SNAPSHOT_RULE = ("must be 1-64 characters of letters, digits, '.', '_' and '-', "
+                 "starting with a letter or digit")
+
+
+def check_snapshot(vm: str, name: str) -> str:
+    """*name* if it is a valid snapshot name; BadRequest naming the rule otherwise."""
+    if not isinstance(name, str) or not SNAPSHOT_RE.match(name):
+        raise BadRequest("snapshot", f"{SNAPSHOT_RULE} (got {name!r} for {vm})")
+    return name
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    name: str
+    size: int           # bytes of the volume when the snapshot was taken
+    created: float      # Unix time
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,21 @@ class Storage(Protocol):
         client that could write the image is blocklisted, except this
         process's and the client addresses in *keep*).
         """
+        ...
+
+    def snapshot(self, vm: str, volume: str, name: str) -> bool:
+        """Snapshot the volume as it is now; False if *name* exists already (a no-op).
+
+        The caller makes the content consistent first (guest freeze).
+        """
+        ...
+
+    def snapshots(self, vm: str, volume: str) -> list[SnapshotInfo]:
+        """The volume's snapshots, oldest first."""
+        ...
+
+    def remove_snapshot(self, vm: str, volume: str, name: str) -> bool:
+        """Remove a snapshot; False if there was none of that name."""
         ...
 
     def drive(self, vm: str, volume: str) -> Drive:

@@ -3,6 +3,8 @@
 Layout under the host's state directory::
 
     volumes/<vm>.<volume>        raw image file (sparse)
+    volumes/<vm>.<volume>@<snap> a snapshot: a sparse (reflinked where the
+                                 file system can) read-only copy
     locks/<vm>.<volume>.lock     JSON {"host": ..., "since": ...,
                                        ["handed_from": ..., "claimed": ...]}
 
@@ -28,7 +30,7 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.errors import LockedByOtherHost, ShrinkRefused, StorageError
 from fcq_tasks.hazmat.template import Drive
-from fcq_tasks.storage.base import VOLUMES, VolumeInfo
+from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
 
 #: How often lock() retries when a lock vanishes between link and read.
 LOCK_ATTEMPTS = 3
@@ -233,6 +235,38 @@ class LocalStorage:
         owner = self.lock_owner(vm, volume)
         self._lockfile(vm, volume).unlink(missing_ok=True)
         return owner
+
+    # -- snapshots ----------------------------------------------------------
+
+    def _snap(self, vm: str, volume: str, name: str) -> Path:
+        return self.volume_dir / f"{vm}.{volume}@{check_snapshot(vm, name)}"
+
+    def snapshot(self, vm: str, volume: str, name: str) -> bool:
+        target = self._snap(vm, volume, name)
+        if target.exists():
+            return False
+        part = self.volume_dir / f".{target.name}.part"
+        _run(["cp", "--sparse=always", "--reflink=auto", str(self._image(vm, volume)),
+              str(part)], vm, f"snapshot of {volume}")
+        os.chmod(part, 0o400)
+        os.replace(part, target)
+        return True
+
+    def snapshots(self, vm: str, volume: str) -> list[SnapshotInfo]:
+        prefix = f"{vm}.{volume}@"
+        found = []
+        for path in self.volume_dir.glob(f"{prefix}*") if self.volume_dir.exists() else []:
+            st = path.stat()
+            found.append(SnapshotInfo(path.name[len(prefix):], st.st_size, st.st_mtime))
+        return sorted(found, key=lambda s: (s.created, s.name))
+
+    def remove_snapshot(self, vm: str, volume: str, name: str) -> bool:
+        target = self._snap(vm, volume, name)
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def drive(self, vm: str, volume: str) -> Drive:
         # writeback: local files are never opened by a second host, and

@@ -40,7 +40,7 @@ from fcq_tasks.config.vmspec import VMSpec, load_vm_spec, spec_path
 from fcq_tasks.errors import ConfigError, LockedByOtherHost, ShrinkRefused, StorageError
 from fcq_tasks.hazmat.template import Drive
 from fcq_tasks.storage import cephconn, fence
-from fcq_tasks.storage.base import VOLUMES, VolumeInfo
+from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
 
 HANDOVER_KEY = "fcq.handover"
 COOKIE_PREFIX = "fcq "
@@ -365,6 +365,43 @@ class RbdStorage:
         except rbd.ImageNotFound:
             return None
         return None if result is None else str(result)
+
+    # -- snapshots ----------------------------------------------------------
+
+    def snapshot(self, vm: str, volume: str, name: str) -> bool:
+        check_snapshot(vm, name)
+
+        def snap(conn: Any, img: Any) -> bool:
+            try:
+                img.create_snap(name)
+            except rbd.ImageExists:
+                return False
+            return True
+        return bool(self._with_image(vm, volume, snap))
+
+    def snapshots(self, vm: str, volume: str) -> list[SnapshotInfo]:
+        def listing(conn: Any, img: Any) -> list[SnapshotInfo]:
+            out = []
+            for snap in img.list_snaps():
+                created = img.get_snap_timestamp(snap["id"])
+                out.append(SnapshotInfo(str(snap["name"]), int(snap["size"]),
+                                        created.timestamp()))
+            return sorted(out, key=lambda s: (s.created, s.name))
+        try:
+            return list(self._with_image(vm, volume, listing))
+        except rbd.ImageNotFound:
+            return []
+
+    def remove_snapshot(self, vm: str, volume: str, name: str) -> bool:
+        check_snapshot(vm, name)
+
+        def remove(conn: Any, img: Any) -> bool:
+            try:
+                img.remove_snap(name)
+            except rbd.ImageNotFound:
+                return False
+            return True
+        return bool(self._with_image(vm, volume, remove))
 
     def drive(self, vm: str, volume: str) -> Drive:
         # cache=none: no librbd write-back cache, so a fenced QEMU's guest

@@ -36,7 +36,8 @@ OUTPUTS = ("vmlinuz", "initrd.gz", "cmdline")
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Loaded at every boot, in dependency order (dependencies are added).
-CORE_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "button", "evdev")
+CORE_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "button", "evdev",
+                "qemu_fw_cfg")  # qemu_fw_cfg: the seed data in /sys/firmware/qemu_fw_cfg
 # Loaded by init only when a disk labelled "tmp" is present.
 XFS_MODULES = ("xfs",)
 
