@@ -5,10 +5,13 @@ Prints ratios, not adjectives:
 1. task round trip: orchestrator → Redis → worker → result (fcq.ping);
 2. start: `fcq start VM` (CLI, queue, worker, volumes, locks, QEMU) until the
    command returns and until the guest agent answers, versus launching the
-   same QEMU command line by hand;
+   same QEMU command line by hand; on RBD (a throwaway Ceph cluster) and on
+   local storage;
 3. sweep: one ensure sweep over N already-converged VMs (no guest OS), per
    VM, versus the bare minimum of asking each QEMU `query-status` over QMP;
-4. memory: RSS of the worker, and of a QEMU started by fcq versus by hand.
+   on RBD and on local storage;
+4. live migration on RBD versus a bare QMP migration of the same two QEMUs;
+5. memory: RSS of the worker, and of a QEMU started by fcq versus by hand.
 
 Run with `make bench` (N defaults to 60; BENCH_VMS=200 make bench for more: the
 2-core, 24 GiB machine holds 200 idle VMs).
@@ -34,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 from fcq_tasks.errors import FcqError  # noqa: E402
 from fcq_tasks.hazmat.guestagent import GuestAgent  # noqa: E402
 from fcq_tasks.hazmat.qmp import QmpSession  # noqa: E402
+from fcq_tasks.storage import cephconn  # noqa: E402
+from tests.ceph import CephCluster  # noqa: E402
 from tests.cluster import Cluster, RedisServer, cluster_settings, free_port  # noqa: E402
-from tests.conftest import GUEST_DIR, Host, direct_boot, new_host  # noqa: E402
+from tests.conftest import GUEST_DIR, Host, direct_boot, new_host, rbd_settings  # noqa: E402
 
 
 def make_host(name: str, redis: RedisServer, **settings: Any) -> Host:
@@ -89,7 +94,7 @@ def bench_start(c: Cluster, host: Host, runs: int = 3) -> dict[str, float]:
     agent = host.agent("boot01")
     for _ in range(runs):
         t0 = time.monotonic()
-        proc = c.fcq("-q", "start", "boot01", "--host", "alpha")
+        proc = c.fcq("-q", "start", "boot01", "--host", host.name)
         assert proc.returncode == 0, proc.stderr
         fcq_ret.append(time.monotonic() - t0)
         fcq_ga.append(wait_ga(agent.paths.ga) - t0)
@@ -97,13 +102,14 @@ def bench_start(c: Cluster, host: Host, runs: int = 3) -> dict[str, float]:
         assert ident is not None
         argv = list(ident.argv)
         fcq_rss.append(rss_mb(ident.pid))
-        c.fcq("-q", "--local", "kill", "boot01")
+        c.fcq("-q", "--local", "kill", "boot01", host=host.name)
         # The same command line by hand: same rendered config, same volumes.
         raw_dir = host.base / "raw"
         raw_dir.mkdir(exist_ok=True)
+        seed = agent.paths.seed.read_text()
         for p in agent.paths.leftovers():
             p.unlink()
-        agent.paths.config.write_text(agent.paths.config.read_text())
+        agent.paths.seed.write_text(seed)  # the rendered config names it
         t0 = time.monotonic()
         subprocess.run(argv, check=True, capture_output=True)
         raw_ret.append(wait_qmp(agent.paths.qmp) - t0)
@@ -128,7 +134,9 @@ def bare_migration(host: Host, argv: list[str]) -> tuple[float, float, float]:
     procs = []
     for side in ("src", "dst"):
         cfg = run / f"{side}.cfg"
+        (run / "seed.json").write_text("{}\n")
         cfg.write_text(cfg_text.replace(str(agent.paths.qmp), str(run / f"{side}.qmp"))
+                       .replace(str(agent.paths.seed), str(run / "seed.json"))
                        .replace(str(agent.paths.ga), str(run / f"{side}.ga"))
                        .replace(str(agent.paths.observer), str(run / f"{side}.obs")))
         args = [str(cfg) if a == str(agent.paths.config) else a for a in argv]
@@ -198,6 +206,8 @@ def wait_for_registry(orch: Any, host: str) -> None:
 def bench_sweep(c: Cluster, host: Host, n: int) -> dict[str, float]:
     for i in range(n):
         host.write_vm(f"idle{i:03d}", memory=32, disk=1, nics=[])
+    print(f"  ({host.name}: starting {n} idle VMs on {host.settings.storage} storage)",
+          flush=True)
     t0 = time.monotonic()
     c.fcq("-q", "--local", "ensure", "--all", host=host.name)
     started = time.monotonic() - t0
@@ -228,47 +238,61 @@ def main() -> None:
                    check=True, stdout=subprocess.DEVNULL)
     redis = RedisServer()
     redis.start()
-    # alpha boots the tiny guest; beta runs VMs with no guest OS (SeaBIOS
-    # finds nothing to boot and idles), so N of them fit on two cores.
-    host = make_host("alpha", redis, direct_boot=direct_boot(GUEST_DIR))
-    idle = make_host("beta", redis, vm_max_total_memory=64 * 1024)
-    # gamma shares alpha's volumes (the stand-in for shared storage) for migrations.
-    peer = make_host("gamma", redis, direct_boot=direct_boot(GUEST_DIR),
-                     state_dir=str(host.settings.state_dir))
-    c = Cluster(redis, {"alpha": host, "beta": idle, "gamma": peer})
+    ceph = CephCluster(memory_mb=4096).start()
+    boot = direct_boot(GUEST_DIR)
+    # alpha and gamma boot the tiny guest from RBD images (start, migration);
+    # delta boots it from local files (start on local storage). beta (RBD)
+    # and epsilon (local) run VMs with no guest OS (SeaBIOS finds nothing to
+    # boot and idles), so N of each fit on two cores.
+    host = make_host("alpha", redis, direct_boot=boot, **rbd_settings(ceph, "alpha"))
+    peer = make_host("gamma", redis, direct_boot=boot, **rbd_settings(ceph, "gamma"))
+    local = make_host("delta", redis, direct_boot=boot)
+    idle = make_host("beta", redis, vm_max_total_memory=64 * 1024, **rbd_settings(ceph, "beta"))
+    idle_local = make_host("epsilon", redis, vm_max_total_memory=64 * 1024)
+    hosts = {h.name: h for h in (host, peer, local, idle, idle_local)}
+    c = Cluster(redis, hosts)
     try:
         worker = c.worker("alpha")
-        c.worker("beta")
-        c.worker("gamma")
+        for name in ("beta", "gamma", "delta", "epsilon"):
+            c.worker(name)
         rtt = bench_round_trip(c)
-        host.write_vm("boot01", memory=256, disk=2)
-        peer.write_vm("boot01", memory=256, disk=2, kvm_host="alpha")
+        for h in (host, peer, local):
+            h.write_vm("boot01", memory=256, disk=2, kvm_host=h.name if h is local else "alpha")
         start = bench_start(c, host)
+        start_local = bench_start(c, local)
         mig = bench_migrate(c, host, peer)
         sweep = bench_sweep(c, idle, n)
+        sweep_local = bench_sweep(c, idle_local, n)
         worker_rss = rss_mb(worker.proc.pid)
     finally:
-        for h in (host, idle, peer):
+        for h in hosts.values():
             for proc in h.qemu_processes():
                 proc.kill()
         c.stop_all()
         redis.stop()
-        for path in (host.base, idle.base, peer.base, redis.dir):
+        cephconn.shutdown_all()
+        ceph.stop()
+        for path in [h.base for h in hosts.values()] + [redis.dir]:
             shutil.rmtree(path, ignore_errors=True)
     print("fcq benchmark (TCG, tiny guest, same machine and run)")
     print(f"  task round trip (fcq.ping, median of 50): {rtt * 1000:.1f} ms")
-    ratio = start["fcq_return"] / start["raw_qmp"]
-    print(f"  start until command returns (QEMU running): fcq start {start['fcq_return']:.2f} s"
-          f" vs raw QEMU {start['raw_qmp']:.2f} s  ratio {ratio:.1f}x")
-    print(f"  start until guest agent answers:            fcq {start['fcq_ga']:.2f} s"
-          f" vs raw QEMU {start['raw_ga']:.2f} s  ratio {start['fcq_ga'] / start['raw_ga']:.2f}x")
-    print(f"  sweep over {sweep['n']} converged VMs: {sweep['sweep']:.2f} s"
-          f" ({sweep['sweep'] / sweep['n'] * 1000:.1f} ms per VM) vs bare QMP query-status"
-          f" {sweep['qmp_only']:.2f} s  ratio {sweep['sweep'] / sweep['qmp_only']:.1f}x")
-    print(f"  first ensure --all starting {sweep['n']} VMs: {sweep['start_all']:.1f} s")
-    print(f"  live migration, idle 256 MB guest (median of 3): fcq migrate {mig['fcq_wall']:.2f} s"
-          f" end to end, QEMU total {mig['fcq_total']:.0f} ms, downtime {mig['fcq_down']:.0f} ms,"
-          f" handover {mig['handover']:.0f} ms")
+    for label, st in (("RBD", start), ("local", start_local)):
+        ratio = st["fcq_return"] / st["raw_qmp"]
+        print(f"  start on {label}, until the command returns (QEMU running): fcq start "
+              f"{st['fcq_return']:.2f} s vs raw QEMU {st['raw_qmp']:.2f} s  ratio {ratio:.1f}x")
+        print(f"  start on {label}, until the guest agent answers: fcq {st['fcq_ga']:.2f} s"
+              f" vs raw QEMU {st['raw_ga']:.2f} s  ratio {st['fcq_ga'] / st['raw_ga']:.2f}x")
+    print(f"  start, RBD against local (fcq start returns): "
+          f"{start['fcq_return'] / start_local['fcq_return']:.2f}x")
+    for label, sw in (("RBD", sweep), ("local", sweep_local)):
+        print(f"  sweep over {sw['n']} converged VMs on {label}: {sw['sweep']:.2f} s"
+              f" ({sw['sweep'] / sw['n'] * 1000:.1f} ms per VM) vs bare QMP query-status"
+              f" {sw['qmp_only']:.2f} s  ratio {sw['sweep'] / sw['qmp_only']:.1f}x;"
+              f" first ensure --all starting them: {sw['start_all']:.1f} s")
+    print(f"  sweep, RBD against local: {sweep['sweep'] / sweep_local['sweep']:.2f}x")
+    print(f"  live migration on RBD, idle 256 MB guest (median of 3): fcq migrate "
+          f"{mig['fcq_wall']:.2f} s end to end, QEMU total {mig['fcq_total']:.0f} ms, downtime "
+          f"{mig['fcq_down']:.0f} ms, handover {mig['handover']:.0f} ms")
     print(f"    vs bare QMP migration: {mig['bare_wall']:.2f} s, total {mig['bare_total']:.0f} ms,"
           f" downtime {mig['bare_down']:.0f} ms;  ratios: end to end "
           f"{mig['fcq_wall'] / mig['bare_wall']:.1f}x, guest paused (downtime + handover) "

@@ -21,10 +21,13 @@ from typing import Any
 
 import pytest
 
+from fcq_tasks.errors import FcqError
+from fcq_tasks.hazmat.qmp import QmpSession
 from fcq_tasks.host.migration.slots import slots_in_use
+from tests.ceph import CephCluster
 from tests.cluster import Cluster, Service
 from tests.helpers import guest_answers, wait_for
-from tests.invariants import GuestSampler
+from tests.invariants import GuestSampler, observer_socket
 from tests.test_migration import SLOW, ClusterFactory, converged, shared_pair, where
 
 
@@ -49,6 +52,15 @@ def attempt_of(c: Cluster, vm: str = "vm01") -> str:
 
 def addr_published(c: Cluster, attempt: str) -> bool:
     return bool(c.redis.client().exists(f"fcq:mig:vm01:{attempt}:addr"))
+
+
+def source_copying(c: Cluster) -> bool:
+    """alpha's QEMU is sending the guest (asked through its observer monitor)."""
+    try:
+        with QmpSession(str(observer_socket(c.hosts["alpha"], "vm01")), 2, "vm01") as q:
+            return q.execute("query-migrate").get("status") in ("active", "completed")
+    except FcqError:
+        return False
 
 
 def locks_handed_to_beta(c: Cluster) -> bool:
@@ -141,23 +153,45 @@ def test_source_stopped_mid_copy_resumed_after_peer_gave_up(
     sampler.assert_never_twice()
 
 
-def test_source_stopped_after_copy_completed(make_cluster: ClusterFactory) -> None:
-    """SIGSTOP of alpha's worker while QEMU finishes the copy on its own (between
-    completion and the handover): beta must not resume without alpha's word."""
+def test_source_stopped_after_copy_completed_is_fenced_and_rescued(
+        make_cluster: ClusterFactory, ceph: CephCluster) -> None:
+    """SIGSTOP of alpha's worker while its QEMU finishes the copy alone: beta fences
+    alpha's clients, takes the locks on its behalf and resumes its complete copy (no
+    reboot); after SIGCONT alpha's leftover copy goes and everything agrees on beta."""
+    c = shared_pair(make_cluster)
+    orch = c.orchestrator()
+    fenced_before = set(ceph.blocklist())
+    with GuestSampler(c, "vm01") as sampler:
+        orch.migrate("vm01", "beta")
+        wait_for(lambda: source_copying(c), 60, "alpha's QEMU to send", interval=0.01)
+        alpha = worker(c, "alpha")
+        stop(alpha)
+        try:
+            sampler.wait_for(lambda s: s.running == ("beta",), 90, "the guest to run on beta")
+        finally:
+            cont(alpha)
+        assert_settled(c, "beta")
+    sampler.assert_never_twice()
+    proc = c.hosts["beta"].qemu_processes()[0]
+    assert "-incoming" in proc.cmdline()  # the received copy, resumed: no reboot
+    assert set(ceph.blocklist()) - fenced_before  # alpha's clients were fenced
+
+
+def test_source_worker_killed_after_copy_completed_is_rescued(
+        make_cluster: ClusterFactory) -> None:
+    """kill -9 of alpha's worker during the copy: its QEMU completes alone, beta rescues
+    the received copy; alpha's restarted worker kills its leftover and follows."""
     c = shared_pair(make_cluster)
     orch = c.orchestrator()
     with GuestSampler(c, "vm01") as sampler:
         orch.migrate("vm01", "beta")
-        attempt = attempt_of(c)
-        wait_for(lambda: addr_published(c, attempt), 60, "beta's address", interval=0.01)
-        alpha = worker(c, "alpha")
-        stop(alpha)
-        try:
-            time.sleep(8)  # the copy completes in QEMU; beta sees alpha silent and gives up
-        finally:
-            cont(alpha)
-        assert_settled(c)
+        wait_for(lambda: source_copying(c), 60, "alpha's QEMU to send", interval=0.01)
+        c.kill9(worker(c, "alpha"))
+        sampler.wait_for(lambda s: s.running == ("beta",), 90, "the guest to run on beta")
+        c.worker("alpha")
+        assert_settled(c, "beta")
     sampler.assert_never_twice()
+    assert "-incoming" in c.hosts["beta"].qemu_processes()[0].cmdline()
 
 
 def test_destination_stopped_after_cont(make_cluster: ClusterFactory) -> None:

@@ -1,13 +1,17 @@
 """`make demo`: a small fcq cluster on one machine, with real VMs.
 
-A throwaway redis-server (password, AOF), `fcq worker` for hosts alpha and
-beta (each with its own config, run and state directories), `fcq beat` and
-`fcq flower` (basic auth, generated password). The demo writes VM configs,
-enqueues work through the orchestrator, shows the fleet, lets a sweep heal
-a QEMU killed behind fcq's back, and stops everything it started, also when
-interrupted. `make demo KEEP=1` keeps the cluster up until Ctrl-C.
+A throwaway Ceph cluster (one monitor, one in-memory OSD) holding the VMs'
+disks as RBD images, a throwaway redis-server (password, AOF), `fcq worker`
+for hosts alpha and beta (each with its own cephx identity and its own
+config, run and state directories), `fcq beat` and `fcq flower` (basic
+auth, generated password). The demo writes VM configs, enqueues work
+through the orchestrator, shows the fleet, live-migrates a VM between the
+hosts, shows a lock conflict refused, lets a sweep heal a QEMU killed
+behind fcq's back, and stops everything it started, also when interrupted.
+`make demo KEEP=1` keeps the cluster up until Ctrl-C.
 
-Everything lives under /tmp/fcq-demo; nothing touches /etc or /run.
+Everything lives under /tmp/fcq-demo and /tmp/fcq-ceph-*; nothing touches
+/etc or /run.
 """
 
 from __future__ import annotations
@@ -27,16 +31,24 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.ceph import CephCluster  # noqa: E402
+
 GUEST = ROOT / "build" / "guest"
 BASE = Path("/tmp/fcq-demo")
 FCQ = [sys.executable, "-m", "fcq_tasks"]
 HOSTS = ("alpha", "beta")
 VMS = {  # name: (kvm_host, online, memory)
     "web01": ("alpha", True, 256),
-    "web02": ("alpha", True, 256),
+    "web02": ("alpha", True, 192),
     "db01": ("beta", True, 384),
     "old01": ("beta", False, 256),
 }
+#: Migrated in the demo: its config is on both hosts, as a migration needs.
+MIGRATED = "web02"
+POOL = "fcq"
+ceph: list[CephCluster] = []
 
 processes: list[subprocess.Popen[bytes]] = []
 #: beat, kept apart: it is stopped first, or its next sweep would start the
@@ -83,6 +95,11 @@ def prepare() -> dict[str, Any]:
     if BASE.exists():
         shutil.rmtree(BASE)
     BASE.mkdir(mode=0o700)
+    t0 = time.monotonic()
+    cluster_ceph = CephCluster(pools=(POOL,))
+    ceph.append(cluster_ceph)
+    cluster_ceph.start()
+    print(f"  ceph-mon and ceph-osd (memstore) up in {time.monotonic() - t0:.1f} s, pool {POOL}")
     port, flower_port = free_port(), free_port()
     password = secrets.token_urlsafe(18)
     (BASE / "redis.password").write_text(password + "\n")
@@ -106,6 +123,12 @@ def prepare() -> dict[str, Any]:
             "direct_boot": {"kernel": str(GUEST / "vmlinuz"), "initrd": str(GUEST / "initrd.gz"),
                             "append": (GUEST / "cmdline").read_text().strip()},
             "cluster": cluster,
+            # Each host its own cephx identity: mon 'profile rbd', osd
+            # 'profile rbd pool=fcq' (what a real hypervisor gets).
+            "storage": "rbd",
+            "ceph": {"conf": str(cluster_ceph.conf), "client_id": host,
+                     "keyring": str(cluster_ceph.client(host)), "pool": POOL,
+                     "pool_limits": {POOL: {"iops": 2000}}},
         }
         (d / "host.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     for i, (vm, (kvm_host, online, memory)) in enumerate(VMS.items()):
@@ -113,7 +136,9 @@ def prepare() -> dict[str, Any]:
             "id": 100 + i, "resource_group": "demo", "online": online, "kvm_host": kvm_host,
             "disk": 2, "memory": memory, "cores": 1,
             "nics": [{"srv": f"02-00-00-00-01-{i:02x}"}]}}
-        (BASE / kvm_host / "vm" / f"{vm}.cfg").write_text(yaml.safe_dump(spec, sort_keys=False))
+        text = yaml.safe_dump(spec, sort_keys=False)
+        for host in HOSTS if vm == MIGRATED else (kvm_host,):
+            (BASE / host / "vm" / f"{vm}.cfg").write_text(text)
     return {"port": port, "password": password, "flower_port": flower_port,
             "flower_pw": flower_pw}
 
@@ -169,6 +194,8 @@ def stop_everything() -> None:
         if any(str(BASE) in arg for arg in qemu.info["cmdline"] or []):
             print(f"demo: killing leftover process {qemu.pid}", file=sys.stderr)
             qemu.kill()
+    for cluster in ceph:
+        cluster.stop()
 
 
 def main() -> None:
@@ -192,6 +219,28 @@ def main() -> None:
     step("Bad requests get a clear error and change nothing")
     fcq("start", "../etc/passwd", check=False)
     fcq("start", "nosuchvm", check=False)
+
+    step("Disks are RBD images; each lock's cookie names the host holding it")
+    for vm in ("web01", MIGRATED):
+        print(f"$ rbd lock ls {POOL}/{vm}.root")
+        for line in ceph[0].rbd("lock", "ls", f"{POOL}/{vm}.root").splitlines():
+            print(f"  {line}")
+
+    step(f"Live migration of {MIGRATED} from alpha to beta, with its progress")
+    fcq("migrate", MIGRATED, "--to", "beta")
+    fcq("ls")
+    print(f"$ rbd lock ls {POOL}/{MIGRATED}.root")
+    for line in ceph[0].rbd("lock", "ls", f"{POOL}/{MIGRATED}.root").splitlines():
+        print(f"  {line}")
+
+    step("A lock conflict: beta is told web01 is its own, but alpha holds its locks")
+    beta_copy = BASE / "beta" / "vm" / "web01.cfg"
+    beta_copy.write_text((BASE / "alpha" / "vm" / "web01.cfg").read_text()
+                         .replace("kvm_host: alpha", "kvm_host: beta"))
+    fcq("--local", "start", "web01", host="beta", check=False)
+    print("  and breaking the locks of a live holder is refused:")
+    fcq("force-unlock", "web01", "--host", "beta", host="beta", check=False)
+    beta_copy.unlink()
 
     step("A crash behind fcq's back: kill -9 web01's QEMU; beat's next sweep heals it")
     pid = int((BASE / "alpha" / "run" / "web01.pid").read_text())
@@ -220,7 +269,7 @@ def main() -> None:
     step("stop: beat first (its sweep would start the VMs again: their configs say online),"
          " then ACPI power-off through the queues")
     stop_beat()
-    fcq("stop", "web01", "web02", "db01")
+    fcq("stop", "web01", MIGRATED, "db01")
 
 
 if __name__ == "__main__":

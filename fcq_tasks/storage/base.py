@@ -53,6 +53,8 @@ class Storage(Protocol):
     """What the agent needs from a storage backend."""
 
     host: str
+    #: Whether breaking a lock fences its old holder (then a rescue may take over).
+    fences: bool
 
     def volumes(self, vm: str) -> list[VolumeInfo]:
         """Size and lock owner of each of the VM's volumes."""
@@ -101,6 +103,15 @@ class Storage(Protocol):
         client that could write the image is blocklisted, except this
         process's and the client addresses in *keep*).
         """
+        ...
+
+    def clients(self, vm: str) -> dict[str, set[str]]:
+        """Per volume, the clients that have it open (RBD watchers; local: none known)."""
+        ...
+
+    def take_over(self, vm: str, volume: str, from_host: str,
+                  keep: frozenset[str] = frozenset()) -> list[str]:
+        """Fence *from_host* and hand its lock to this host on its behalf (a rescue)."""
         ...
 
     def snapshot(self, vm: str, volume: str, name: str) -> bool:

@@ -52,6 +52,9 @@ def _run(argv: list[str], vm: str, what: str) -> None:
 
 
 class LocalStorage:
+    #: Nothing to fence: another host's writes cannot be stopped from here.
+    fences = False
+
     def __init__(self, settings: HostSettings) -> None:
         self.settings = settings
         self.host = settings.host
@@ -169,6 +172,9 @@ class LocalStorage:
             raise
 
     def hand_over(self, vm: str, volume: str, to_host: str) -> None:
+        record = self._lock_record(vm, volume)
+        if record and (record["host"], record.get("handed_from")) == (to_host, self.host):
+            return  # handed already
         if self.lock_owner(vm, volume) != self.host:
             raise StorageError(f"{vm}: cannot hand the lock of {volume} to {to_host}: "
                                f"host {self.host} does not hold it", vm=vm, volume=volume)
@@ -235,6 +241,14 @@ class LocalStorage:
         owner = self.lock_owner(vm, volume)
         self._lockfile(vm, volume).unlink(missing_ok=True)
         return owner
+
+    def clients(self, vm: str) -> dict[str, set[str]]:
+        return {volume: set() for volume in VOLUMES}
+
+    def take_over(self, vm: str, volume: str, from_host: str,
+                  keep: frozenset[str] = frozenset()) -> list[str]:
+        raise StorageError(f"{vm}: local storage cannot fence host {from_host}: no take-over",
+                           vm=vm, volume=volume)
 
     # -- snapshots ----------------------------------------------------------
 

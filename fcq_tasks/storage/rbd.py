@@ -80,6 +80,9 @@ def _run(argv: list[str], vm: str, what: str) -> None:
 
 
 class RbdStorage:
+    #: Breaking a lock here fences its old holder (fence.py).
+    fences = True
+
     def __init__(self, settings: HostSettings) -> None:
         assert settings.ceph is not None
         self.settings = settings
@@ -130,9 +133,10 @@ class RbdStorage:
         if holder is not None:
             host = holder[0]
             if note and note.get("to") == host:
-                return VolumeInfo(volume, size, host, str(note.get("from")), False)
+                return VolumeInfo(volume, size, host, str(note.get("from")),
+                                  bool(note.get("claimed")))
             return VolumeInfo(volume, size, host)
-        if note:
+        if note and not note.get("claimed"):
             return VolumeInfo(volume, size, str(note.get("to")), str(note.get("from")), False)
         return VolumeInfo(volume, size, None)
 
@@ -285,7 +289,7 @@ class RbdStorage:
 
     def _refuse_handed_elsewhere(self, vm: str, volume: str, img: Any) -> None:
         note = _handover(img)
-        if note and note.get("to") != self.host:
+        if note and not note.get("claimed") and note.get("to") != self.host:
             raise LockedByOtherHost(vm, volume, str(note.get("to")))
 
     def _release_own(self, img: Any, conn: Any, client: str, cookie: str) -> None:
@@ -321,6 +325,10 @@ class RbdStorage:
     def hand_over(self, vm: str, volume: str, to_host: str) -> None:
         def hand(conn: Any, img: Any) -> None:
             holder = self._holder(img)
+            note = _handover(img)
+            if (holder is None or holder[0] == to_host) and note \
+                    and (note.get("to"), note.get("from")) == (to_host, self.host):
+                return  # handed already (by us, or taken over by to_host in a rescue)
             if holder is None or holder[0] != self.host:
                 raise StorageError(f"{vm}: cannot hand the lock of {volume} to {to_host}: "
                                    f"host {self.host} does not hold it", vm=vm, volume=volume)
@@ -340,8 +348,11 @@ class RbdStorage:
                 raise StorageError(f"{vm}: cannot claim the lock of {volume}: host "
                                    f"{self.host} does not hold it", vm=vm, volume=volume)
             note = _handover(img)
-            if note and note.get("to") == self.host:
-                img.metadata_remove(HANDOVER_KEY)
+            if note and note.get("to") == self.host and not note.get("claimed"):
+                # Kept, marked claimed, while we hold the lock: the old
+                # holder's next sweep still sees it handed the VM to us, and
+                # follows (its config names us) even after a crash.
+                img.metadata_set(HANDOVER_KEY, json.dumps({**note, "claimed": True}))
 
         self._with_image(vm, volume, clear)
 
@@ -402,6 +413,44 @@ class RbdStorage:
                 return False
             return True
         return bool(self._with_image(vm, volume, remove))
+
+    def clients(self, vm: str) -> dict[str, set[str]]:
+        """Per volume, the addresses of the clients watching it (QEMUs that opened it)."""
+        out: dict[str, set[str]] = {}
+        for volume in VOLUMES:
+            try:
+                out[volume] = set(self._with_image(vm, volume, lambda conn, img: {
+                    fence.client_addr(str(w["addr"])) for w in img.watchers_list()}))
+            except rbd.ImageNotFound:
+                out[volume] = set()
+        return out
+
+    def take_over(self, vm: str, volume: str, from_host: str,
+                  keep: frozenset[str] = frozenset()) -> list[str]:
+        """Fence *from_host*'s clients and hand its lock to this host on its behalf.
+
+        For a rescue: *from_host* went silent after the copy completed. Every
+        writer but ours and *keep* (this host's paused copy) is blocklisted,
+        the lock is broken and the handover note names this host, exactly
+        as if *from_host* had handed over. Refused (StorageError) when the
+        lock is held by anyone but *from_host*. Returns the fenced addresses.
+        """
+        def take(conn: Any, img: Any) -> list[str]:
+            holder = self._holder(img)
+            note = _handover(img)
+            if note and (note.get("to"), note.get("from")) == (self.host, from_host):
+                return []
+            if holder is not None and holder[0] != from_host:
+                raise StorageError(f"{vm}: {volume} is locked by {holder[0]}, not "
+                                   f"{from_host}: nothing taken over", vm=vm, volume=volume)
+            fenced = fence.fence(self.ceph, conn, img, vm, volume, keep)
+            img.metadata_set(HANDOVER_KEY, json.dumps(
+                {"to": self.host, "from": from_host, "at": time.time(), "rescued": True}))
+            if holder is not None:
+                img.break_lock(holder[1], holder[2])
+            return fenced
+
+        return list(self._with_image(vm, volume, take))
 
     def drive(self, vm: str, volume: str) -> Drive:
         # cache=none: no librbd write-back cache, so a fenced QEMU's guest

@@ -14,8 +14,9 @@ from typing import Any
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.errors import BadRequest, FcqError, QemuError
 from fcq_tasks.host.migration.half import Half
-from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted
+from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted, PeerSilent
 from fcq_tasks.host.plan import Run
+from fcq_tasks.storage import VOLUMES
 
 
 def free_port(address: str) -> int:
@@ -28,6 +29,8 @@ class Incoming(Half):
     """Receive VM *agent.name* from host *peer* (the source)."""
 
     action = "inmigrate"
+    #: Per volume, who had the images open before our QEMU started (prepare).
+    clients_before: dict[str, set[str]]
 
     def run(self) -> dict[str, Any]:
         with self.holding():
@@ -64,6 +67,9 @@ class Incoming(Half):
         here kills it (it only plans under the operation lock, which a live
         half holds).
         """
+        # Who has the images open before our QEMU does: the source's QEMU.
+        # What appears after is ours, and a rescue must not fence it.
+        self.clients_before = self.agent.storage.clients(self.agent.name)
         self.agent.start_qemu(spec, incoming=self.rdv.attempt)
         address = self.agent.settings.migration_address
         uri = f"tcp:{address}:{free_port(address)}"
@@ -73,9 +79,22 @@ class Incoming(Half):
         self.agent.progress("waiting-for-memory", uri=uri)
 
     def receive(self) -> None:
-        """Phase 2: wait until QEMU has the whole guest (paused, never run here)."""
+        """Phase 2: wait until QEMU has the whole guest (paused, never run here).
+
+        A source that falls silent now may only be a stalled worker whose
+        QEMU goes on sending: where a rescue is possible, the copy gets up
+        to ``migration_peer_grace`` more to complete.
+        """
+        silent_since: float | None = None
         while True:
-            self.rdv.check(self.deadline)
+            try:
+                self.rdv.check(self.deadline)
+            except PeerSilent:
+                if not self.agent.storage.fences:
+                    raise
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since > self.agent.settings.migration_peer_grace:
+                    raise
             if self.agent.process() is None:
                 raise QemuError(f"{self.agent.name}: incoming QEMU exited", vm=self.agent.name)
             with self.agent.qemu.monitor() as mon:
@@ -100,11 +119,45 @@ class Incoming(Half):
         while not self._handed_to_us():
             try:
                 self.rdv.check(self.deadline)
+            except PeerSilent as err:
+                if self._handed_to_us() or self.rescue(err):
+                    break
+                raise
             except MigrationAborted:
                 if self._handed_to_us():
                     break
                 raise
             self.deadline.sleep(POLL)
+
+    def rescue(self, err: PeerSilent) -> bool:
+        """The source went silent after the copy completed: fence it, take the guest on.
+
+        Only where the storage fences (RBD): every client of the source
+        that could write the images, its QEMU's included, is blocklisted
+        before its locks are broken, so even a source that was only stalled
+        can never write again, and its next sweep kills its stale copy. The
+        locks then carry a handover note naming this host, as if the source
+        had handed them over; the normal resume follows. Without fencing
+        (local storage) the guest is booted again instead (no rescue).
+        """
+        storage = self.agent.storage
+        if not storage.fences or self.agent.observe().run is not Run.RECEIVED:
+            return False
+        vm = self.agent.name
+        now = storage.clients(vm)
+        ours = frozenset(a for volume, addrs in now.items()
+                         for a in addrs - self.clients_before.get(volume, set()))
+        self.log.warning("rescue", source=self.peer, reason=str(err), keep=sorted(ours),
+                         detail="source silent after the copy completed: fencing it and "
+                         "resuming the received copy here")
+        try:
+            for volume in VOLUMES:
+                storage.take_over(vm, volume, self.peer, ours)
+        except FcqError as take_err:
+            self.log.error("rescue-failed", error=str(take_err))
+            return False
+        self.agent.progress("rescued", source=self.peer)
+        return True
 
     def _handed_to_us(self) -> bool:
         # The locks alone (storage), polled every 0.1 s: no monitor round trip.
@@ -136,11 +189,6 @@ class Incoming(Half):
         self.agent.resume_received()
         handover_ms = round((time.monotonic() - t0) * 1000, 1)
         self.rdv.try_set("dst-running", "1")
-        if spec.iops:
-            try:
-                self.agent.throttle(spec.iops)
-            except FcqError as err:
-                self.log.warning("throttle-deferred", error=str(err))
         self.log.info("inmigrated", handover_ms=handover_ms)
         return {"vm": self.agent.name, "host": self.agent.settings.host,
                 "operation": "inmigrate", "status": "running", "handover_ms": handover_ms}

@@ -42,6 +42,10 @@ class MigrationAborted(SystemFailure):
     """The other half, a deadline or an operator ended the attempt."""
 
 
+class PeerSilent(MigrationAborted):
+    """The other half's heartbeat stopped: its process died, hangs or is cut off."""
+
+
 class DuplicateHalf(Exception):
     """This half already ran (or runs) for this attempt: end without a result."""
 
@@ -218,7 +222,7 @@ class Rendezvous:
         if peer_alive:
             self._peer_seen = True
         elif self._peer_seen or time.monotonic() - self._started > self.peer_grace:
-            raise MigrationAborted(f"{self.vm}: the {self.peer} half went silent", vm=self.vm)
+            raise PeerSilent(f"{self.vm}: the {self.peer} half went silent", vm=self.vm)
         if deadline.passed():
             raise MigrationAborted(f"{self.vm}: migration did not finish in time", vm=self.vm)
 
