@@ -275,9 +275,9 @@ class QemuProcess:
             raise QemuError(f"{self.paths.name}: QMP did not answer after start: "
                             f"{last[0] if last else ''}", vm=self.paths.name)
 
-    def monitor(self) -> Monitor:
+    def monitor(self, timeout: float | None = None) -> Monitor:
         """fcq's monitor of this QEMU (one client at a time: hold it briefly)."""
-        return Monitor(str(self.paths.qmp), self.qmp_timeout, self.paths.name)
+        return Monitor(str(self.paths.qmp), timeout or self.qmp_timeout, self.paths.name)
 
     def wait_gone(self, proc: psutil.Process, timeout: float) -> bool:
         return bool(poll_until(lambda: not _alive(proc), Deadline.after(timeout),

@@ -116,14 +116,15 @@ def image_turn(ceph: CephSettings, pool: str, image: str) -> Iterator[None]:
         yield
 
 
-def with_image(ceph: CephSettings, pool: str, image: str, fn: Callable[[Any, Any], T]) -> T:
-    """Call ``fn(conn, img)`` with *image* open (closed afterwards), alone in this process.
+def with_image(ceph: CephSettings, pool: str, image: str,
+               fn: Callable[[Any, Any, Any], T]) -> T:
+    """Call ``fn(conn, ioctx, img)`` with *image* open (closed afterwards), alone here.
 
     Raises ``rbd.ImageNotFound`` when the image does not exist.
     """
     def call(conn: Any, ioctx: Any) -> T:
         with rbd.Image(ioctx, image) as img:
-            return fn(conn, img)
+            return fn(conn, ioctx, img)
 
     with image_turn(ceph, pool, image):
         return with_pool(ceph, pool, call)

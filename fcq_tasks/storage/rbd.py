@@ -11,12 +11,14 @@ host's locks and releases them by breaking its own old lock, without any
 fencing.
 
 Handover. RBD cannot move a lock from one client to another in one step,
-so the handover is written down first: the source sets the image metadata
-``fcq.handover`` = ``{"to": DEST, "from": SOURCE}`` and only then releases
-its lock. While that note exists, only DEST may take the lock (anyone else
-is refused as if DEST held it, and a host that took it in a race gives it
-back), and until DEST claims the VM the image reports DEST as owner,
-handed from SOURCE, unclaimed, exactly as the local backend does.
+so the handover is written down first: the source writes the note
+``{"to": DEST, "from": SOURCE}`` (rados object ``fcq.handover.<image>`` in
+the image's pool) and only then releases its lock. While that note is
+unclaimed, only DEST may take the lock (anyone else is refused as if DEST
+held it, and a host that took it in a race gives it back), and the image
+reports DEST as owner, handed from SOURCE, unclaimed, as the local backend
+does. DEST marks it claimed once the guest runs there; it stays while DEST
+holds the lock, so SOURCE's sweep can still tell it handed the VM over.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import rados
 import rbd
 import structlog
 
@@ -106,7 +109,9 @@ class RbdStorage:
         return f"{vm}.{volume}"
 
     def _with_image(self, vm: str, volume: str, fn: Any, pool: str | None = None) -> Any:
-        return cephconn.with_image(self.ceph, pool or self.pool(vm), self.image(vm, volume), fn)
+        name = self.image(vm, volume)
+        return cephconn.with_image(self.ceph, pool or self.pool(vm), name,
+                                   lambda conn, ioctx, img: fn(conn, Img(ioctx, img, name)))
 
     # -- volumes ------------------------------------------------------------
 
@@ -119,7 +124,8 @@ class RbdStorage:
                 with cephconn.image_turn(self.ceph, pool, self.image(vm, volume)):
                     try:
                         with rbd.Image(ioctx, self.image(vm, volume), read_only=True) as img:
-                            out.append(self._info(volume, img))
+                            out.append(self._info(volume, Img(ioctx, img,
+                                                              self.image(vm, volume))))
                     except rbd.ImageNotFound:
                         out.append(VolumeInfo(volume, None, None))
             return out
@@ -128,7 +134,7 @@ class RbdStorage:
 
     def _info(self, volume: str, img: Any) -> VolumeInfo:
         holder = self._holder(img)
-        note = _handover(img)
+        note = img.note()
         size = int(img.size())
         if holder is not None:
             host = holder[0]
@@ -166,7 +172,7 @@ class RbdStorage:
 
     def _exists(self, pool: str, vm: str, volume: str) -> bool:
         try:
-            cephconn.with_image(self.ceph, pool, self.image(vm, volume), lambda c, i: None)
+            cephconn.with_image(self.ceph, pool, self.image(vm, volume), lambda c, io, i: None)
             return True
         except rbd.ImageNotFound:
             return False
@@ -288,7 +294,7 @@ class RbdStorage:
         return bool(self._with_image(vm, volume, take))
 
     def _refuse_handed_elsewhere(self, vm: str, volume: str, img: Any) -> None:
-        note = _handover(img)
+        note = img.note()
         if note and not note.get("claimed") and note.get("to") != self.host:
             raise LockedByOtherHost(vm, volume, str(note.get("to")))
 
@@ -303,10 +309,10 @@ class RbdStorage:
     def unlock(self, vm: str, volume: str) -> bool:
         def release(conn: Any, img: Any) -> bool:
             holder = self._holder(img)
-            note = _handover(img)
+            note = img.note()
             if holder is None:
                 if note and note.get("to") == self.host:
-                    img.metadata_remove(HANDOVER_KEY)
+                    img.remove_note()
                     return True
                 return False
             host, client, cookie = holder
@@ -314,7 +320,7 @@ class RbdStorage:
                 return False
             self._release_own(img, conn, client, cookie)
             if note and note.get("to") == self.host:
-                img.metadata_remove(HANDOVER_KEY)
+                img.remove_note()
             return True
 
         try:
@@ -325,7 +331,7 @@ class RbdStorage:
     def hand_over(self, vm: str, volume: str, to_host: str) -> None:
         def hand(conn: Any, img: Any) -> None:
             holder = self._holder(img)
-            note = _handover(img)
+            note = img.note()
             if (holder is None or holder[0] == to_host) and note \
                     and (note.get("to"), note.get("from")) == (to_host, self.host):
                 return  # handed already (by us, or taken over by to_host in a rescue)
@@ -333,8 +339,7 @@ class RbdStorage:
                 raise StorageError(f"{vm}: cannot hand the lock of {volume} to {to_host}: "
                                    f"host {self.host} does not hold it", vm=vm, volume=volume)
             # The note first: the lock is never free without saying whose it is.
-            img.metadata_set(HANDOVER_KEY, json.dumps(
-                {"to": to_host, "from": self.host, "at": time.time()}))
+            img.set_note({"to": to_host, "from": self.host, "at": time.time()})
             self._release_own(img, conn, holder[1], holder[2])
 
         self._with_image(vm, volume, hand)
@@ -347,12 +352,12 @@ class RbdStorage:
             if holder is None or holder[0] != self.host:
                 raise StorageError(f"{vm}: cannot claim the lock of {volume}: host "
                                    f"{self.host} does not hold it", vm=vm, volume=volume)
-            note = _handover(img)
+            note = img.note()
             if note and note.get("to") == self.host and not note.get("claimed"):
                 # Kept, marked claimed, while we hold the lock: the old
                 # holder's next sweep still sees it handed the VM to us, and
                 # follows (its config names us) even after a crash.
-                img.metadata_set(HANDOVER_KEY, json.dumps({**note, "claimed": True}))
+                img.set_note({**note, "claimed": True})
 
         self._with_image(vm, volume, clear)
 
@@ -361,12 +366,12 @@ class RbdStorage:
         """Fence every other writer of the image, then break its lock and handover note."""
         def brk(conn: Any, img: Any) -> str | None:
             holder = self._holder(img)
-            note = _handover(img)
+            note = img.note()
             fence.fence(self.ceph, conn, img, vm, volume, keep)
             if holder is not None:
                 img.break_lock(holder[1], holder[2])
             if note:
-                img.metadata_remove(HANDOVER_KEY)
+                img.remove_note()
             if holder is not None:
                 return holder[0]
             return None if not note else str(note.get("to"))
@@ -437,15 +442,15 @@ class RbdStorage:
         """
         def take(conn: Any, img: Any) -> list[str]:
             holder = self._holder(img)
-            note = _handover(img)
+            note = img.note()
             if note and (note.get("to"), note.get("from")) == (self.host, from_host):
                 return []
             if holder is not None and holder[0] != from_host:
                 raise StorageError(f"{vm}: {volume} is locked by {holder[0]}, not "
                                    f"{from_host}: nothing taken over", vm=vm, volume=volume)
             fenced = fence.fence(self.ceph, conn, img, vm, volume, keep)
-            img.metadata_set(HANDOVER_KEY, json.dumps(
-                {"to": self.host, "from": from_host, "at": time.time(), "rescued": True}))
+            img.set_note({"to": self.host, "from": from_host, "at": time.time(),
+                          "rescued": True})
             if holder is not None:
                 img.break_lock(holder[1], holder[2])
             return fenced
@@ -459,13 +464,61 @@ class RbdStorage:
                      format="raw", cache="none")
 
 
-def _handover(img: Any) -> dict[str, Any] | None:
-    try:
-        raw = img.metadata_get(HANDOVER_KEY)
-    except KeyError:
-        return None
-    try:
-        note = json.loads(raw)
-    except ValueError:
-        return {"to": "?", "from": "?"}
-    return note if isinstance(note, dict) else {"to": "?", "from": "?"}
+class Img:
+    """An open image and its pool, with fcq's lock and note done at the rados level.
+
+    librbd's own ``lock_exclusive``/``unlock`` and image metadata send a
+    header-update notification to every watcher and wait for each to
+    answer: a QEMU that died without closing its images (SIGKILL, crash)
+    stays a watcher for ~30 s and costs every such call 5 s. The same
+    advisory lock (class ``lock``, name ``rbd_lock`` on the image's header
+    object, what ``rbd lock ls`` shows) taken through rados, and the
+    handover note kept in an object of its own, need no notification.
+    Breaking another client's lock still goes through librbd.
+    """
+
+    LOCK_NAME = "rbd_lock"
+
+    def __init__(self, ioctx: Any, img: Any, name: str) -> None:
+        self.ioctx = ioctx
+        self.img = img
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.img, attr)
+
+    def _header(self) -> str:
+        return f"rbd_header.{self.img.id()}"
+
+    def lock_exclusive(self, cookie: str) -> None:
+        try:
+            self.ioctx.lock_exclusive(self._header(), self.LOCK_NAME, cookie)
+        except rados.ObjectBusy as err:
+            raise rbd.ImageBusy(str(err)) from err
+        except rados.ObjectExists as err:
+            raise rbd.ImageExists(str(err)) from err
+
+    def unlock(self, cookie: str) -> None:
+        self.ioctx.unlock(self._header(), self.LOCK_NAME, cookie)
+
+    def _note_object(self) -> str:
+        return f"{HANDOVER_KEY}.{self.name}"
+
+    def note(self) -> dict[str, Any] | None:
+        """The handover note: {"to", "from", ["claimed"], ["rescued"]}, or None."""
+        try:
+            raw = self.ioctx.read(self._note_object(), 4096)
+        except rados.ObjectNotFound:
+            return None
+        try:
+            note = json.loads(raw)
+        except ValueError:
+            return {"to": "?", "from": "?"}
+        return note if isinstance(note, dict) else {"to": "?", "from": "?"}
+
+    def set_note(self, note: dict[str, Any]) -> None:
+        self.ioctx.write_full(self._note_object(), json.dumps(note).encode())
+
+    def remove_note(self) -> None:
+        with contextlib.suppress(rados.ObjectNotFound):
+            self.ioctx.remove_object(self._note_object())
