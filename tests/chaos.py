@@ -2,8 +2,9 @@
 
     .venv/bin/python -m tests.chaos --runs 50 [--seed S]      (make chaos N=50)
 
-One real cluster (redis-server, fcq workers for alpha and beta sharing one
-state directory, as tests/test_migration.py's shared_pair) runs vm01. Each
+One real cluster (redis-server, a throwaway Ceph cluster holding the VM's
+disks, fcq workers for alpha and beta with their own cephx identities, as
+tests/test_migration.py's shared_pair) runs vm01. Each
 run migrates it to the other host, injects one fault at a random moment
 0–4 s later (kill -9 or SIGSTOP/SIGCONT of either worker or either QEMU, a
 Redis restart, or a replayed half), while a GuestSampler watches every
@@ -50,8 +51,10 @@ import yaml
 from fcq_tasks.cluster.api import Orchestrator, remote_error
 from fcq_tasks.cluster.celeryapp import host_queue
 from fcq_tasks.errors import FcqError
+from fcq_tasks.storage import cephconn
+from tests.ceph import CephCluster
 from tests.cluster import Cluster, RedisServer, Service, make_cluster
-from tests.conftest import GUEST_DIR, ROOT, Host, direct_boot, new_host
+from tests.conftest import GUEST_DIR, ROOT, Host, direct_boot, new_host, rbd_settings
 from tests.helpers import guest_answers
 from tests.invariants import ClusterState, GuestSampler, Qemu, cluster_state, find_qemus
 
@@ -134,6 +137,7 @@ class Campaign:
         self.bandwidth = bandwidth
         self.memory = memory
         self.redis = RedisServer()
+        self.ceph = CephCluster()
         self.made: list[Host] = []
         self.c: Cluster | None = None
         self.orch: Orchestrator | None = None
@@ -167,6 +171,7 @@ class Campaign:
         subprocess.run([sys.executable, str(ROOT / "tools" / "guest" / "build.py"),
                         str(GUEST_DIR)], check=True, stdout=subprocess.DEVNULL)
         self.redis.start()
+        self.ceph.start()
 
         def factory(name: str, **settings: Any) -> Host:
             # As the make_host fixture makes them: the test guest, direct boot.
@@ -176,9 +181,9 @@ class Campaign:
             return host
 
         self.c = make_cluster(factory, self.redis, ("alpha", "beta"),
+                              storage=lambda name: rbd_settings(self.ceph, name),
                               visibility_timeout=VISIBILITY_TIMEOUT)
         alpha, beta = self.cluster.hosts["alpha"], self.cluster.hosts["beta"]
-        beta.update_settings(state_dir=str(alpha.settings.state_dir))  # shared storage
         for h in (alpha, beta):
             # Either host is the source in turn: slow copies on both, so that
             # faults land mid-copy.
@@ -207,6 +212,8 @@ class Campaign:
                 with contextlib.suppress(Exception):
                     p.kill()
         self.redis.stop()
+        cephconn.shutdown_all()
+        self.ceph.stop()
         if keep:
             say(f"kept for inspection: {' '.join(str(h.base) for h in self.made)} "
                 f"{self.redis.dir}")

@@ -19,11 +19,12 @@ from typing import Any
 
 import psutil
 import pytest
+import rbd
 
 from fcq_tasks.errors import BadRequest, LockedByOtherHost, ShrinkRefused
 from fcq_tasks.hazmat.guestagent import GuestAgent
 from fcq_tasks.host.agent import VMAgent
-from fcq_tasks.storage import cephconn
+from fcq_tasks.storage import VolumeInfo, cephconn, rbdheader
 from fcq_tasks.storage.rbd import RbdStorage
 from tests.ceph import CephCluster
 from tests.conftest import Host, HostFactory, rbd_settings
@@ -298,3 +299,47 @@ def test_guest_reads_its_seed_data(make_host: HostFactory, ceph: CephCluster) ->
     assert (seed["format"], seed["name"], seed["host"]) == (1, vm, "alpha")
     assert seed["parameters"]["memory"] == 160 and seed["parameters"]["iops"] == 700
     assert seed["parameters"]["kvm_host"] == "alpha"
+
+
+def test_header_shortcut_agrees_with_opening_the_image(make_host: HostFactory,
+                                                       ceph: CephCluster) -> None:
+    """volumes() reads size and lock from the header objects; an open image says the same."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    storage = RbdStorage(alpha.settings)
+    storage.ensure_volumes(alpha.agent(vm).spec())
+
+    def both(image: str) -> tuple[Any, Any]:
+        def read(conn: Any, ioctx: Any) -> tuple[Any, Any]:
+            with rbd.Image(ioctx, image, read_only=True) as img:
+                slow = (img.size(), [(c, k) for c, k, _ in img.list_lockers()["lockers"]]
+                        if img.list_lockers() else [])
+            fast = rbdheader.Header(ioctx, image)
+            return slow, (fast.size(), [(c, k) for c, k, _ in fast.list_lockers()["lockers"]])
+        return cephconn.with_pool(storage.ceph, "fcq", read)
+
+    root = f"{vm}.root"
+    slow, fast = both(root)
+    assert slow == fast and slow[1] == []
+    storage.lock(vm, "root", "abc123")
+    slow, fast = both(root)
+    assert slow == fast and fast[1][0][1] == "fcq host=alpha instance=abc123"
+    storage.grow(vm, "root", 3 * GiB)
+    assert both(root)[0] == both(root)[1] == (3 * GiB, both(root)[0][1])
+    # A lock fcq did not take (shared, two holders): read alike, and it blocks.
+    ceph.rbd("lock", "add", "--shared", "tag1", f"fcq/{vm}.swap", "other-1")
+    ceph.rbd("lock", "add", "--shared", "tag1", f"fcq/{vm}.swap", "other-2")
+    slow, fast = both(f"{vm}.swap")
+    assert sorted(slow[1]) == sorted(fast[1]) and len(fast[1]) == 2
+    vols = {v.name: v for v in storage.volumes(vm)}
+    assert vols["root"].lock_owner == "alpha" and vols["root"].size == 3 * GiB
+    assert vols["swap"].lock_owner is not None and "other-" in vols["swap"].lock_owner
+    assert vols["tmp"].lock_owner is None
+    with pytest.raises(LockedByOtherHost):
+        storage.lock(vm, "swap")
+    assert storage.volumes("nosuchvm") == [VolumeInfo(v, None, None)
+                                          for v in ("root", "swap", "tmp")]
+    # Truncated or strange encodings are refused, so volumes() opens the image.
+    with pytest.raises(rbdheader.Unreadable):
+        rbdheader.parse_lockers(b"\x01\x01\xff\x00\x00\x00")

@@ -42,7 +42,7 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import VMSpec, load_vm_spec, spec_path
 from fcq_tasks.errors import ConfigError, LockedByOtherHost, ShrinkRefused, StorageError
 from fcq_tasks.hazmat.template import Drive
-from fcq_tasks.storage import cephconn, fence
+from fcq_tasks.storage import cephconn, fence, rbdheader
 from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
 
 HANDOVER_KEY = "fcq.handover"
@@ -121,11 +121,20 @@ class RbdStorage:
         def info(conn: Any, ioctx: Any) -> list[VolumeInfo]:
             out = []
             for volume in VOLUMES:
-                with cephconn.image_turn(self.ceph, pool, self.image(vm, volume)):
+                name = self.image(vm, volume)
+                try:
+                    # The sweep's path: ~1 ms instead of ~10 ms for an open.
+                    out.append(self._info(volume, HeaderView(ioctx, name)))
+                    continue
+                except rbdheader.NoImage:
+                    out.append(VolumeInfo(volume, None, None))
+                    continue
+                except rbdheader.Unreadable as err:
+                    self.log.info("header-unreadable", image=name, error=str(err))
+                with cephconn.image_turn(self.ceph, pool, name):
                     try:
-                        with rbd.Image(ioctx, self.image(vm, volume), read_only=True) as img:
-                            out.append(self._info(volume, Img(ioctx, img,
-                                                              self.image(vm, volume))))
+                        with rbd.Image(ioctx, name, read_only=True) as img:
+                            out.append(self._info(volume, Img(ioctx, img, name)))
                     except rbd.ImageNotFound:
                         out.append(VolumeInfo(volume, None, None))
             return out
@@ -464,6 +473,18 @@ class RbdStorage:
                      format="raw", cache="none")
 
 
+class HeaderView(rbdheader.Header):
+    """What volumes() reads of an image without opening it, plus its handover note."""
+
+    def __init__(self, ioctx: Any, name: str) -> None:
+        super().__init__(ioctx, name)
+        self.ioctx = ioctx
+        self.name = name
+
+    def note(self) -> dict[str, Any] | None:
+        return read_note(self.ioctx, self.name)
+
+
 class Img:
     """An open image and its pool, with fcq's lock and note done at the rados level.
 
@@ -501,24 +522,30 @@ class Img:
     def unlock(self, cookie: str) -> None:
         self.ioctx.unlock(self._header(), self.LOCK_NAME, cookie)
 
-    def _note_object(self) -> str:
-        return f"{HANDOVER_KEY}.{self.name}"
-
     def note(self) -> dict[str, Any] | None:
         """The handover note: {"to", "from", ["claimed"], ["rescued"]}, or None."""
-        try:
-            raw = self.ioctx.read(self._note_object(), 4096)
-        except rados.ObjectNotFound:
-            return None
-        try:
-            note = json.loads(raw)
-        except ValueError:
-            return {"to": "?", "from": "?"}
-        return note if isinstance(note, dict) else {"to": "?", "from": "?"}
+        return read_note(self.ioctx, self.name)
 
     def set_note(self, note: dict[str, Any]) -> None:
-        self.ioctx.write_full(self._note_object(), json.dumps(note).encode())
+        self.ioctx.write_full(note_object(self.name), json.dumps(note).encode())
 
     def remove_note(self) -> None:
         with contextlib.suppress(rados.ObjectNotFound):
-            self.ioctx.remove_object(self._note_object())
+            self.ioctx.remove_object(note_object(self.name))
+
+
+def note_object(image: str) -> str:
+    """The rados object holding *image*'s handover note (in the image's pool)."""
+    return f"{HANDOVER_KEY}.{image}"
+
+
+def read_note(ioctx: Any, image: str) -> dict[str, Any] | None:
+    try:
+        raw = ioctx.read(note_object(image), 4096)
+    except rados.ObjectNotFound:
+        return None
+    try:
+        note = json.loads(raw)
+    except ValueError:
+        return {"to": "?", "from": "?"}
+    return note if isinstance(note, dict) else {"to": "?", "from": "?"}
