@@ -193,6 +193,41 @@ def test_stalled_holder_is_fenced_and_its_stale_copy_stopped(make_host: HostFact
     assert ceph.read("fcq", f"{vm}.root", 0, 4096) == b"D" * 4096
 
 
+def test_holder_woken_before_the_new_one_starts_does_not_relock(make_host: HostFactory,
+                                                                ceph: CephCluster) -> None:
+    """Locks broken while alpha is stopped, alpha resumed before anyone else runs the VM.
+
+    alpha's sweep must not take the free locks again for its fenced copy: it
+    sees them gone to the host that broke them and kills the copy; beta can
+    then start the VM, and its lock clears the mark.
+    """
+    alpha = rbd_host(make_host, ceph, "alpha")
+    beta = rbd_host(make_host, ceph, "beta")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    old = alpha.agent(vm)
+    old.ensure()
+    [qemu] = alpha.qemu_processes()
+    os.kill(qemu.pid, signal.SIGSTOP)
+    try:
+        beta.write_vm(vm, kvm_host="beta")
+        assert beta.agent(vm).force_unlock()["broken"] == {
+            "root": "alpha", "swap": "alpha", "tmp": "alpha"}
+    finally:
+        os.kill(qemu.pid, signal.SIGCONT)
+    assert {v.lock_owner for v in old.storage.volumes(vm)} == {"beta"}
+    result = old.ensure()
+    assert result["actions"][:1] == ["kill"] and alpha.qemu_processes() == []
+    assert all(lockers(ceph, f"{vm}.{v}") == [] for v in ("root", "swap", "tmp"))
+    with pytest.raises(LockedByOtherHost):
+        old.ensure()  # alpha's config still says alpha: refused, not restarted
+    new = beta.agent(vm)
+    new.ensure()
+    assert qmp(new, "query-status")["status"] == "running"
+    assert lockers(ceph, f"{vm}.root")[0]["id"].startswith("fcq host=beta")
+    assert {v.lock_owner for v in old.storage.volumes(vm)} == {"beta"}
+
+
 def test_resize_seen_by_guest_and_shrink_refused(make_host: HostFactory,
                                                 ceph: CephCluster) -> None:
     """A bigger config grows the image and the guest's disk; a smaller one changes nothing."""

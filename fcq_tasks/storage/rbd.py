@@ -151,6 +151,13 @@ class RbdStorage:
                 return VolumeInfo(volume, size, host, str(note.get("from")),
                                   bool(note.get("claimed")))
             return VolumeInfo(volume, size, host)
+        if note and "fenced" in note:
+            # A lock broken by force-unlock: free for everyone but the host
+            # that was fenced, which must see it gone to another host (so
+            # that its sweep kills its stale copy instead of re-locking).
+            if note.get("fenced") == self.host:
+                return VolumeInfo(volume, size, str(note.get("by")))
+            return VolumeInfo(volume, size, None)
         if note and not note.get("claimed"):
             return VolumeInfo(volume, size, str(note.get("to")), str(note.get("from")), False)
         return VolumeInfo(volume, size, None)
@@ -298,12 +305,19 @@ class RbdStorage:
             except LockedByOtherHost:
                 img.unlock(cookie)
                 raise
+            note = img.note()
+            if note and "fenced" in note:
+                img.remove_note()  # the broken lock has a new holder: us
             return True
 
         return bool(self._with_image(vm, volume, take))
 
     def _refuse_handed_elsewhere(self, vm: str, volume: str, img: Any) -> None:
         note = img.note()
+        if note and "fenced" in note:
+            if note.get("fenced") == self.host:
+                raise LockedByOtherHost(vm, volume, str(note.get("by")))
+            return
         if note and not note.get("claimed") and note.get("to") != self.host:
             raise LockedByOtherHost(vm, volume, str(note.get("to")))
 
@@ -319,6 +333,8 @@ class RbdStorage:
         def release(conn: Any, img: Any) -> bool:
             holder = self._holder(img)
             note = img.note()
+            if note and "fenced" in note:
+                note = None  # a broken lock's mark: nobody's to release
             if holder is None:
                 if note and note.get("to") == self.host:
                     img.remove_note()
@@ -372,18 +388,28 @@ class RbdStorage:
 
     def force_unlock(self, vm: str, volume: str, keep: frozenset[str] = frozenset()
                      ) -> str | None:
-        """Fence every other writer of the image, then break its lock and handover note."""
+        """Fence every other writer of the image, then break its lock and handover note.
+
+        The broken lock keeps a mark, the note ``{"fenced": OLD, "by": US}``:
+        for OLD the image stays locked by us, so that OLD, waking up, kills
+        its stale copy rather than locking the images again for it; for
+        every other host the lock is free, and the next lock taken clears
+        the mark. Breaking a lock that is free only clears a mark or note.
+        """
         def brk(conn: Any, img: Any) -> str | None:
             holder = self._holder(img)
             note = img.note()
             fence.fence(self.ceph, conn, img, vm, volume, keep)
             if holder is not None:
+                if holder[0] != self.host:
+                    img.set_note({"fenced": holder[0], "by": self.host, "at": time.time()})
                 img.break_lock(holder[1], holder[2])
+                return holder[0]
             if note:
                 img.remove_note()
-            if holder is not None:
-                return holder[0]
-            return None if not note else str(note.get("to"))
+            if note and "fenced" not in note:
+                return str(note.get("to"))
+            return None
 
         try:
             result = self._with_image(vm, volume, brk)
