@@ -99,6 +99,9 @@ mon data avail crit = 0
 mon mgr mkfs grace = 31536000
 mon warn on pool no redundancy = false
 paxos propose interval = 0.05
+# A watch whose client stops answering expires after 5 s here (30 s by
+# default): the tests of fencing a stalled holder wait that long, not 30 s.
+osd client watch timeout = 5
 osd objectstore = memstore
 memstore device bytes = {self.memory_mb << 20}
 osd pool default pg autoscale mode = off

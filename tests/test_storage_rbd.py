@@ -102,7 +102,7 @@ def test_volumes_made_with_labels_and_no_exclusive_lock(make_host: HostFactory,
     assert agent.storage.ensure_volumes(agent.spec()) == []
     images = ceph.rbd("ls", "fcq").split()
     assert {f"{vm}.root", f"{vm}.swap", f"{vm}.tmp"} <= set(images)
-    assert not [i for i in images if i.startswith(vm) and i.endswith(".creating")]
+    assert not [i for i in images if i.startswith(vm) and ".creating" in i]
     for volume, label, kind in (("swap", "swap", "swap"), ("tmp", "tmp", "xfs")):
         out = tmp_path / volume
         ceph.rbd("export", f"fcq/{vm}.{volume}", str(out))
@@ -191,6 +191,41 @@ def test_stalled_holder_is_fenced_and_its_stale_copy_stopped(make_host: HostFact
     assert qmp(new, "query-status")["status"] == "running"
     assert "dd=0" in guest_write(new, "D")
     assert ceph.read("fcq", f"{vm}.root", 0, 4096) == b"D" * 4096
+
+
+def test_fence_reaches_a_stalled_qemu_whose_watch_expired(make_host: HostFactory,
+                                                          ceph: CephCluster) -> None:
+    """A QEMU stopped long enough drops off the watcher list; it is fenced all the same.
+
+    Its host recorded its client addresses when it started it; breaking the
+    lock blocklists them, and the woken guest's write fails.
+    """
+    alpha = rbd_host(make_host, ceph, "alpha")
+    beta = rbd_host(make_host, ceph, "beta")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    old = alpha.agent(vm)
+    old.ensure()
+    wait_guest(old)
+    qemu_addrs = set(watchers(ceph, f"{vm}.root"))
+    assert qemu_addrs
+    [qemu] = alpha.qemu_processes()
+    os.kill(qemu.pid, signal.SIGSTOP)
+    try:
+        # The watch expires (osd client watch timeout is 5 s in this cluster).
+        wait_for(lambda: not set(watchers(ceph, f"{vm}.root")) & qemu_addrs, 60,
+                 "the stopped QEMU's watch to expire")
+        beta.write_vm(vm, kvm_host="beta")
+        beta.agent(vm).force_unlock()
+        assert qemu_addrs <= set(ceph.blocklist())
+        new = beta.agent(vm)
+        new.ensure()
+        wait_guest(new)
+        assert "dd=0" in guest_write(new, "E")
+    finally:
+        os.kill(qemu.pid, signal.SIGCONT)
+    assert "dd=0" not in guest_write(old, "F")
+    assert ceph.read("fcq", f"{vm}.root", 0, 4096) == b"E" * 4096
 
 
 def test_holder_woken_before_the_new_one_starts_does_not_relock(make_host: HostFactory,

@@ -276,7 +276,11 @@ class VMSteps:
                 self.log.info("qemu-start", action="start", argv=" ".join(argv),
                               accel=accel, memory_mb=spec.memory_mb, incoming=incoming,
                               instance=instance)
+                before = self.storage.clients(self.name) if self.storage.fences else {}
                 self.qemu.start(argv, spec.memory_mb, s.start_timeout, incoming=incoming)
+                # Its clients, on record for a fence that comes after their
+                # watches expired (a host cut off for more than ~30 s).
+                self.storage.record_writers(self.name, before, instance)
                 if (spec.iops or spec.bps) and not incoming:
                     self.throttle(spec.iops or 0, spec.bps or 0)
             except BaseException:

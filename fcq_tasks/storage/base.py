@@ -47,6 +47,7 @@ class VolumeInfo:
     lock_owner: str | None    # host name holding its lock
     handed_from: str | None = None  # the host that handed the lock to its owner (migration)
     claimed: bool = True      # with handed_from: the new owner has taken the VM on
+    cookie: str | None = None  # what identifies this very lock (host and QEMU instance)
 
 
 class Storage(Protocol):
@@ -109,9 +110,21 @@ class Storage(Protocol):
         """Per volume, the clients that have it open (RBD watchers; local: none known)."""
         ...
 
+    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
+        """Remember the clients of the QEMU this host just started (those not in *before*).
+
+        Fencing blocklists them later even when their watches have expired.
+        """
+        ...
+
     def take_over(self, vm: str, volume: str, from_host: str,
-                  keep: frozenset[str] = frozenset()) -> list[str]:
-        """Fence *from_host* and hand its lock to this host on its behalf (a rescue)."""
+                  expect_cookie: str | None) -> list[str]:
+        """Fence *from_host* and hand its lock to this host on its behalf (a rescue).
+
+        Only the lock *expect_cookie* names (the one *from_host* held when
+        the copy began), or a free one: a lock taken since belongs to a new
+        start, not to the copy this host received.
+        """
         ...
 
     def snapshot(self, vm: str, volume: str, name: str) -> bool:

@@ -67,12 +67,15 @@ def connection(ceph: CephSettings) -> Any:
 
 
 def drop(ceph: CephSettings, conn: Any) -> None:
-    """Forget *conn* (blocklisted or broken); the next call connects anew."""
+    """Forget *conn* (blocklisted or broken); the next call connects anew.
+
+    It is not shut down: other threads may still hold ioctxs and images on
+    it, and librados frees them with the connection (a use after free).
+    A blocklisted connection is dead anyway; it goes with the process.
+    """
     with _connections_lock:
         if _connections.get(_key(ceph)) is conn:
             del _connections[_key(ceph)]
-    with contextlib.suppress(Exception):
-        conn.shutdown()
 
 
 def shutdown_all() -> None:
@@ -90,19 +93,29 @@ def with_pool(ceph: CephSettings, pool: str, fn: Callable[[Any, Any], T]) -> T:
 
     Reconnects once when the connection turns out to be blocklisted: every
     caller re-reads what it decides on, so running *fn* again is safe.
+    librados and librbd errors become StorageError, except
+    ``rbd.ImageNotFound``, which callers answer ("no such volume").
     """
     for attempt in (1, 2):
         conn = connection(ceph)
         try:
-            with conn.open_ioctx(pool) as ioctx:
+            try:
+                ioctx = conn.open_ioctx(pool)
+            except rados.ObjectNotFound as err:
+                raise StorageError(f"Ceph pool {pool!r} does not exist or client."
+                                   f"{ceph.client_id} may not use it", pool=pool) from err
+            with ioctx:
                 return fn(conn, ioctx)
-        except (rados.ConnectionShutdown, rbd.ConnectionShutdown):
+        except (rados.ConnectionShutdown, rbd.ConnectionShutdown) as err:
             drop(ceph, conn)
             if attempt == 2:
-                raise
-        except rados.ObjectNotFound as err:
-            raise StorageError(f"Ceph pool {pool!r} does not exist or client."
-                               f"{ceph.client_id} may not use it: {err}", pool=pool) from err
+                raise StorageError(f"Ceph refuses client.{ceph.client_id} twice in a row "
+                                   f"(blocklisted?): {err}", pool=pool) from err
+        except rbd.ImageNotFound:
+            raise
+        except (rados.Error, rbd.Error) as err:
+            raise StorageError(f"Ceph error in pool {pool!r} as client.{ceph.client_id}: "
+                               f"{type(err).__name__}: {err}", pool=pool) from err
     raise AssertionError("unreachable")
 
 

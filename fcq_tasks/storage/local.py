@@ -87,7 +87,9 @@ class LocalStorage:
             handed = record.get("handed_from")
             out.append(VolumeInfo(volume, size, str(record["host"]),
                                   None if handed is None else str(handed),
-                                  record.get("claimed") is not False))
+                                  record.get("claimed") is not False,
+                                  f"{record['host']}/{record.get('instance', '')}"
+                                  f"/{record.get('since', '')}"))
         return out
 
     def ensure_volumes(self, spec: VMSpec) -> list[str]:
@@ -245,8 +247,11 @@ class LocalStorage:
     def clients(self, vm: str) -> dict[str, set[str]]:
         return {volume: set() for volume in VOLUMES}
 
+    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
+        pass  # nothing to fence with
+
     def take_over(self, vm: str, volume: str, from_host: str,
-                  keep: frozenset[str] = frozenset()) -> list[str]:
+                  expect_cookie: str | None) -> list[str]:
         raise StorageError(f"{vm}: local storage cannot fence host {from_host}: no take-over",
                            vm=vm, volume=volume)
 

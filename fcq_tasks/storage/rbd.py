@@ -146,11 +146,11 @@ class RbdStorage:
         note = img.note()
         size = int(img.size())
         if holder is not None:
-            host = holder[0]
+            host, cookie = holder[0], holder[2]
             if note and note.get("to") == host:
                 return VolumeInfo(volume, size, host, str(note.get("from")),
-                                  bool(note.get("claimed")))
-            return VolumeInfo(volume, size, host)
+                                  bool(note.get("claimed")), cookie)
+            return VolumeInfo(volume, size, host, cookie=cookie)
         if note and "fenced" in note:
             # A lock broken by force-unlock: free for everyone but the host
             # that was fenced, which must see it gone to another host (so
@@ -187,14 +187,19 @@ class RbdStorage:
         return created
 
     def _exists(self, pool: str, vm: str, volume: str) -> bool:
+        return self._image_exists(pool, self.image(vm, volume))
+
+    def _image_exists(self, pool: str, image: str) -> bool:
         try:
-            cephconn.with_image(self.ceph, pool, self.image(vm, volume), lambda c, io, i: None)
+            cephconn.with_image(self.ceph, pool, image, lambda c, io, i: None)
             return True
         except rbd.ImageNotFound:
             return False
 
     def _creating(self, vm: str, volume: str) -> str:
-        return f"{vm}.{volume}.creating"
+        # Per host: two hosts told to create the same VM at once (a config
+        # pushed to both) must not remove or rename each other's half-made image.
+        return f"{vm}.{volume}.creating-{self.host}"
 
     def _remove(self, pool: str, image: str) -> None:
         def remove(conn: Any, ioctx: Any) -> None:
@@ -214,7 +219,11 @@ class RbdStorage:
                     img.update_features(unwanted, False)
                     self.log.info("features-disabled", vm=vm, volume=volume,
                                   features=unwanted, action="create")
-            rbd.RBD().rename(ioctx, tmp, self.image(vm, volume))
+            try:
+                rbd.RBD().rename(ioctx, tmp, self.image(vm, volume))
+            except rbd.ImageExists:
+                self.log.warning("volume-made-elsewhere", vm=vm, volume=volume,
+                                 detail="another host created it first; ours is removed")
 
         cephconn.with_pool(self.ceph, pool, finish)
 
@@ -232,7 +241,7 @@ class RbdStorage:
         try:
             _run([arg.format(**values) for arg in self.settings.create_vm], spec.name,
                  "create-vm")
-            if not self._exists(pool, spec.name, "root.creating"):
+            if not self._image_exists(pool, tmp):
                 raise StorageError(f"{spec.name}: create-vm ran but did not create "
                                    f"{pool}/{tmp}", vm=spec.name)
             self._rename_into_place(pool, spec.name, "root")
@@ -344,6 +353,7 @@ class RbdStorage:
             if host != self.host:
                 return False
             self._release_own(img, conn, client, cookie)
+            fence.forget(img.ioctx, img.name, [self.host])
             if note and note.get("to") == self.host:
                 img.remove_note()
             return True
@@ -366,6 +376,7 @@ class RbdStorage:
             # The note first: the lock is never free without saying whose it is.
             img.set_note({"to": to_host, "from": self.host, "at": time.time()})
             self._release_own(img, conn, holder[1], holder[2])
+            fence.forget(img.ioctx, img.name, [self.host])  # our QEMU is gone
 
         self._with_image(vm, volume, hand)
 
@@ -403,7 +414,8 @@ class RbdStorage:
             if holder is not None:
                 if holder[0] != self.host:
                     img.set_note({"fenced": holder[0], "by": self.host, "at": time.time()})
-                img.break_lock(holder[1], holder[2])
+                with contextlib.suppress(rbd.ImageNotFound):  # released meanwhile
+                    img.break_lock(holder[1], holder[2])
                 return holder[0]
             if note:
                 img.remove_note()
@@ -465,25 +477,45 @@ class RbdStorage:
                 out[volume] = set()
         return out
 
+    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
+        for volume in VOLUMES:
+            def note(conn: Any, img: Any, volume: str = volume) -> None:
+                own = fence.client_addr(str(conn.get_addrs()))
+                now = {fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
+                fence.record(img.ioctx, img.name, self.host, instance,
+                             sorted(now - before.get(volume, set()) - {own}))
+            try:
+                self._with_image(vm, volume, note)
+            except rbd.ImageNotFound:
+                continue
+
     def take_over(self, vm: str, volume: str, from_host: str,
-                  keep: frozenset[str] = frozenset()) -> list[str]:
+                  expect_cookie: str | None) -> list[str]:
         """Fence *from_host*'s clients and hand its lock to this host on its behalf.
 
         For a rescue: *from_host* went silent after the copy completed. Every
-        writer but ours and *keep* (this host's paused copy) is blocklisted,
-        the lock is broken and the handover note names this host, exactly
-        as if *from_host* had handed over. Refused (StorageError) when the
-        lock is held by anyone but *from_host*. Returns the fenced addresses.
+        writer but this host's (its paused copy) is blocklisted, the lock is
+        broken and the handover note names this host, exactly as if
+        *from_host* had handed over. Refused (StorageError) when the lock is
+        held by anyone but *from_host*, or by *from_host* under another
+        cookie than *expect_cookie* (a new start since the copy began).
+        Returns the fenced addresses.
         """
         def take(conn: Any, img: Any) -> list[str]:
             holder = self._holder(img)
             note = img.note()
-            if note and (note.get("to"), note.get("from")) == (self.host, from_host):
-                return []
+            if note and (note.get("to"), note.get("from")) == (self.host, from_host) \
+                    and (holder is None or holder[0] == self.host):
+                return []  # taken over already (a retry)
             if holder is not None and holder[0] != from_host:
                 raise StorageError(f"{vm}: {volume} is locked by {holder[0]}, not "
                                    f"{from_host}: nothing taken over", vm=vm, volume=volume)
-            fenced = fence.fence(self.ceph, conn, img, vm, volume, keep)
+            if holder is not None and holder[2] != expect_cookie:
+                raise StorageError(f"{vm}: {volume} is locked by {from_host} under "
+                                   f"{holder[2]!r}, not the lock of the copy received "
+                                   f"({expect_cookie!r}): nothing taken over",
+                                   vm=vm, volume=volume)
+            fenced = fence.fence(self.ceph, conn, img, vm, volume, keep_host=self.host)
             img.set_note({"to": self.host, "from": from_host, "at": time.time(),
                           "rescued": True})
             if holder is not None:
@@ -546,7 +578,8 @@ class Img:
             raise rbd.ImageExists(str(err)) from err
 
     def unlock(self, cookie: str) -> None:
-        self.ioctx.unlock(self._header(), self.LOCK_NAME, cookie)
+        with contextlib.suppress(rados.ObjectNotFound):  # not held (any more): done
+            self.ioctx.unlock(self._header(), self.LOCK_NAME, cookie)
 
     def note(self) -> dict[str, Any] | None:
         """The handover note: {"to", "from", ["claimed"], ["rescued"]}, or None."""

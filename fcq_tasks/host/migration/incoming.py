@@ -29,8 +29,8 @@ class Incoming(Half):
     """Receive VM *agent.name* from host *peer* (the source)."""
 
     action = "inmigrate"
-    #: Per volume, who had the images open before our QEMU started (prepare).
-    clients_before: dict[str, set[str]]
+    #: Per volume, the cookie of the source's lock when the copy began (prepare).
+    source_locks: dict[str, str | None]
 
     def run(self) -> dict[str, Any]:
         with self.holding():
@@ -67,9 +67,10 @@ class Incoming(Half):
         here kills it (it only plans under the operation lock, which a live
         half holds).
         """
-        # Who has the images open before our QEMU does: the source's QEMU.
-        # What appears after is ours, and a rescue must not fence it.
-        self.clients_before = self.agent.storage.clients(self.agent.name)
+        # The source's locks as the copy begins: a rescue takes over these
+        # very locks, never ones taken since (a new start of the guest).
+        self.source_locks = {v.name: v.cookie
+                             for v in self.agent.storage.volumes(self.agent.name)}
         self.agent.start_qemu(spec, incoming=self.rdv.attempt)
         address = self.agent.settings.migration_address
         uri = f"tcp:{address}:{free_port(address)}"
@@ -144,17 +145,23 @@ class Incoming(Half):
         if not storage.fences or self.agent.observe().run is not Run.RECEIVED:
             return False
         vm = self.agent.name
-        now = storage.clients(vm)
-        ours = frozenset(a for volume, addrs in now.items()
-                         for a in addrs - self.clients_before.get(volume, set()))
-        self.log.warning("rescue", source=self.peer, reason=str(err), keep=sorted(ours),
+        self.log.warning("rescue", source=self.peer, reason=str(err),
                          detail="source silent after the copy completed: fencing it and "
                          "resuming the received copy here")
+        taken = []
         try:
             for volume in VOLUMES:
-                storage.take_over(vm, volume, self.peer, ours)
+                storage.take_over(vm, volume, self.peer, self.source_locks.get(volume))
+                taken.append(volume)
         except FcqError as take_err:
-            self.log.error("rescue-failed", error=str(take_err))
+            self.log.error("rescue-failed", error=str(take_err), taken=taken)
+            # All or nothing: drop the notes naming us (the source is fenced
+            # already; its next sweep boots the guest again).
+            for volume in taken:
+                try:
+                    storage.unlock(vm, volume)
+                except FcqError as undo_err:
+                    self.log.error("rescue-undo-failed", volume=volume, error=str(undo_err))
             return False
         self.agent.progress("rescued", source=self.peer)
         return True
