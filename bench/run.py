@@ -101,12 +101,12 @@ def bench_start(c: Cluster, host: Host, runs: int = 3) -> dict[str, float]:
         ident = agent.qemu.identity()
         assert ident is not None
         argv = list(ident.argv)
+        seed = agent.paths.seed.read_text()  # the kill's clean-up removes it
         fcq_rss.append(rss_mb(ident.pid))
         c.fcq("-q", "--local", "kill", "boot01", host=host.name)
         # The same command line by hand: same rendered config, same volumes.
         raw_dir = host.base / "raw"
         raw_dir.mkdir(exist_ok=True)
-        seed = agent.paths.seed.read_text()
         for p in agent.paths.leftovers():
             p.unlink()
         agent.paths.seed.write_text(seed)  # the rendered config names it

@@ -23,6 +23,7 @@ holds the lock, so SOURCE's sweep can still tell it handed the VM over.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -46,6 +47,12 @@ from fcq_tasks.storage import cephconn, fence, rbdheader
 from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
 
 HANDOVER_KEY = "fcq.handover"
+
+#: Reads the volumes of one VM side by side (see RbdStorage.volumes).
+_readers = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix="rbd-read")
+
+#: (VM file, default pool) -> ((mtime_ns, size, inode), pool), see RbdStorage.pool.
+_pools: dict[tuple[str, str], tuple[tuple[int, int, int], str]] = {}
 COOKIE_PREFIX = "fcq "
 
 #: Longest a create-vm / mkfs / qemu-img command may run.
@@ -96,13 +103,26 @@ class RbdStorage:
     # -- naming -------------------------------------------------------------
 
     def pool(self, vm: str) -> str:
-        """The VM's pool: its file's rbd_pool, else the host's default."""
-        if not spec_path(self.settings.vm_config_dir, vm).exists():
-            return self.ceph.pool
+        """The VM's pool: its file's rbd_pool, else the host's default.
+
+        Remembered per file version (mtime, size, inode): parsing the file
+        at every storage call cost a sweep ~5 ms per VM.
+        """
+        path = spec_path(self.settings.vm_config_dir, vm)
         try:
-            return load_vm_spec(self.settings.vm_config_dir, vm).rbd_pool or self.ceph.pool
+            st = path.stat()
+        except FileNotFoundError:
+            return self.ceph.pool
+        version = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = _pools.get((str(path), self.ceph.pool))
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            pool = load_vm_spec(self.settings.vm_config_dir, vm).rbd_pool or self.ceph.pool
         except ConfigError as err:
             raise StorageError(f"{vm}: cannot tell its pool: {err}", vm=vm) from err
+        _pools[(str(path), self.ceph.pool)] = (version, pool)
+        return pool
 
     @staticmethod
     def image(vm: str, volume: str) -> str:
@@ -118,26 +138,26 @@ class RbdStorage:
     def volumes(self, vm: str) -> list[VolumeInfo]:
         pool = self.pool(vm)
 
-        def info(conn: Any, ioctx: Any) -> list[VolumeInfo]:
-            out = []
-            for volume in VOLUMES:
-                name = self.image(vm, volume)
+        def one(ioctx: Any, volume: str) -> VolumeInfo:
+            name = self.image(vm, volume)
+            try:
+                # The sweep's path: ~1 ms instead of ~10 ms for an open.
+                return self._info(volume, HeaderView(ioctx, name))
+            except rbdheader.NoImage:
+                return VolumeInfo(volume, None, None)
+            except rbdheader.Unreadable as err:
+                self.log.info("header-unreadable", image=name, error=str(err))
+            with cephconn.image_turn(self.ceph, pool, name):
                 try:
-                    # The sweep's path: ~1 ms instead of ~10 ms for an open.
-                    out.append(self._info(volume, HeaderView(ioctx, name)))
-                    continue
-                except rbdheader.NoImage:
-                    out.append(VolumeInfo(volume, None, None))
-                    continue
-                except rbdheader.Unreadable as err:
-                    self.log.info("header-unreadable", image=name, error=str(err))
-                with cephconn.image_turn(self.ceph, pool, name):
-                    try:
-                        with rbd.Image(ioctx, name, read_only=True) as img:
-                            out.append(self._info(volume, Img(ioctx, img, name)))
-                    except rbd.ImageNotFound:
-                        out.append(VolumeInfo(volume, None, None))
-            return out
+                    with rbd.Image(ioctx, name, read_only=True) as img:
+                        return self._info(volume, Img(ioctx, img, name))
+                except rbd.ImageNotFound:
+                    return VolumeInfo(volume, None, None)
+
+        def info(conn: Any, ioctx: Any) -> list[VolumeInfo]:
+            # The three images at once: each read is a few round trips to
+            # the OSDs, during which librados does not hold the GIL.
+            return list(_readers.map(lambda volume: one(ioctx, volume), VOLUMES))
 
         return cephconn.with_pool(self.ceph, pool, info)
 
