@@ -156,8 +156,12 @@ class RbdStorage:
 
         def info(conn: Any, ioctx: Any) -> list[VolumeInfo]:
             # The three images at once: each read is a few round trips to
-            # the OSDs, during which librados does not hold the GIL.
-            return list(_readers.map(lambda volume: one(ioctx, volume), VOLUMES))
+            # the OSDs, during which librados does not hold the GIL. All of
+            # them end before the ioctx closes, also when one fails: a read
+            # still running on a closed ioctx crashes the process.
+            futures = [_readers.submit(one, ioctx, volume) for volume in VOLUMES]
+            concurrent.futures.wait(futures)
+            return [f.result() for f in futures]
 
         return cephconn.with_pool(self.ceph, pool, info)
 
