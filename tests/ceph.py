@@ -18,8 +18,10 @@ monitors (which includes blocklisting other clients, the fencing) and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -36,6 +38,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: prctl(2), looked up here: between fork and exec the child must not load
+#: anything (another thread may have held the loader's lock at the fork).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the process that started it dies (even by a crash).
+
+    A test run that crashes never reaches stop(); its daemons must not
+    outlive it.
+    """
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class CephCluster:
@@ -164,7 +181,8 @@ keyring = {d}/osd.0/keyring
         self.daemons.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL,
-                                             start_new_session=True))
+                                             start_new_session=True,
+                                             preexec_fn=_die_with_parent))
 
     def client(self, name: str, pools: tuple[str, ...] | None = None) -> Path:
         """A cephx identity ``client.<name>`` for one hypervisor host; its keyring file.
