@@ -25,16 +25,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
-import os
 import secrets
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-import rados
 import rbd
 import structlog
 
@@ -45,49 +39,14 @@ from fcq_tasks.errors import ConfigError, LockedByOtherHost, ShrinkRefused, Stor
 from fcq_tasks.hazmat.template import Drive
 from fcq_tasks.storage import cephconn, fence, rbdheader
 from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
-
-HANDOVER_KEY = "fcq.handover"
+from fcq_tasks.storage.rbdcreate import VolumeMaker
+from fcq_tasks.storage.rbdimage import HeaderView, Img, cookie_host, make_cookie, qemu_uri
 
 #: Reads the volumes of one VM side by side (see RbdStorage.volumes).
 _readers = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix="rbd-read")
 
 #: (VM file, default pool) -> ((mtime_ns, size, inode), pool), see RbdStorage.pool.
 _pools: dict[tuple[str, str], tuple[tuple[int, int, int], str]] = {}
-COOKIE_PREFIX = "fcq "
-
-#: Longest a create-vm / mkfs / qemu-img command may run.
-COMMAND_TIMEOUT = 300.0
-
-#: The only image features fcq accepts: librbd's exclusive-lock (and what
-#: depends on it) would make a second QEMU's writes hang instead of
-#: failing, and trades the lock between live QEMUs: not fencing.
-UNWANTED_FEATURES = (rbd.RBD_FEATURE_FAST_DIFF | rbd.RBD_FEATURE_OBJECT_MAP
-                     | rbd.RBD_FEATURE_JOURNALING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
-
-
-def make_cookie(host: str, instance: str) -> str:
-    return f"{COOKIE_PREFIX}host={host} instance={instance}"
-
-
-def cookie_host(cookie: str) -> str | None:
-    """The host a lock cookie names; None for a lock fcq did not take."""
-    if not cookie.startswith(COOKIE_PREFIX):
-        return None
-    fields = dict(part.split("=", 1) for part in cookie[len(COOKIE_PREFIX):].split()
-                  if "=" in part)
-    return fields.get("host")
-
-
-def _run(argv: list[str], vm: str, what: str) -> None:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                                stdin=subprocess.DEVNULL, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise StorageError(f"{vm}: {what} failed: {err}", vm=vm) from err
-    if result.returncode != 0:
-        raise StorageError(f"{vm}: {what} exited with {result.returncode}: "
-                           f"{(result.stderr or result.stdout).strip()[-1000:]}", vm=vm)
-
 
 class RbdStorage:
     #: Breaking a lock here fences its old holder (fence.py).
@@ -197,110 +156,7 @@ class RbdStorage:
         return None
 
     def ensure_volumes(self, spec: VMSpec) -> list[str]:
-        pool = spec.rbd_pool or self.ceph.pool
-        created = []
-        if not self._exists(pool, spec.name, "root"):
-            self._create_root(spec, pool)
-            created.append("root")
-        for volume, size, argv in (
-                ("swap", spec.swap_bytes, ["mkswap", "-L", "swap"]),
-                ("tmp", spec.tmp_bytes, ["mkfs.xfs", "-q", "-L", "tmp"])):
-            if not self._exists(pool, spec.name, volume):
-                self._create_formatted(spec.name, pool, volume, size, argv)
-                created.append(volume)
-        return created
-
-    def _exists(self, pool: str, vm: str, volume: str) -> bool:
-        return self._image_exists(pool, self.image(vm, volume))
-
-    def _image_exists(self, pool: str, image: str) -> bool:
-        try:
-            cephconn.with_image(self.ceph, pool, image, lambda c, io, i: None)
-            return True
-        except rbd.ImageNotFound:
-            return False
-
-    def _creating(self, vm: str, volume: str) -> str:
-        # Per host: two hosts told to create the same VM at once (a config
-        # pushed to both) must not remove or rename each other's half-made image.
-        return f"{vm}.{volume}.creating-{self.host}"
-
-    def _remove(self, pool: str, image: str) -> None:
-        def remove(conn: Any, ioctx: Any) -> None:
-            with contextlib.suppress(rbd.ImageNotFound):
-                rbd.RBD().remove(ioctx, image)
-        cephconn.with_pool(self.ceph, pool, remove)
-
-    def _rename_into_place(self, pool: str, vm: str, volume: str) -> None:
-        tmp = self._creating(vm, volume)
-
-        def finish(conn: Any, ioctx: Any) -> None:
-            with rbd.Image(ioctx, tmp) as img:
-                unwanted = img.features() & UNWANTED_FEATURES
-                if unwanted:
-                    # In one call: fast-diff needs object-map, which needs
-                    # exclusive-lock; librbd refuses to drop them one by one.
-                    img.update_features(unwanted, False)
-                    self.log.info("features-disabled", vm=vm, volume=volume,
-                                  features=unwanted, action="create")
-            try:
-                rbd.RBD().rename(ioctx, tmp, self.image(vm, volume))
-            except rbd.ImageExists:
-                self.log.warning("volume-made-elsewhere", vm=vm, volume=volume,
-                                 detail="another host created it first; ours is removed")
-
-        cephconn.with_pool(self.ceph, pool, finish)
-
-    def _create_root(self, spec: VMSpec, pool: str) -> None:
-        # create-vm writes a temporary image that is renamed into place only
-        # once it succeeded: a create-vm killed half-way never leaves a root
-        # that looks done.
-        tmp = self._creating(spec.name, "root")
-        self._remove(pool, tmp)
-        c = self.ceph
-        values = {"name": spec.name, "pool": pool, "image": tmp, "volume": "root",
-                  "size": f"{spec.disk_gib}G", "size_bytes": str(spec.disk_bytes),
-                  "size_mib": str(spec.disk_bytes >> 20), "conf": str(c.conf),
-                  "client_id": c.client_id, "keyring": str(c.keyring)}
-        try:
-            _run([arg.format(**values) for arg in self.settings.create_vm], spec.name,
-                 "create-vm")
-            if not self._image_exists(pool, tmp):
-                raise StorageError(f"{spec.name}: create-vm ran but did not create "
-                                   f"{pool}/{tmp}", vm=spec.name)
-            self._rename_into_place(pool, spec.name, "root")
-        finally:
-            self._remove(pool, tmp)
-
-    def _create_formatted(self, vm: str, pool: str, volume: str, size: int,
-                          mkfs: list[str]) -> None:
-        # No kernel rbd on a host is assumed: the file system is made on a
-        # sparse local file and copied into the image by QEMU's own rbd
-        # driver (only the written blocks travel).
-        tmp = self._creating(vm, volume)
-        self._remove(pool, tmp)
-
-        def create(conn: Any, ioctx: Any) -> None:
-            rbd.RBD().create(ioctx, tmp, size, features=rbd.RBD_FEATURE_LAYERING)
-
-        scratch = self.settings.state_dir / "scratch"
-        scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, part = tempfile.mkstemp(dir=scratch, prefix=f".{vm}.{volume}.")
-        try:
-            os.ftruncate(fd, size)
-            os.close(fd)
-            _run([*mkfs, part], vm, f"making {volume}")
-            cephconn.with_pool(self.ceph, pool, create)
-            _run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", part,
-                  self._qemu_uri(pool, tmp)], vm, f"writing {volume}")
-            self._rename_into_place(pool, vm, volume)
-        finally:
-            Path(part).unlink(missing_ok=True)
-            self._remove(pool, tmp)
-
-    def _qemu_uri(self, pool: str, image: str) -> str:
-        c = self.ceph
-        return f"rbd:{pool}/{image}:id={c.client_id}:conf={c.conf}:keyring={c.keyring}"
+        return VolumeMaker(self.settings, self.ceph).ensure(spec)
 
     def grow(self, vm: str, volume: str, size: int) -> None:
         def grow(conn: Any, img: Any) -> None:
@@ -551,84 +407,7 @@ class RbdStorage:
     def drive(self, vm: str, volume: str) -> Drive:
         # cache=none: no librbd write-back cache, so a fenced QEMU's guest
         # sees its write fail instead of a cached write lost later.
-        return Drive(id=volume, file=self._qemu_uri(self.pool(vm), self.image(vm, volume)),
+        return Drive(id=volume, file=qemu_uri(self.ceph, self.pool(vm), self.image(vm, volume)),
                      format="raw", cache="none")
 
 
-class HeaderView(rbdheader.Header):
-    """What volumes() reads of an image without opening it, plus its handover note."""
-
-    def __init__(self, ioctx: Any, name: str) -> None:
-        super().__init__(ioctx, name)
-        self.ioctx = ioctx
-        self.name = name
-
-    def note(self) -> dict[str, Any] | None:
-        return read_note(self.ioctx, self.name)
-
-
-class Img:
-    """An open image and its pool, with fcq's lock and note done at the rados level.
-
-    librbd's own ``lock_exclusive``/``unlock`` and image metadata send a
-    header-update notification to every watcher and wait for each to
-    answer: a QEMU that died without closing its images (SIGKILL, crash)
-    stays a watcher for ~30 s and costs every such call 5 s. The same
-    advisory lock (class ``lock``, name ``rbd_lock`` on the image's header
-    object, what ``rbd lock ls`` shows) taken through rados, and the
-    handover note kept in an object of its own, need no notification.
-    Breaking another client's lock still goes through librbd.
-    """
-
-    LOCK_NAME = "rbd_lock"
-
-    def __init__(self, ioctx: Any, img: Any, name: str) -> None:
-        self.ioctx = ioctx
-        self.img = img
-        self.name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.img, attr)
-
-    def _header(self) -> str:
-        return f"rbd_header.{self.img.id()}"
-
-    def lock_exclusive(self, cookie: str) -> None:
-        try:
-            self.ioctx.lock_exclusive(self._header(), self.LOCK_NAME, cookie)
-        except rados.ObjectBusy as err:
-            raise rbd.ImageBusy(str(err)) from err
-        except rados.ObjectExists as err:
-            raise rbd.ImageExists(str(err)) from err
-
-    def unlock(self, cookie: str) -> None:
-        with contextlib.suppress(rados.ObjectNotFound):  # not held (any more): done
-            self.ioctx.unlock(self._header(), self.LOCK_NAME, cookie)
-
-    def note(self) -> dict[str, Any] | None:
-        """The handover note: {"to", "from", ["claimed"], ["rescued"]}, or None."""
-        return read_note(self.ioctx, self.name)
-
-    def set_note(self, note: dict[str, Any]) -> None:
-        self.ioctx.write_full(note_object(self.name), json.dumps(note).encode())
-
-    def remove_note(self) -> None:
-        with contextlib.suppress(rados.ObjectNotFound):
-            self.ioctx.remove_object(note_object(self.name))
-
-
-def note_object(image: str) -> str:
-    """The rados object holding *image*'s handover note (in the image's pool)."""
-    return f"{HANDOVER_KEY}.{image}"
-
-
-def read_note(ioctx: Any, image: str) -> dict[str, Any] | None:
-    try:
-        raw = ioctx.read(note_object(image), 4096)
-    except rados.ObjectNotFound:
-        return None
-    try:
-        note = json.loads(raw)
-    except ValueError:
-        return {"to": "?", "from": "?"}
-    return note if isinstance(note, dict) else {"to": "?", "from": "?"}
