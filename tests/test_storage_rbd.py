@@ -44,6 +44,18 @@ def rbd_host(make_host: HostFactory, ceph: CephCluster, name: str, **ceph_settin
     return make_host(name, **rbd_settings(ceph, name, **ceph_settings))
 
 
+def vm_running_on_alpha(make_host: HostFactory, ceph: CephCluster
+                        ) -> tuple[Host, Host, str, VMAgent]:
+    """Hosts alpha and beta on RBD, and a new VM running on alpha: (alpha, beta, vm, agent)."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    beta = rbd_host(make_host, ceph, "beta")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    agent = alpha.agent(vm)
+    agent.ensure()
+    return alpha, beta, vm, agent
+
+
 def lockers(ceph: CephCluster, image: str) -> list[dict[str, Any]]:
     out: Any = json.loads(ceph.rbd("lock", "ls", "--format", "json", f"fcq/{image}"))
     # Pacific prints a list of {id, locker, address}; older ones a mapping.
@@ -116,12 +128,7 @@ def test_volumes_made_with_labels_and_no_exclusive_lock(make_host: HostFactory,
 
 def test_vm_runs_from_rbd_and_locks_name_host(make_host: HostFactory, ceph: CephCluster) -> None:
     """A VM boots from RBD images through QEMU's rbd driver; the locks' cookies name the host."""
-    alpha = rbd_host(make_host, ceph, "alpha")
-    beta = rbd_host(make_host, ceph, "beta")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    agent = alpha.agent(vm)
-    agent.ensure()
+    _, beta, vm, agent = vm_running_on_alpha(make_host, ceph)
     wait_guest(agent)
     files = {b["device"]: b["inserted"]["file"] for b in qmp(agent, "query-block")}
     # QEMU shows the rbd driver's options as JSON: pool, image and identity.
@@ -150,12 +157,7 @@ def test_stalled_holder_is_fenced_and_its_stale_copy_stopped(make_host: HostFact
     locks alone. The old holder's clients, QEMU's included, are on the
     blocklist.
     """
-    alpha = rbd_host(make_host, ceph, "alpha")
-    beta = rbd_host(make_host, ceph, "beta")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    old = alpha.agent(vm)
-    old.ensure()
+    alpha, beta, vm, old = vm_running_on_alpha(make_host, ceph)
     wait_guest(old)
     assert "dd=0" in guest_write(old, "A")
     assert ceph.read("fcq", f"{vm}.root", 0, 4096) == b"A" * 4096
@@ -200,12 +202,7 @@ def test_fence_reaches_a_stalled_qemu_whose_watch_expired(make_host: HostFactory
     Its host recorded its client addresses when it started it; breaking the
     lock blocklists them, and the woken guest's write fails.
     """
-    alpha = rbd_host(make_host, ceph, "alpha")
-    beta = rbd_host(make_host, ceph, "beta")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    old = alpha.agent(vm)
-    old.ensure()
+    alpha, beta, vm, old = vm_running_on_alpha(make_host, ceph)
     wait_guest(old)
     qemu_addrs = set(watchers(ceph, f"{vm}.root"))
     assert qemu_addrs
@@ -236,12 +233,7 @@ def test_holder_woken_before_the_new_one_starts_does_not_relock(make_host: HostF
     sees them gone to the host that broke them and kills the copy; beta can
     then start the VM, and its lock clears the mark.
     """
-    alpha = rbd_host(make_host, ceph, "alpha")
-    beta = rbd_host(make_host, ceph, "beta")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    old = alpha.agent(vm)
-    old.ensure()
+    alpha, beta, vm, old = vm_running_on_alpha(make_host, ceph)
     [qemu] = alpha.qemu_processes()
     os.kill(qemu.pid, signal.SIGSTOP)
     try:
