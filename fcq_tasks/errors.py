@@ -19,6 +19,8 @@ the fields an operator needs to act on it. The tree is short on purpose::
           │    ├── QmpError        the monitor did not answer (timeout, closed socket)
           │    ├── QemuRefused     the monitor answered: QEMU refused the command
           │    └── GuestAgentError
+          │         ├── NoGuestAgent    no agent answers in the guest (not running, not installed)
+          │         └── GuestAgentTimeout  a command got no answer within its named timeout
           └── StorageError
 
 The CLI maps the branches to exit codes (see ``docs/cli.md``); the Celery
@@ -154,6 +156,26 @@ class QemuRefused(QemuError):
 
 class GuestAgentError(QemuError):
     """The guest agent did not answer as expected."""
+
+
+class NoGuestAgent(GuestAgentError):
+    """No agent runs in the guest: its port is closed, or it never answered the sync.
+
+    Not a failure of the operation by itself: callers decide what a guest
+    without an agent means (a snapshot without a freeze, no thaw needed).
+    """
+
+    def __init__(self, vm: str, why: str) -> None:
+        super().__init__(f"{vm}: no guest agent: {why}", vm=vm)
+
+
+class GuestAgentTimeout(GuestAgentError):
+    """A guest agent command got no answer within the timeout named by *setting*."""
+
+    def __init__(self, vm: str, command: str, seconds: float, setting: str) -> None:
+        super().__init__(f"{vm}: guest agent {command} got no answer within {seconds:g} s "
+                         f"({setting})", vm=vm, command=command, seconds=seconds,
+                         setting=setting)
 
 
 class StorageError(SystemFailure):

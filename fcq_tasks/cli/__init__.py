@@ -62,6 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", metavar="HOST", help="the destination host")
     sp.add_argument("--abort", action="store_true", help="stop the migration in flight")
     _wait_options(sp)
+    sp = sub.add_parser("snapshot", help="snapshot a VM's disks, its guest frozen if it can be "
+                        "(--list, --remove)")
+    sp.add_argument("vm", metavar="VM")
+    sp.add_argument("name", nargs="?", metavar="NAME",
+                    help="snapshot name (default: auto-<UTC time>, pruned by retention)")
+    sp.add_argument("--list", action="store_true", help="list the VM's snapshots")
+    sp.add_argument("--remove", metavar="NAME", help="remove snapshot NAME")
+    sp.add_argument("--host", help="the host to act on (default: the VM's kvm_host)")
+    _wait_options(sp)
+    sp = sub.add_parser("resize", help="grow a VM's root disk (never shrinks)")
+    sp.add_argument("vm", metavar="VM")
+    sp.add_argument("size", metavar="SIZE", help="new size in GiB: 20, 20G or 20GiB")
+    sp.add_argument("--host", help="the host to act on (default: the VM's kvm_host)")
+    _wait_options(sp)
+    sp = sub.add_parser("upgrade", help="move running VMs onto a fresh QEMU of the host's "
+                        "current generation, without a guest reboot")
+    sp.add_argument("vms", nargs="+", metavar="VM")
+    sp.add_argument("--host", help="the host to act on (default: the VM's kvm_host)")
+    _wait_options(sp)
     sp = sub.add_parser("status", help="state, process, locks, guest agent (this host)")
     sp.add_argument("vms", nargs="+", metavar="VM")
     sub.add_parser("memory", help="memory booked by running VMs and the limit (this host)")
@@ -114,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} is a cluster command; drop --local")
     if args.command == "ensure" and not args.vms and not args.all:
         parser.error("ensure: name at least one VM, or --all")
+    if args.command == "snapshot" and sum(
+            [bool(args.name), bool(args.list), args.remove is not None]) > 1:
+        parser.error("snapshot: give a NAME, --list or --remove NAME, only one of them")
     try:
         settings = load_host_settings(settings_path(args.config))
         if args.command in ("worker", "beat", "flower"):

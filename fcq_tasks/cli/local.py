@@ -10,7 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fcq_tasks.cli.output import EXIT_INPUT, Output, describe, describe_status, ls_table, say
+from fcq_tasks.cli.output import (
+    EXIT_INPUT,
+    Output,
+    describe,
+    describe_status,
+    ls_table,
+    parse_size_gib,
+    say,
+)
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.config.vmspec import parse_vm_file
@@ -26,6 +34,7 @@ VM_ACTIONS: dict[str, Callable[[VMAgent], dict[str, Any]]] = {
     "kill": VMAgent.kill,
     "force-unlock": VMAgent.force_unlock,
     "status": VMAgent.status,
+    "upgrade": VMAgent.upgrade,
 }
 
 
@@ -43,6 +52,20 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
             out.result(r, describe(r) if "operation" in r else
                        f"{name}: {r['outcome']}: {r.get('message') or r.get('reason')}")
         out.code = max(out.code, sweep["exit_code"])
+    elif args.command in ("snapshot", "resize"):
+        try:
+            agent = VMAgent(settings, _vm(args.vm))
+            if args.command == "resize":
+                result = agent.resize(parse_size_gib(args.size))
+            elif args.list:
+                result = agent.snapshots()
+            elif args.remove is not None:
+                result = agent.remove_snapshot(args.remove)
+            else:
+                result = agent.snapshot(args.name)
+            out.result(result, describe(result))
+        except FcqError as err:
+            out.error(err, args.vm)
     else:
         for vm in args.vms:
             try:
@@ -53,6 +76,12 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                            else describe(result))
             except FcqError as err:
                 out.error(err, vm)
+
+
+def _vm(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise BadRequest("VM", f"{NAME_RULE} (got {name!r})")
+    return name
 
 
 def check_configs(files: list[str], strict: bool, out: Output) -> None:

@@ -66,6 +66,37 @@ def describe(result: dict[str, Any]) -> str:
         return (f"{result['vm']}: migrated {result.get('from')} -> {result.get('to')} in "
                 f"{result.get('total_ms')} ms, downtime {result.get('downtime_ms')} ms, "
                 f"handover {result.get('handover_ms')} ms; now {result.get('status')}")
+    op = result.get("operation")
+    if op == "snapshot":
+        if result.get("outcome") == "exists":
+            return f"{result['vm']}: snapshot {result['snapshot']}: exists already, nothing done"
+        how = (f"frozen for {result.get('frozen_ms')} ms" if result.get("frozen")
+               else f"not frozen: {result.get('reason') or result.get('consistency')}")
+        return (f"{result['vm']}: snapshot {result['snapshot']} of "
+                f"{', '.join(result['volumes'])} taken ({result.get('consistency')}-consistent, "
+                f"{how})")
+    if op == "snapshots":
+        snaps = result.get("snapshots") or []
+        lines = [f"{'SNAPSHOT':<32} {'CREATED (UTC)':<20} VOLUMES"]
+        lines += [f"{r['name']:<32} {_utc(r['created']):<20} "
+                  + ", ".join(f"{v} {b / 2**30:.1f} GiB" for v, b in r["volumes"].items())
+                  for r in snaps]
+        return "\n".join(lines) if snaps else f"{result['vm']}: no snapshots"
+    if op == "remove-snapshot":
+        return (f"{result['vm']}: snapshot {result['snapshot']}: "
+                + ("removed" if result.get("volumes") else "none of that name, nothing done"))
+    if op == "resize":
+        if not result.get("actions"):
+            return f"{result['vm']}: root is {result['disk']} GiB already, nothing done"
+        return (f"{result['vm']}: root grown to {result['disk']} GiB "
+                f"({', '.join(result['actions'])}); config version {result.get('version')}")
+    if op == "upgrade":
+        if not result.get("actions"):
+            return (f"{result['vm']}: runs generation {result.get('generation')} already, "
+                    "nothing done")
+        return (f"{result['vm']}: moved from generation {result.get('from_generation')} to "
+                f"{result.get('generation')} without a reboot (pid {result.get('old_pid')} -> "
+                f"{result.get('pid')}, paused {result.get('downtime_ms')} ms)")
     if result.get("outcome") == "ignored":
         return f"{result['vm']}: {result.get('operation')}: ignored: {result.get('reason')}"
     actions = ", ".join(result.get("actions") or []) or "nothing to do"
@@ -73,6 +104,25 @@ def describe(result: dict[str, Any]) -> str:
     reason = f" ({result['reason']})" if result.get("reason") else ""
     return (f"{result['vm']}{where}: {result.get('operation')}: found {result.get('found')}, "
             f"did {actions}; now {result.get('status')}{reason}")
+
+
+def _utc(epoch: float) -> str:
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def parse_size_gib(text: str) -> int:
+    """``20``, ``20G`` or ``20GiB`` → 20; anything else is a BadRequest naming the rule."""
+    from fcq_tasks.errors import BadRequest
+    t = text.strip()
+    for suffix in ("GiB", "GB", "G", "g"):
+        if t.endswith(suffix):
+            t = t[:-len(suffix)]
+            break
+    if not t.isdigit() or int(t) < 1:
+        raise BadRequest("SIZE", f"must be a whole number of GiB, like 20, 20G or 20GiB "
+                         f"(got {text!r})")
+    return int(t)
 
 
 def describe_status(row: dict[str, Any]) -> str:
@@ -87,16 +137,28 @@ def describe_status(row: dict[str, Any]) -> str:
     if row.get("root_bytes") is not None:
         lines.append(f"  root {row['root_bytes'] / 2**30:.1f} GiB")
     lines.append(f"  locks: {', '.join(holders) if holders else 'none'}")
+    if row.get("generation") is not None:
+        old = " (older than the host's: fcq upgrade)" if row.get("generation_behind") else ""
+        lines.append(f"  QEMU generation {row['generation']}{old}")
     if "guest_agent" in row:
         lines.append(f"  guest agent: {'answers' if row['guest_agent'] else 'silent'}")
     return "\n".join(lines)
 
 
 def ls_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'VM':<20} {'STATUS':<13} {'CONFIG':<10} {'PID':>8} {'MB':>6}  LOCKS"
+    header = f"{'VM':<20} {'STATUS':<13} {'CONFIG':<10} {'PID':>8} {'MB':>6} {'GEN':>4}  LOCKS"
     lines = [header]
     for r in rows:
         holders = ",".join(sorted({o for o in (r.get("locks") or {}).values() if o})) or "-"
         lines.append(f"{r['vm']:<20} {r['status']:<13} {r.get('wanted') or '?':<10} "
-                     f"{r.get('pid') or '-':>8} {r.get('memory_mb') or '-':>6}  {holders}")
+                     f"{r.get('pid') or '-':>8} {r.get('memory_mb') or '-':>6} "
+                     f"{_generation(r):>4}  {holders}")
     return "\n".join(lines)
+
+
+def _generation(row: dict[str, Any]) -> str:
+    """The running QEMU's generation; ``3*``: older than the host's current one."""
+    gen = row.get("generation")
+    if gen is None:
+        return "-"
+    return f"{gen}*" if row.get("generation_behind") else str(gen)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fcq_tasks.cli.output import EXIT_SYSTEM, Output, describe, say
+from fcq_tasks.cli.output import EXIT_SYSTEM, Output, describe, parse_size_gib, say
 from fcq_tasks.cluster.api import Orchestrator
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import BadRequest, FcqError
@@ -87,6 +87,28 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                 task_id = orch.migrate(vm, args.to)
                 if not args.no_wait and not quiet:
                     watch_migration(orch, vm)
+            except FcqError as err:
+                out.error(err, vm)
+                continue
+            follow_or_print(orch, task_id, vm, args, out, quiet)
+    elif cmd in ("snapshot", "resize"):
+        try:
+            if cmd == "resize":
+                task_id = orch.resize(args.vm, parse_size_gib(args.size), args.host)
+            elif args.list:
+                task_id = orch.list_snapshots(args.vm, args.host)
+            elif args.remove is not None:
+                task_id = orch.remove_snapshot(args.vm, args.remove, args.host)
+            else:
+                task_id = orch.snapshot(args.vm, args.name, args.host)
+        except FcqError as err:
+            out.error(err, args.vm)
+            return
+        follow_or_print(orch, task_id, args.vm, args, out, quiet)
+    elif cmd == "upgrade":
+        for vm in args.vms:
+            try:
+                task_id = orch.upgrade(vm, args.host)
             except FcqError as err:
                 out.error(err, vm)
                 continue

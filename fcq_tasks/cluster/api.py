@@ -45,7 +45,8 @@ VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
 #: up to visibility_timeout late). ensure, sweeps and apply_config converge
 #: to the config as it is now: always safe, they never expire this way.
 EXPIRING_TASKS = frozenset({"fcq.start", "fcq.stop", "fcq.restart", "fcq.kill",
-                            "fcq.force_unlock"})
+                            "fcq.force_unlock", "fcq.snapshot", "fcq.remove_snapshot",
+                            "fcq.resize", "fcq.upgrade"})
 
 #: How often wait() polls the result backend.
 POLL_INTERVAL = 0.2
@@ -181,6 +182,43 @@ class Orchestrator:
                               "breaking its locks", vm=vm, host=running[0])
         return self._send(f"fcq.{operation}", {"vm": vm, "host": target}, target,
                           operation, vm)
+
+    def _vm_task(self, task: str, operation: str, vm: str, host: str | None,
+                 **kwargs: Any) -> str:
+        if not NAME_RE.match(vm):
+            raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        target = host or self.locate(vm)
+        self._check_host(target)
+        return self._send(task, {"vm": vm, "host": target, **kwargs}, target, operation, vm)
+
+    def snapshot(self, vm: str, name: str | None = None, host: str | None = None) -> str:
+        """Snapshot *vm* (frozen if its guest can be); return the task id.
+
+        Named here, not on the host (default ``auto-<UTC time>``): a message
+        delivered twice then asks for the same snapshot, which is a no-op.
+        """
+        from fcq_tasks.storage.base import auto_snapshot_name, check_snapshot
+        snap = auto_snapshot_name() if name is None else check_snapshot(vm, name)
+        return self._vm_task("fcq.snapshot", "snapshot", vm, host, name=snap)
+
+    def list_snapshots(self, vm: str, host: str | None = None) -> str:
+        return self._vm_task("fcq.snapshots", "snapshots", vm, host)
+
+    def remove_snapshot(self, vm: str, name: str, host: str | None = None) -> str:
+        from fcq_tasks.storage.base import check_snapshot
+        return self._vm_task("fcq.remove_snapshot", "remove-snapshot", vm, host,
+                             name=check_snapshot(vm, name))
+
+    def resize(self, vm: str, disk_gib: int, host: str | None = None) -> str:
+        """Grow *vm*'s root disk to *disk_gib* GiB (refused on its host if that shrinks it)."""
+        if isinstance(disk_gib, bool) or not isinstance(disk_gib, int) or disk_gib < 1:
+            raise BadRequest("disk", f"must be a whole number of GiB, at least 1 "
+                             f"(got {disk_gib!r})")
+        return self._vm_task("fcq.resize", "resize", vm, host, disk=disk_gib)
+
+    def upgrade(self, vm: str, host: str | None = None) -> str:
+        """Move *vm* onto a fresh QEMU of its host's current generation, without a reboot."""
+        return self._vm_task("fcq.upgrade", "upgrade", vm, host)
 
     def apply_config(self, path: Path, hosts: list[str] | None = None) -> dict[str, str]:
         """Push a VM file to its kvm_host (and to hosts that know it): host → task id.

@@ -58,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
     "start_timeout": 30.0,
     "kill_silent_after": 120.0,
     "guest_agent_timeout": 10.0,
+    "freeze_timeout": 120.0,
+    "thaw_timeout": 30.0,
+    "snapshot_timeout": 300.0,
+    "qemu_generation": 0,
+    "upgrade_on_ensure": False,
     "operation_wait": 0.0,
     "template": None,                   # built-in fcq_tasks/hazmat/qemu.cfg.j2
     "create_vm": None,                  # DEFAULT_CREATE_VM or DEFAULT_CREATE_VM_RBD
@@ -121,6 +126,11 @@ class HostSettings:
     migration_heartbeat_ttl: float = 10.0   # s: a half silent this long counts as gone
     migration_peer_grace: float = 60.0      # s: the other half has this long to show up
     max_migrations: int = 1                 # in or out, at once, on this host
+    freeze_timeout: float = 120.0           # s: guest-fsfreeze-freeze may take (flushes)
+    thaw_timeout: float = 30.0              # s: guest-fsfreeze-thaw may take
+    snapshot_timeout: float = 300.0         # s: the storage snapshot may keep a guest frozen
+    qemu_generation: int = 0                # generation of the installed QEMU binary
+    upgrade_on_ensure: bool = False         # ensure moves VMs of older generations to it
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))
     ceph: CephSettings | None = None        # with storage: rbd
@@ -202,6 +212,12 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         migration_peer_grace=v.check_number(f, "migration_peer_grace",
                                             raw["migration_peer_grace"], 1, 3600),
         max_migrations=v.check_int(f, "max_migrations", raw["max_migrations"], 1, 64),
+        freeze_timeout=v.check_number(f, "freeze_timeout", raw["freeze_timeout"], 0.01, 3600),
+        thaw_timeout=v.check_number(f, "thaw_timeout", raw["thaw_timeout"], 1, 600),
+        snapshot_timeout=v.check_number(f, "snapshot_timeout", raw["snapshot_timeout"], 1,
+                                        3600),
+        qemu_generation=v.check_int(f, "qemu_generation", raw["qemu_generation"], 0, 2**31),
+        upgrade_on_ensure=v.check_bool(f, "upgrade_on_ensure", raw["upgrade_on_ensure"]),
         cluster=parse_cluster_settings(f, raw["cluster"]),
         ceph=parse_ceph_settings(f, raw["ceph"], name) if storage == "rbd" else None,
         source=source,

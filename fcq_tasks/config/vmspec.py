@@ -37,7 +37,7 @@ NET_RULE = "network names are 1-8 characters of a-z and 0-9, starting with a let
 KNOWN_TOP = frozenset({"name", "version", "parameters"})
 KNOWN_PARAMETERS = frozenset({
     "id", "resource_group", "online", "kvm_host", "disk", "memory", "cores", "nics",
-    "rbd_pool", "iops", "bps",
+    "rbd_pool", "iops", "bps", "snapshot_keep", "snapshot_keep_days",
 })
 
 #: The largest ``version``: YAML integers are unbounded; an inventory's
@@ -66,6 +66,9 @@ class VMSpec:
     # I/O limits per volume; None: the pool's default (host settings), 0: none.
     iops: int | None = None
     bps: int | None = None              # bytes per second
+    # Retention of the snapshots fcq names itself (auto-…); None: kept until removed.
+    snapshot_keep: int | None = None    # the newest N
+    snapshot_keep_days: float | None = None  # those younger than D days
     # Orders pushes of this file; not part of the desired state itself.
     version: int = field(default=0, compare=False)
     source: str = field(default="<memory>", compare=False)
@@ -178,6 +181,9 @@ def parse_vm_data(data: object, source: str, mtime: float = 0.0) -> VMSpec:
         rbd_pool=None if rbd_pool is None else v.check_pool(f, "parameters.rbd_pool", rbd_pool),
         iops=_limit(f, "iops", p.get("iops"), 10**7),
         bps=_limit(f, "bps", p.get("bps"), 10**12),
+        snapshot_keep=_limit(f, "snapshot_keep", p.get("snapshot_keep"), 10**4, lo=1),
+        snapshot_keep_days=(None if p.get("snapshot_keep_days") is None else v.check_number(
+            f, "parameters.snapshot_keep_days", p["snapshot_keep_days"], 0.001, 36500)),
         version=_version(f, top),
         source=source,
         mtime=mtime,
@@ -185,8 +191,8 @@ def parse_vm_data(data: object, source: str, mtime: float = 0.0) -> VMSpec:
     )
 
 
-def _limit(f: str, key: str, value: object, hi: int) -> int | None:
-    return None if value is None else v.check_int(f, f"parameters.{key}", value, 0, hi)
+def _limit(f: str, key: str, value: object, hi: int, lo: int = 0) -> int | None:
+    return None if value is None else v.check_int(f, f"parameters.{key}", value, lo, hi)
 
 
 def _nics(f: str, value: object) -> tuple[Nic, ...]:
@@ -233,6 +239,10 @@ def vm_document(spec: VMSpec) -> dict[str, object]:
         params["iops"] = spec.iops
     if spec.bps is not None:
         params["bps"] = spec.bps
+    if spec.snapshot_keep is not None:
+        params["snapshot_keep"] = spec.snapshot_keep
+    if spec.snapshot_keep_days is not None:
+        params["snapshot_keep_days"] = spec.snapshot_keep_days
     top: dict[str, object] = {"name": spec.name}
     if spec.version:
         top["version"] = spec.version
@@ -246,14 +256,23 @@ def dump_vm_spec(spec: VMSpec) -> str:
 
 
 def rewrite_vm_parameters(path: Path, **changes: object) -> VMSpec:
+    """Set ``parameters.<key>`` of the VM file at *path*, its version kept (see update_vm_file)."""
+    return update_vm_file(path, changes)
+
+
+def update_vm_file(path: Path, changes: Mapping[str, object],
+                   bump_version: bool = False) -> VMSpec:
     """Set ``parameters.<key>`` of the VM file at *path*; keep every other key as it is.
 
     For fcq's own edits of a file (a migration points ``kvm_host`` at the
     VM's new host): ``version`` stays what the file says, so such an edit
     never makes a concurrent push of the same version look newer or older.
-    Only keys fcq knows can be changed; the result is validated before it
-    is written, and written atomically (readers see the old file or the new
-    one), so a bad value leaves the file untouched. YAML comments are not
+    *bump_version*: the change is the VM's new desired state, decided on
+    this host (a resize): ``version`` goes up by one, so a later push of
+    the file as it was cannot undo it. Only keys fcq knows can be changed;
+    the result is validated before it is written, and written atomically
+    (readers see the old file or the new one), so a bad value leaves the
+    file untouched. YAML comments are not
     kept. Call it under the VM's operation lock: it reads, then writes.
     Returns the new spec.
     """
@@ -271,6 +290,8 @@ def rewrite_vm_parameters(path: Path, **changes: object) -> VMSpec:
     data = v.parse_yaml(f, text)
     top = dict(v.check_mapping(f, "(top level)", data))
     top["parameters"] = {**v.check_mapping(f, "parameters", top.get("parameters")), **changes}
+    if bump_version:
+        top["version"] = _version(f, top) + 1
     spec = parse_vm_data(top, f)
     if path.suffix == ".cfg" and path.stem != spec.name:
         raise ConfigError(f, "name", f"must match the file name {path.stem!r} (got {spec.name!r})")

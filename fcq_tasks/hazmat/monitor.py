@@ -94,6 +94,17 @@ class Monitor:
                 iops=int(inserted.get("iops", 0)), bps=int(inserted.get("bps", 0)))
         return out
 
+    def guest_agent_open(self) -> bool:
+        """Whether a process in the guest holds the agent's port open (qemu-ga runs).
+
+        Asked of QEMU, not of the guest: answers at once even when no agent
+        would ever reply, so "no agent" costs no timeout.
+        """
+        for dev in self._do("query-chardev"):
+            if dev.get("label") == "ga":
+                return bool(dev.get("frontend-open"))
+        return False
+
     # -- life cycle -----------------------------------------------------
 
     def powerdown(self) -> None:

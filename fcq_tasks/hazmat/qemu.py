@@ -39,12 +39,17 @@ class VMRunPaths:
 
     run_dir: Path
     name: str
+    vm: str = ""    # the VM's name when *name* is not it (an upgrade's second QEMU)
 
     def _p(self, suffix: str) -> Path:
         return self.run_dir / f"{self.name}.{suffix}"
 
     @property
     def config(self) -> Path:
+        # A second QEMU of the VM (an upgrade's) reads the VM's own config
+        # file too: the file named on a command line is what marks our QEMUs.
+        if self.vm:
+            return self.run_dir.parent / f"{self.vm}.cfg"
         return self._p("cfg")
 
     @property
@@ -79,10 +84,21 @@ class VMRunPaths:
     def silent_mark(self) -> Path:
         return self._p("silent")
 
+    @property
+    def agent_silent_mark(self) -> Path:
+        """Since when the guest agent has not answered (the sweep backs off meanwhile)."""
+        return self._p("ga.silent")
+
+    @property
+    def generation_told(self) -> Path:
+        """What the guest was last told about QEMU generations."""
+        return self._p("generation")
+
     def leftovers(self) -> list[Path]:
         """Run files that exist although no process may be running."""
         return [p for p in (self.pidfile, self.identity, self.qmp, self.ga, self.observer,
-                          self.silent_mark, self.seed)
+                          self.silent_mark, self.seed, self.agent_silent_mark,
+                          self.generation_told)
                 if p.exists()]
 
 
@@ -103,6 +119,7 @@ class Identity:
     memory_mb: int
     argv: tuple[str, ...]
     incoming: str | None = None  # the migration attempt this QEMU was started to receive
+    generation: int = 0          # the host's qemu_generation when it started (older fcq: 0)
 
 
 def boot_id() -> str:
@@ -157,7 +174,8 @@ class QemuProcess:
                             start_ticks=None if ticks is None else int(ticks),
                             boot_id=str(data.get("boot_id", "")),
                             memory_mb=int(data["memory_mb"]), argv=tuple(data["argv"]),
-                            incoming=data.get("incoming"))
+                            incoming=data.get("incoming"),
+                            generation=int(data.get("generation") or 0))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -201,7 +219,7 @@ class QemuProcess:
     # -- life cycle -----------------------------------------------------
 
     def start(self, argv: list[str], memory_mb: int, timeout: float,
-              incoming: str | None = None) -> Identity:
+              incoming: str | None = None, generation: int = 0) -> Identity:
         """Start QEMU daemonized and return once its monitor answers.
 
         *incoming*: the migration attempt this QEMU is to receive (recorded,
@@ -233,7 +251,7 @@ class QemuProcess:
             raise QemuError(f"{self.paths.name}: QEMU exited right after starting",
                             vm=self.paths.name)
         ident = self._write_identity(Identity(pid, ticks, boot_id(), memory_mb, tuple(argv),
-                                              incoming))
+                                              incoming, generation))
         self.wait_for_monitor(Deadline.after(timeout, "QEMU's monitor"))
         return ident
 
@@ -241,7 +259,8 @@ class QemuProcess:
         write_atomically(self.paths.identity, json.dumps({
             "pid": ident.pid, "start_ticks": ident.start_ticks, "boot_id": ident.boot_id,
             "memory_mb": ident.memory_mb, "argv": list(ident.argv),
-            "incoming": ident.incoming}))
+            "incoming": ident.incoming, "generation": ident.generation,
+            "vm": self.paths.vm or self.paths.name}))
         return ident
 
     def record_identity(self, proc: psutil.Process, memory_mb: int) -> Identity:
@@ -249,7 +268,8 @@ class QemuProcess:
         old = self.identity()
         return self._write_identity(Identity(
             proc.pid, start_ticks(proc.pid), boot_id(), memory_mb, tuple(proc.cmdline()),
-            old.incoming if old is not None and old.pid == proc.pid else None))
+            old.incoming if old is not None and old.pid == proc.pid else None,
+            old.generation if old is not None and old.pid == proc.pid else 0))
 
     def mark_resumed(self) -> None:
         """The incoming copy runs: from now on it is an ordinary VM of this host."""

@@ -22,21 +22,35 @@ from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths, read_identity_files
 RETRY_INTERVAL = 0.05
 
 
+#: Where the second QEMU of an in-place upgrade lives while both run (its
+#: files are named by a hash of the VM's name: socket paths stay short).
+UPGRADE_DIR = "u"
+
+
 def booked_memory(run_dir: Path, qmp_timeout: float, exclude: str = "") -> dict[str, int]:
-    """name → MB for every VM whose QEMU runs on this host (but *exclude*)."""
+    """name → MB for every VM whose QEMU runs on this host (but *exclude*).
+
+    The second QEMU of an upgrade in flight counts too, as ``<vm>+upgrade``.
+    """
     out = {}
-    for name, ident in read_identity_files(run_dir).items():
-        if name == exclude:
-            continue
-        if QemuProcess(VMRunPaths(run_dir, name), qmp_timeout).find() is not None:
-            out[name] = int(ident.get("memory_mb", 0))
+    for directory, suffix in ((run_dir, ""), (run_dir / UPGRADE_DIR, "+upgrade")):
+        for name, ident in read_identity_files(directory).items():
+            vm = str(ident.get("vm", name)) if suffix else name
+            if vm == exclude and not suffix:
+                continue
+            if QemuProcess(VMRunPaths(directory, name), qmp_timeout).find() is not None:
+                out[vm + suffix] = int(ident.get("memory_mb", 0))
     return out
 
 
 @contextmanager
 def admission(run_dir: Path, vm: str, memory_mb: int, limit_mb: int, qmp_timeout: float,
-              wait: float) -> Iterator[None]:
-    """Admit VM *vm* or raise MemoryLimitExceeded; hold the host lock while the caller starts it."""
+              wait: float, second_copy: bool = False) -> Iterator[None]:
+    """Admit VM *vm* or raise MemoryLimitExceeded; hold the host lock while the caller starts it.
+
+    *second_copy*: *vm* runs here and stays booked (an upgrade's new QEMU
+    runs beside it until the copy is done).
+    """
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(run_dir / "admission.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -50,9 +64,15 @@ def admission(run_dir: Path, vm: str, memory_mb: int, limit_mb: int, qmp_timeout
                     raise QemuError(f"{vm}: another start holds the admission lock for "
                                     f"more than {wait} s", vm=vm) from None
                 time.sleep(RETRY_INTERVAL)
-        booked = sum(booked_memory(run_dir, qmp_timeout, exclude=vm).values())
+        booked = sum(booked_memory(run_dir, qmp_timeout,
+                                   exclude="" if second_copy else vm).values())
         if booked + memory_mb > limit_mb:
-            raise MemoryLimitExceeded(vm, memory_mb, booked, limit_mb)
+            err = MemoryLimitExceeded(vm, memory_mb, booked, limit_mb)
+            if second_copy:
+                err.message += (": an upgrade runs a second copy of the VM until the old "
+                                "one is gone, and the host lacks the memory for both")
+                err.args = (err.message,)
+            raise err
         yield
     finally:
         os.close(fd)

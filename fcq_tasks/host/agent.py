@@ -11,18 +11,21 @@ half-started VM or a leaked lock.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fcq_tasks.config.settings import HostSettings
-from fcq_tasks.config.vmspec import VMSpec
+from fcq_tasks.config.vmspec import GiB, VMSpec, spec_path, update_vm_file
 from fcq_tasks.errors import (
+    BadRequest,
     FcqError,
     Inconsistent,
     LockedByOtherHost,
     Refused,
     ShrinkRefused,
 )
+from fcq_tasks.host import guest, snapshots, upgrade
 from fcq_tasks.host.plan import Action, Do, Observed, Run, plan, wanted
 from fcq_tasks.host.steps import Progress, VMSteps
 from fcq_tasks.storage import VOLUMES, Storage
@@ -38,6 +41,14 @@ class VMAgent(VMSteps):
         # How "config moved me elsewhere" becomes a migration: the Celery
         # layer passes a hook that launches one; locally it is only reported.
         self.outmigrate_hook = outmigrate_hook
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The VM's operation lock; the first holder settles an upgrade a dead process left."""
+        with super().locked():
+            if upgrade.pending(self):
+                upgrade.settle(self)
+            yield
 
     def status(self) -> dict[str, Any]:
         """What runs and who holds what, without changing anything."""
@@ -59,6 +70,9 @@ class VMAgent(VMSteps):
             "locks": obs.lock_owners,
             "iops": obs.iops,
             "bps": obs.bps,
+            "generation": ident.generation if proc and ident else None,
+            "generation_behind": bool(proc and ident
+                                      and ident.generation < self.settings.qemu_generation),
         })
         if obs.run is Run.RUNNING:
             result["guest_agent"] = self.guest_agent_answers(timeout=1.0)
@@ -67,10 +81,103 @@ class VMAgent(VMSteps):
     # -- operations -------------------------------------------------------
 
     def ensure(self) -> dict[str, Any]:
-        """Converge the VM to its config on this host."""
+        """Converge the VM to its config on this host, and keep its guest healthy."""
         with self.locked():
             spec = self.spec()
-            return self._converge(spec, "ensure")
+            result = self._converge(spec, "ensure")
+            if result["status"] == Run.RUNNING.value and result["wanted"] == "here":
+                ident = self.qemu.identity()
+                generation = ident.generation if ident else 0
+                if generation < self.settings.qemu_generation and \
+                        self.settings.upgrade_on_ensure:
+                    result["actions"] += self._upgrade_by_ensure()
+                    ident = self.qemu.identity()
+                    generation = ident.generation if ident else 0
+                result["actions"] += guest.keep_healthy(self, generation)
+            if result["wanted"] == "here" and spec.kvm_host == self.settings.host:
+                try:
+                    pruned = snapshots.prune(self, spec)
+                except FcqError as err:  # retention can wait for the next sweep
+                    self.log.warning("prune-failed", action="prune-snapshot", error=err.message)
+                    pruned = []
+                if pruned:
+                    result["actions"].append("prune-snapshots")
+                    result["pruned"] = pruned
+            return result
+
+    def _upgrade_by_ensure(self) -> list[str]:
+        try:
+            self.upgrade()
+            return ["upgrade"]
+        except FcqError as err:  # e.g. no memory for two copies: the VM runs on as it is
+            self.log.warning("upgrade-skipped", action="upgrade", error=err.message)
+            return ["upgrade-failed"]
+
+    # -- day two ----------------------------------------------------------
+
+    def upgrade(self) -> dict[str, Any]:
+        """Move the running VM onto a fresh QEMU of the current generation (no reboot)."""
+        return upgrade.upgrade(self)
+
+    def snapshot(self, name: str | None = None) -> dict[str, Any]:
+        """Snapshot root and tmp under *name*, the guest frozen if it can be.
+
+        See :mod:`fcq_tasks.host.snapshots`.
+        """
+        return snapshots.take(self, name)
+
+    def snapshots(self) -> dict[str, Any]:
+        return snapshots.listing(self)
+
+    def remove_snapshot(self, name: str) -> dict[str, Any]:
+        return snapshots.remove(self, name)
+
+    def resize(self, disk_gib: object) -> dict[str, Any]:
+        """Grow the root volume to *disk_gib* GiB, tell a running QEMU, record it in the config.
+
+        Refused before anything is touched when it would shrink the disk
+        (below its current size or the config's). The config's ``version``
+        goes up, so a later push of the file as it was cannot undo it.
+        """
+        if isinstance(disk_gib, bool) or not isinstance(disk_gib, int) \
+                or not 1 <= disk_gib <= 65536:
+            raise BadRequest("disk", f"must be a whole number of GiB from 1 to 65536 "
+                             f"(got {disk_gib!r})")
+        with self.locked():
+            spec = self.spec()
+            self._check_may_start(spec)
+            found = self.observe()
+            self._refuse_impostor(found)
+            others = sorted({o for o in found.lock_owners.values()
+                             if o not in (None, self.settings.host)})
+            if others:
+                raise LockedByOtherHost(self.name, "root", others[0])
+            if found.run not in (Run.RUNNING, Run.PAUSED, Run.STOPPED, Run.CRASHED):
+                raise Refused(f"{self.name}: is {found.run.value} here; resize it once it "
+                              "runs or is stopped", vm=self.name, found=found.run.value)
+            new = disk_gib * GiB
+            current = max(found.root_bytes or 0, spec.disk_bytes)
+            if new < current:
+                raise ShrinkRefused(self.name, "root", current, new)
+            actions = []
+            if found.root_bytes is not None and found.root_bytes < new:
+                self.storage.grow(self.name, "root", new)
+                actions.append("grow")
+                if found.run in (Run.RUNNING, Run.PAUSED):
+                    self.grow_root(new)
+                    actions.append("tell-qemu")
+                self.progress("grown", size=new)
+            version = spec.version
+            if spec.disk_gib != disk_gib:
+                version = update_vm_file(spec_path(self.settings.vm_config_dir, self.name),
+                                         {"disk": disk_gib}, bump_version=True).version
+                actions.append("record-config")
+                self.log.info("config-resized", action="resize", disk=disk_gib,
+                              version=version)
+            return {"vm": self.name, "host": self.settings.host, "operation": "resize",
+                    "disk": disk_gib, "root_bytes": new, "version": version,
+                    "actions": actions, "outcome": "grown" if actions else "unchanged",
+                    "status": found.run.value}
 
     def _converge(self, spec: VMSpec, operation: str) -> dict[str, Any]:
         found = self.observe()

@@ -234,8 +234,13 @@ class VMSteps:
         if not keep_locks:
             self.release_locks()
 
-    def argv(self, accel: str) -> list[str]:
-        p = self.paths
+    def argv(self, accel: str, paths: VMRunPaths | None = None) -> list[str]:
+        """QEMU's command line; *paths*: where pidfile and serial log go (default: ours).
+
+        The config read is always this VM's own file (VMRunPaths.config): it
+        is what tells our QEMU from any other process.
+        """
+        p = paths or self.paths
         return [self.settings.qemu_binary, "-nodefaults", "-no-user-config",
                 "-display", "none", "-cpu", cpu_model(accel),
                 "-serial", f"file:{p.serial_log}", "-msg", "timestamp=on",
@@ -277,7 +282,8 @@ class VMSteps:
                               accel=accel, memory_mb=spec.memory_mb, incoming=incoming,
                               instance=instance)
                 before = self.storage.clients(self.name) if self.storage.fences else {}
-                self.qemu.start(argv, spec.memory_mb, s.start_timeout, incoming=incoming)
+                self.qemu.start(argv, spec.memory_mb, s.start_timeout, incoming=incoming,
+                                generation=s.qemu_generation)
                 # Its clients, on record for a fence that comes after their
                 # watches expired (a host cut off for more than ~30 s).
                 self.storage.record_writers(self.name, before, instance)
@@ -290,7 +296,9 @@ class VMSteps:
 
     def seed_data(self, spec: VMSpec) -> str:
         """What the guest reads at boot: its configuration as JSON (docs/guest.md)."""
-        return json.dumps({"format": 1, "host": self.settings.host, **vm_document(spec)},
+        return json.dumps({"format": 1, "host": self.settings.host,
+                           "qemu_generation": self.settings.qemu_generation,
+                           **vm_document(spec)},
                           indent=2, sort_keys=True) + "\n"
 
     def _prepare_volumes(self, spec: VMSpec) -> None:

@@ -9,7 +9,15 @@ The agent never looks behind it.
 from __future__ import annotations
 
 from fcq_tasks.config.settings import HostSettings
-from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, Storage, VolumeInfo, check_snapshot
+from fcq_tasks.storage.base import (
+    AUTO_PREFIX,
+    VOLUMES,
+    SnapshotInfo,
+    Storage,
+    VolumeInfo,
+    auto_snapshot_name,
+    check_snapshot,
+)
 from fcq_tasks.storage.local import LocalStorage
 
 
@@ -24,5 +32,14 @@ def open_storage(settings: HostSettings) -> Storage:
     raise AssertionError(f"unknown storage {settings.storage!r}: settings validation missed it")
 
 
-__all__ = ["VOLUMES", "LocalStorage", "SnapshotInfo", "Storage", "VolumeInfo",
-           "check_snapshot", "open_storage"]
+__all__ = [
+    "AUTO_PREFIX",
+    "VOLUMES",
+    "LocalStorage",
+    "SnapshotInfo",
+    "Storage",
+    "VolumeInfo",
+    "auto_snapshot_name",
+    "check_snapshot",
+    "open_storage",
+]

@@ -10,7 +10,9 @@ it holds all of that VM's locks.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from fcq_tasks.config.vmspec import VMSpec
@@ -24,6 +26,16 @@ VOLUMES = ("root", "swap", "tmp")
 SNAPSHOT_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}\Z")
 SNAPSHOT_RULE = ("must be 1-64 characters of letters, digits, '.', '_' and '-', "
                  "starting with a letter or digit")
+
+
+#: Prefix of the names fcq gives snapshots itself; retention prunes only these.
+AUTO_PREFIX = "auto-"
+
+
+def auto_snapshot_name(now: float | None = None) -> str:
+    """``auto-<UTC time to the millisecond>``: sorts by time, valid as a snapshot name."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return AUTO_PREFIX + stamp.strftime("%Y%m%dT%H%M%S") + f"{stamp.microsecond // 1000:03d}"
 
 
 def check_snapshot(vm: str, name: str) -> str:

@@ -1,0 +1,293 @@
+"""The freeze guard: a small process that freezes a guest and always thaws it.
+
+A guest must never be left frozen (fc.qemu shipped that bug three times).
+A ``finally`` in the process that froze it is not enough: that process can
+be killed (SIGKILL, the OOM killer), stopped (SIGSTOP, a hung NFS read, a
+debugger) or stuck in a storage call for longer than any guest can stay
+frozen. So the guest agent session that freezes is held by a separate
+process, which thaws:
+
+* when told to (the normal path, right after the snapshot);
+* when its parent goes away (its stdin reaches EOF, whatever killed it);
+* when the guest has been frozen for *max_frozen* seconds, even if the
+  parent is alive but silent (stopped, or stuck in a storage call);
+* when it is sent SIGTERM or SIGINT itself;
+* after a freeze that failed or timed out (some file systems may be frozen).
+
+If the guard itself is killed, the parent sees its pipe close and thaws
+through a session of its own; if both die, the next ensure of the VM finds
+the guest frozen and thaws it.
+
+Protocol on stdin/stdout, one JSON object per line: the guard says
+``{"ready": true}`` once it holds the agent (or ``{"ready": false, ...}``
+with the error, e.g. no agent), then answers ``freeze`` and ``thaw`` with
+``{"ok": true, "count": n}`` or ``{"ok": false, "error": ..., "message": ...}``,
+and exits after a thaw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+from fcq_tasks.errors import FcqError, GuestAgentError, NoGuestAgent
+from fcq_tasks.hazmat.guestagent import AgentTimeouts, GuestAgent
+
+#: Thaw attempts the guard makes (a fresh session each) before it gives up.
+THAW_ATTEMPTS = 3
+#: Seconds the parent allows on top of the guard's own timeouts.
+MARGIN = 5.0
+
+
+class FreezeGuard:
+    """Freeze and thaw VM *vm*'s guest through a guard process (see the module doc).
+
+    Use with ``with``: leaving the block thaws, whatever happened inside.
+    """
+
+    def __init__(self, socket_path: str, vm: str, timeouts: AgentTimeouts,
+                 max_frozen: float) -> None:
+        self.socket_path = socket_path
+        self.vm = vm
+        self.timeouts = timeouts
+        self.max_frozen = max_frozen
+        self.frozen = False   # a freeze was asked (some file systems may be frozen)
+        self.frozen_at = 0.0  # monotonic time of the freeze request
+        self._broken = False  # the guard stopped answering
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> FreezeGuard:
+        args = json.dumps({"socket": self.socket_path, "vm": self.vm,
+                           "timeouts": asdict(self.timeouts), "max_frozen": self.max_frozen})
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "fcq_tasks.hazmat.freezeguard", args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, close_fds=True)
+        try:
+            hello = self._read(self.timeouts.lock + self.timeouts.call + MARGIN, "start")
+        except BaseException:
+            self._end()
+            raise
+        if not hello.get("ready"):
+            self._end()
+            raise _error(self.vm, hello)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if self.frozen:
+                self.thaw()
+        finally:
+            self._end()
+
+    def freeze(self) -> int:
+        """Freeze the guest's file systems; raises (after the guard thawed) if that failed."""
+        self.frozen = True
+        self.frozen_at = time.monotonic()
+        try:
+            reply = self._ask("freeze", self.timeouts.freeze + self.timeouts.thaw * THAW_ATTEMPTS)
+        except FcqError:
+            self._broken = True  # silent or gone: __exit__ thaws without it
+            raise
+        if not reply.get("ok"):
+            self.frozen = False  # the guard thawed before it answered
+            raise _error(self.vm, reply)
+        return int(reply.get("count", 0))
+
+    def still_frozen(self) -> bool:
+        """Whether the guard cannot have thawed on its own yet (max_frozen not reached).
+
+        Both processes read the same monotonic clock; a snapshot finished
+        after this turned False may have been taken of a thawed guest.
+        """
+        return self.frozen and time.monotonic() < self.frozen_at + self.max_frozen
+
+    def thaw(self) -> int:
+        """Thaw the guest; if the guard does not, thaw through a session of our own."""
+        if not self._broken:
+            try:
+                reply = self._ask("thaw", self.timeouts.thaw * THAW_ATTEMPTS)
+                if reply.get("ok"):
+                    self.frozen = False
+                    return int(reply.get("count", 0))
+            except FcqError:
+                pass
+        # The guard failed, hung or died: it must let go of the agent before
+        # anyone else can talk to it (QEMU serves one client at a time).
+        self._end(kill=True)
+        count = thaw_directly(self.socket_path, self.vm, self.timeouts)
+        self.frozen = False
+        return count
+
+    def _ask(self, command: str, timeout: float) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(command + "\n")
+            self._proc.stdin.flush()
+        except OSError as err:
+            raise GuestAgentError(f"{self.vm}: freeze guard is gone: {err}", vm=self.vm) from err
+        return self._read(timeout + MARGIN, command)
+
+    def _read(self, timeout: float, what: str) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdout is not None
+        line = _readline(self._proc.stdout, timeout)
+        if line is None:
+            raise GuestAgentError(f"{self.vm}: freeze guard did not answer {what} within "
+                                  f"{timeout:g} s", vm=self.vm)
+        if not line:
+            raise GuestAgentError(f"{self.vm}: freeze guard exited during {what}", vm=self.vm)
+        try:
+            reply = json.loads(line)
+        except ValueError as err:
+            raise GuestAgentError(f"{self.vm}: freeze guard said {line!r}", vm=self.vm) from err
+        return reply if isinstance(reply, dict) else {}
+
+    def _end(self, kill: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if kill:
+            proc.kill()
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # EOF: a guard still holding a freeze thaws and exits
+        try:
+            proc.wait(timeout=self.timeouts.thaw + MARGIN)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def thaw_directly(socket_path: str, vm: str, timeouts: AgentTimeouts) -> int:
+    """Thaw through a session of this process (retried); raises if the guest stays frozen."""
+    last: FcqError | None = None
+    for _ in range(THAW_ATTEMPTS):
+        try:
+            with GuestAgent(socket_path, timeouts, vm) as ga:
+                count = ga.thaw()
+                if ga.freeze_status() == "thawed":
+                    return count
+        except NoGuestAgent:
+            return 0  # no agent, nothing it could have frozen
+        except FcqError as err:
+            last = err
+        time.sleep(0.2)
+    raise GuestAgentError(f"{vm}: the guest may still be frozen: thaw failed "
+                          f"{THAW_ATTEMPTS} times ({last.message if last else '?'}); the next "
+                          "ensure tries again", vm=vm)
+
+
+def _error(vm: str, reply: dict[str, Any]) -> FcqError:
+    message = str(reply.get("message") or reply)
+    if reply.get("error") == "NoGuestAgent":
+        err: FcqError = NoGuestAgent(vm, message.split("no guest agent: ", 1)[-1])
+    else:
+        err = GuestAgentError(message, vm=vm)
+    return err
+
+
+def _readline(stream: IO[str], timeout: float | None) -> str | None:
+    """One line, "" at EOF, None when *timeout* passed first."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        return None
+    return stream.readline()
+
+
+# -- the guard process --------------------------------------------------------
+
+
+def _say(**reply: Any) -> None:
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
+
+
+def _guard(socket_path: str, vm: str, timeouts: AgentTimeouts, max_frozen: float) -> None:
+    frozen_at: float | None = None
+
+    def thaw(ga: GuestAgent | None) -> dict[str, Any]:
+        last: FcqError | None = None
+        for attempt in range(THAW_ATTEMPTS):
+            try:
+                if attempt == 0 and ga is not None:
+                    return {"ok": True, "count": ga.thaw()}
+                with GuestAgent(socket_path, timeouts, vm) as again:
+                    return {"ok": True, "count": again.thaw()}
+            except FcqError as err:
+                last = err
+                if ga is not None:
+                    ga.__exit__(None, None, None)  # let the fresh session connect
+                    ga = None
+        assert last is not None
+        return {"ok": False, **last.to_dict()}
+
+    ga = GuestAgent(socket_path, timeouts, vm)
+    try:
+        ga.__enter__()
+        ga.sync()
+    except FcqError as err:
+        ga.__exit__(None, None, None)
+        _say(ready=False, **err.to_dict())
+        return
+    try:
+        _say(ready=True)
+        while True:
+            # Before the freeze too: a parent gone silent frees the agent.
+            wait = max_frozen if frozen_at is None \
+                else frozen_at + max_frozen - time.monotonic()
+            line = _readline(sys.stdin, max(0.0, wait))
+            command = (line or "").strip()
+            if command == "freeze" and frozen_at is None:
+                frozen_at = time.monotonic()  # from the request: a timed-out one may freeze
+                try:
+                    _say(ok=True, count=ga.freeze())
+                except FcqError as err:
+                    result = thaw(ga)
+                    frozen_at = None
+                    _say(ok=False, **err.to_dict(), thawed=result.get("ok", False))
+                    return
+            elif command == "thaw":
+                result = thaw(ga)
+                frozen_at = None
+                _say(**result)
+                return
+            else:
+                # EOF (the parent is gone), the deadline, or nonsense: thaw, leave.
+                if frozen_at is not None:
+                    thaw(ga)
+                    frozen_at = None
+                return
+    finally:
+        if frozen_at is not None:  # a signal or an error in between: thaw on the way out
+            thaw(ga)
+        ga.__exit__(None, None, None)
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
+    args = json.loads(argv[0])
+    _guard(str(args["socket"]), str(args["vm"]), AgentTimeouts(**args["timeouts"]),
+           float(args["max_frozen"]))
+    return 0
+
+
+if __name__ == "__main__":
+    os.umask(0o077)
+    sys.exit(main(sys.argv[1:]))
