@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,3 +52,34 @@ def qmp(agent: VMAgent, command: str, **args: object) -> Any:
     """A raw QMP command on fcq's own monitor (tests only: fcq itself speaks in verbs)."""
     with QmpSession(str(agent.paths.qmp), agent.settings.qmp_timeout, agent.name) as session:
         return session.execute(command, **args)
+
+
+def guest_sh(agent: VMAgent, script: str, timeout: float = 30) -> str:
+    """Run *script* in the guest (through its agent); its output and exit code."""
+    with GuestAgent(str(agent.paths.ga), 20, agent.name) as ga:
+        pid = ga.execute("guest-exec", path="/bin/sh", arg=["-c", script],
+                         **{"capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = ga.execute("guest-exec-status", pid=pid)
+            if status["exited"]:
+                out = base64.b64decode(status.get("out-data", "")).decode()
+                err = base64.b64decode(status.get("err-data", "")).decode()
+                return f"{out}{err}rc={status.get('exitcode')}"
+            time.sleep(0.1)
+    raise AssertionError(f"guest command did not finish: {script}")
+
+
+def guest_write(agent: VMAgent, char: str) -> str:
+    """The guest writes 4 KiB of *char* to the start of its root disk, bypassing its cache."""
+    return guest_sh(agent, "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = root ] && "
+                    "dev=/dev/${d##*/}; done; head -c 4096 /dev/zero | tr '\\0' " + char
+                    + " | dd of=$dev bs=4096 count=1 oflag=direct conv=fsync 2>&1; "
+                    "r=$?; echo; echo dd=$r")
+
+
+def guest_disk_bytes(agent: VMAgent, serial: str) -> int:
+    out = guest_sh(agent, "for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/size); "
+                          "done")
+    sizes = dict(line.split() for line in out.splitlines() if line.count(" ") == 1)
+    return int(sizes[serial]) * 512

@@ -7,7 +7,6 @@ once a lock is broken, the blocklist.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import os
@@ -22,13 +21,12 @@ import pytest
 import rbd
 
 from fcq_tasks.errors import BadRequest, LockedByOtherHost, ShrinkRefused
-from fcq_tasks.hazmat.guestagent import GuestAgent
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.storage import VolumeInfo, cephconn, rbdheader
 from fcq_tasks.storage.rbd import RbdStorage
 from tests.ceph import CephCluster
 from tests.conftest import Host, HostFactory, rbd_settings
-from tests.helpers import qmp, wait_for, wait_guest
+from tests.helpers import guest_disk_bytes, guest_sh, guest_write, qmp, wait_for, wait_guest
 
 pytestmark = pytest.mark.qemu
 GiB = 2**30
@@ -65,37 +63,6 @@ def lockers(ceph: CephCluster, image: str) -> list[dict[str, Any]]:
 def watchers(ceph: CephCluster, image: str) -> list[str]:
     status = json.loads(ceph.rbd("status", "--format", "json", f"fcq/{image}"))
     return [str(w["address"]) for w in status["watchers"]]
-
-
-def guest_sh(agent: VMAgent, script: str, timeout: float = 30) -> str:
-    """Run *script* in the guest (through its agent); its output and exit code."""
-    with GuestAgent(str(agent.paths.ga), 20, agent.name) as ga:
-        pid = ga.execute("guest-exec", path="/bin/sh", arg=["-c", script],
-                         **{"capture-output": True})["pid"]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = ga.execute("guest-exec-status", pid=pid)
-            if status["exited"]:
-                out = base64.b64decode(status.get("out-data", "")).decode()
-                err = base64.b64decode(status.get("err-data", "")).decode()
-                return f"{out}{err}rc={status.get('exitcode')}"
-            time.sleep(0.1)
-    raise AssertionError(f"guest command did not finish: {script}")
-
-
-def guest_write(agent: VMAgent, char: str) -> str:
-    """The guest writes 4 KiB of *char* to the start of its root disk, bypassing its cache."""
-    return guest_sh(agent, "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = root ] && "
-                    "dev=/dev/${d##*/}; done; head -c 4096 /dev/zero | tr '\\0' " + char
-                    + " | dd of=$dev bs=4096 count=1 oflag=direct conv=fsync 2>&1; "
-                    "r=$?; echo; echo dd=$r")
-
-
-def guest_disk_bytes(agent: VMAgent, serial: str) -> int:
-    out = guest_sh(agent, "for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/size); "
-                          "done")
-    sizes = dict(line.split() for line in out.splitlines() if line.count(" ") == 1)
-    return int(sizes[serial]) * 512
 
 
 def test_volumes_made_with_labels_and_no_exclusive_lock(make_host: HostFactory,

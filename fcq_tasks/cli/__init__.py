@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -122,6 +123,10 @@ def settings_path(arg: str | None) -> str | None:
     return DEFAULT_SETTINGS_FILE if Path(DEFAULT_SETTINGS_FILE).exists() else None
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -144,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except FcqError as err:
         out.error(err)
         return out.finish()
+    # SIGTERM ends a command like an exception, so every `finally` runs: a
+    # snapshot thaws its guest, a start gives back the locks it took.
+    signal.signal(signal.SIGTERM, _terminated)
     logs.configure(settings.log_file, settings.log_level,
                    stream=None if args.quiet or args.json else sys.stderr)
     for warning in settings.warnings:

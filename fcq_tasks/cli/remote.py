@@ -51,9 +51,11 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
         out.table(rows, "\n".join(lines) if rows else "no live hosts")
     elif cmd == "ls":
         rows = fleet_rows(orch.hosts())
-        lines = [f"{'VM':<20} {'KVM_HOST':<12} {'ONLINE':<7} RUNNING ON"]
+        lines = [f"{'VM':<20} {'KVM_HOST':<12} {'ONLINE':<7} {'GEN':>5}  RUNNING ON"]
         lines += [f"{r['vm']:<20} {r['kvm_host'] or '-':<12} {str(r['online']).lower():<7} "
-                  f"{','.join(r['running_on']) or '-'}" for r in rows]
+                  f"{_gen(r):>5}  {','.join(r['running_on']) or '-'}" for r in rows]
+        if any(r.get("generation_behind") for r in rows):
+            lines.append("* runs an older QEMU generation than its host's: fcq upgrade VM")
         out.table(rows, "\n".join(lines))
     elif cmd == "jobs":
         rows = orch.jobs(args.limit)
@@ -176,6 +178,13 @@ def watch_migration(orch: Orchestrator, vm: str) -> None:
     threading.Thread(target=run, daemon=True).start()
 
 
+def _gen(row: dict[str, Any]) -> str:
+    gen = row.get("generation")
+    if gen is None:
+        return "-"
+    return f"{gen}*" if row.get("generation_behind") else str(gen)
+
+
 def fleet_rows(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per VM: what its config says, and which hosts run it."""
     rows: dict[str, dict[str, Any]] = {}
@@ -188,6 +197,11 @@ def fleet_rows(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 row["kvm_host"] = conf.get("kvm_host")
                 row["online"] = conf.get("online")
         for vm in rec["running"]:
-            rows.setdefault(vm, {"vm": vm, "kvm_host": None, "online": None, "running_on": [],
-                                 "known_on": []})["running_on"].append(host)
+            row = rows.setdefault(vm, {"vm": vm, "kvm_host": None, "online": None,
+                                       "running_on": [], "known_on": []})
+            row["running_on"].append(host)
+            gen = rec.get("generations", {}).get(vm)
+            if gen is not None:
+                row["generation"] = gen
+                row["generation_behind"] = gen < int(rec.get("qemu_generation", 0))
     return [rows[k] for k in sorted(rows)]

@@ -21,6 +21,7 @@ import redis
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import load_vm_spec
 from fcq_tasks.errors import ConfigError, FcqError
+from fcq_tasks.hazmat.qemu import read_identity_files
 from fcq_tasks.host.admission import booked_memory
 from fcq_tasks.host.sweep import configured_vms
 
@@ -53,9 +54,13 @@ def host_record(settings: HostSettings) -> dict[str, Any]:
         except (ConfigError, FcqError) as err:
             vms[name] = {"error": err.message}
     booked = booked_memory(settings.run_dir, settings.qmp_timeout)
+    running = sorted(n for n in booked if not n.endswith("+upgrade"))  # not a second VM
+    idents = read_identity_files(settings.run_dir)
     return {"host": settings.host, "queue": f"host.{settings.host}", "seen": time.time(),
             "booked_mb": sum(booked.values()), "limit_mb": settings.vm_max_total_memory,
-            "running": sorted(booked), "vms": vms}
+            "running": running, "vms": vms, "qemu_generation": settings.qemu_generation,
+            "generations": {n: int(idents.get(n, {}).get("generation") or 0)
+                            for n in running}}
 
 
 def publish_host(client: redis.Redis, settings: HostSettings) -> None:

@@ -21,8 +21,8 @@ the guest frozen and thaws it.
 Protocol on stdin/stdout, one JSON object per line: the guard says
 ``{"ready": true}`` once it holds the agent (or ``{"ready": false, ...}``
 with the error, e.g. no agent), then answers ``freeze`` and ``thaw`` with
-``{"ok": true, "count": n}`` or ``{"ok": false, "error": ..., "message": ...}``,
-and exits after a thaw.
+``{"to": command, "ok": true, "count": n}`` or ``{"to": command, "ok": false,
+"error": ..., "message": ...}``, and exits after a thaw.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import asdict
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from fcq_tasks.errors import FcqError, GuestAgentError, NoGuestAgent
+from fcq_tasks.errors import FcqError, GuestAgentError, GuestAgentTimeout, NoGuestAgent
 from fcq_tasks.hazmat.guestagent import AgentTimeouts, GuestAgent
 
 #: Thaw attempts the guard makes (a fresh session each) before it gives up.
@@ -136,7 +136,13 @@ class FreezeGuard:
             self._proc.stdin.flush()
         except OSError as err:
             raise GuestAgentError(f"{self.vm}: freeze guard is gone: {err}", vm=self.vm) from err
-        return self._read(timeout + MARGIN, command)
+        deadline = time.monotonic() + timeout + MARGIN
+        while True:
+            reply = self._read(max(0.0, deadline - time.monotonic()), command)
+            # A late answer to an earlier request (a freeze we stopped waiting
+            # for) is not the answer to this one.
+            if reply.get("to") == command:
+                return reply
 
     def _read(self, timeout: float, what: str) -> dict[str, Any]:
         assert self._proc is not None and self._proc.stdout is not None
@@ -193,6 +199,9 @@ def _error(vm: str, reply: dict[str, Any]) -> FcqError:
     message = str(reply.get("message") or reply)
     if reply.get("error") == "NoGuestAgent":
         err: FcqError = NoGuestAgent(vm, message.split("no guest agent: ", 1)[-1])
+    elif reply.get("error") == "GuestAgentTimeout":
+        err = GuestAgentTimeout(vm, str(reply.get("command")), float(reply.get("seconds", 0)),
+                                str(reply.get("setting")))
     else:
         err = GuestAgentError(message, vm=vm)
     return err
@@ -252,16 +261,17 @@ def _guard(socket_path: str, vm: str, timeouts: AgentTimeouts, max_frozen: float
             if command == "freeze" and frozen_at is None:
                 frozen_at = time.monotonic()  # from the request: a timed-out one may freeze
                 try:
-                    _say(ok=True, count=ga.freeze())
+                    _say(to="freeze", ok=True, count=ga.freeze())
                 except FcqError as err:
                     result = thaw(ga)
                     frozen_at = None
-                    _say(ok=False, **err.to_dict(), thawed=result.get("ok", False))
+                    _say(to="freeze", ok=False, **err.to_dict(),
+                         thawed=result.get("ok", False))
                     return
             elif command == "thaw":
                 result = thaw(ga)
                 frozen_at = None
-                _say(**result)
+                _say(to="thaw", **result)
                 return
             else:
                 # EOF (the parent is gone), the deadline, or nonsense: thaw, leave.

@@ -94,7 +94,7 @@ class VMAgent(VMSteps):
                     ident = self.qemu.identity()
                     generation = ident.generation if ident else 0
                 result["actions"] += guest.keep_healthy(self, generation)
-            if result["wanted"] == "here" and spec.kvm_host == self.settings.host:
+            if spec.kvm_host == self.settings.host:  # its home host keeps its retention
                 try:
                     pruned = snapshots.prune(self, spec)
                 except FcqError as err:  # retention can wait for the next sweep
