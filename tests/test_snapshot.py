@@ -7,6 +7,7 @@ flushing a few MB of dirty data slow, for real.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -90,7 +91,7 @@ def test_writes_block_during_the_freeze_and_complete_after(host: Host) -> None:
     assert freeze_status(agent) == "thawed"
     time.sleep(1)
     seen = stamps(agent)
-    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
     widest = max(gaps)
     # The writer was held up while the file system froze (the flush) and
     # while it was frozen, then went on writing.
