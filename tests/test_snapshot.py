@@ -314,8 +314,8 @@ def test_agent_sessions_exclude_each_other(host: Host) -> None:
     agent = running(host, vm_name("x"))
     with GuestAgent(str(agent.paths.ga), 10, agent.name) as ga:
         ga.ping()
-        with pytest.raises(GuestAgentError) as info:
-            with GuestAgent(str(agent.paths.ga), 0.5, agent.name) as other:
-                other.ping()
+        with pytest.raises(GuestAgentError) as info, \
+                GuestAgent(str(agent.paths.ga), 0.5, agent.name) as other:
+            other.ping()
         assert "another fcq process" in info.value.message
         ga.ping()  # the first session is undisturbed
