@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcq_tasks.errors import FcqError
 from fcq_tasks.hazmat.guestagent import GuestAgent
 from fcq_tasks.hazmat.qmp import QmpSession
 from fcq_tasks.host.agent import VMAgent
+
+if TYPE_CHECKING:
+    from tests.conftest import Host
 
 #: Under TCG a 256 MB test guest's agent answers ~3 s after QEMU starts
 #: (measured on a 2-core machine); leave room for a loaded CI machine.
@@ -83,3 +87,18 @@ def guest_disk_bytes(agent: VMAgent, serial: str) -> int:
                           "done")
     sizes = dict(line.split() for line in out.splitlines() if line.count(" ") == 1)
     return int(sizes[serial]) * 512
+
+
+def events(host: Host) -> list[str]:
+    """The event names the fcq commands of *host* logged, in order (its JSON-lines file)."""
+    log = host.settings.log_file
+    assert log is not None
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            out.append(str(json.loads(line)["event"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out

@@ -27,7 +27,7 @@ from fcq_tasks.host.sweep import ensure_all
 from fcq_tasks.storage import SnapshotInfo
 from tests.ceph import CephCluster
 from tests.conftest import Host, HostFactory, rbd_settings
-from tests.helpers import guest_sh, qmp, wait_for, wait_guest
+from tests.helpers import events, guest_sh, qmp, wait_for, wait_guest
 
 MiB = 2**20
 
@@ -59,21 +59,6 @@ def writer_and_dirty_data(agent: VMAgent, dirty_mb: int) -> None:
     guest_sh(agent, "(while :; do cut -d' ' -f1 /proc/uptime >> /tmp/w.log; usleep 50000; "
              "done) </dev/null >/dev/null 2>&1 & sleep 1; "
              f"dd if=/dev/zero of=/tmp/big bs=1M count={dirty_mb} 2>/dev/null; echo ok")
-
-
-def events(host: Host) -> list[str]:
-    """The event names the fcq commands of *host* logged, in order (its JSON-lines file)."""
-    log = host.settings.log_file
-    assert log is not None
-    if not log.exists():
-        return []
-    out = []
-    for line in log.read_text().splitlines():
-        try:
-            out.append(str(json.loads(line)["event"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
 
 
 def stamps(agent: VMAgent) -> list[float]:
