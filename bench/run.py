@@ -11,7 +11,9 @@ Prints ratios, not adjectives:
    VM, versus the bare minimum of asking each QEMU `query-status` over QMP;
    on RBD and on local storage;
 4. live migration on RBD versus a bare QMP migration of the same two QEMUs;
-5. memory: RSS of the worker, and of a QEMU started by fcq versus by hand.
+5. memory: RSS of the worker, and of a QEMU started by fcq versus by hand;
+6. snapshot: how long the guest stays frozen, versus the bare agent calls and
+   storage snapshots (bench/snapshot.py).
 
 Run with `make bench` (N defaults to 60; BENCH_VMS=200 make bench for more: the
 2-core, 24 GiB machine holds 200 idle VMs).
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+from bench.snapshot import bench_snapshot, report  # noqa: E402
 from fcq_tasks.errors import FcqError  # noqa: E402
 from fcq_tasks.hazmat.guestagent import GuestAgent  # noqa: E402
 from fcq_tasks.hazmat.qmp import QmpSession  # noqa: E402
@@ -264,6 +267,8 @@ def main() -> None:
         sweep = bench_sweep(c, idle, n)
         sweep_local = bench_sweep(c, idle_local, n)
         worker_rss = rss_mb(worker.proc.pid)
+        snap = bench_snapshot(host)
+        snap_local = bench_snapshot(local)
     finally:
         for h in hosts.values():
             for proc in h.qemu_processes():
@@ -297,6 +302,8 @@ def main() -> None:
           f" downtime {mig['bare_down']:.0f} ms;  ratios: end to end "
           f"{mig['fcq_wall'] / mig['bare_wall']:.1f}x, guest paused (downtime + handover) "
           f"{(mig['fcq_down'] + mig['handover']) / mig['bare_down']:.1f}x")
+    report("RBD", snap)
+    report("local", snap_local)
     print(f"  memory: worker RSS {worker_rss:.0f} MB; QEMU RSS fcq {start['fcq_rss']:.0f} MB"
           f" vs raw {start['raw_rss']:.0f} MB (ratio {start['fcq_rss'] / start['raw_rss']:.2f})")
 
