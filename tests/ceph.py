@@ -77,6 +77,10 @@ class CephCluster:
         return self._run(["rbd", "--conf", str(self.conf), "--keyring",
                           str(self.admin_keyring), *args], timeout)
 
+    def rados(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        return self._run(["rados", "--conf", str(self.conf), "--keyring",
+                          str(self.admin_keyring), *args], timeout)
+
     def _run(self, argv: list[str], timeout: float) -> str:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                                 stdin=subprocess.DEVNULL, check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import signal
@@ -125,6 +126,13 @@ def test_flower_lists_tasks_with_vm_names_behind_auth(make_cluster: ClusterFacto
     task = wait_for(lambda: listed(task_id), 30, "Flower to list the task as succeeded")
     assert task["name"] == "fcq.start" and "vm01" in task["kwargs"]
     assert task["worker"].startswith("alpha@")
+    # The day-two operations show up the same way, with VM, host and outcome.
+    for job, name, outcome in ((orch.snapshot("vm01", "nightly"), "fcq.snapshot", "taken"),
+                               (orch.resize("vm01", 2), "fcq.resize", "grown")):
+        orch.wait(job, timeout=120)
+        task = wait_for(functools.partial(listed, job), 30, f"Flower to list {name}")
+        assert task["name"] == name and "vm01" in task["kwargs"] and "alpha" in task["kwargs"]
+        assert outcome in str(task["result"]), task
     assert "secret-flower" not in " ".join(flower.proc.args)  # type: ignore[arg-type]
 
 

@@ -32,7 +32,7 @@ def test_resize_is_seen_by_the_running_guest_and_never_shrinks(host: Host) -> No
     wait_guest(agent)
     assert guest_disk_bytes(agent, "root") == 1 * GiB
     grown = json.loads(host.fcq("--json", "resize", vm, "2G", check=True).stdout)
-    assert grown["actions"] == ["grow", "tell-qemu", "record-config"]
+    assert grown["actions"] == ["record-config", "grow", "tell-qemu"]
     assert guest_disk_bytes(agent, "root") == 2 * GiB
     # Recorded with a higher version: an older push of the file is ignored.
     assert yaml.safe_load(path.read_text())["parameters"]["disk"] == 2
@@ -59,7 +59,7 @@ def test_resize_of_a_stopped_vm_grows_the_volume(host: Host) -> None:
     agent.start()
     agent.kill()
     result = agent.resize(3)
-    assert result["actions"] == ["grow", "record-config"] and result["status"] == "stopped"
+    assert result["actions"] == ["record-config", "grow"] and result["status"] == "stopped"
     assert next(v.size for v in agent.storage.volumes(vm) if v.name == "root") == 3 * GiB
 
 

@@ -133,6 +133,13 @@ def test_guard_thaws_when_the_snapshotting_process_is_killed(host: Host) -> None
     proc.communicate(timeout=30)
     wait_for(lambda: freeze_status(agent) == "thawed", 60, "the guest to be thawed")
     wait_for(lambda: not guards(), 60, "the freeze guard to exit")
+    # The next operation on the VM settles what the dead process left.
+    marker = host.settings.run_dir / f"{agent.name}.snapshotting"
+    assert marker.exists()
+    assert host.agent(agent.name).ensure()["status"] == "running"
+    assert not marker.exists()
+    names = [{s.name for s in agent.storage.snapshots(agent.name, v)} for v in ("root", "tmp")]
+    assert names[0] == names[1] == set()
 
 
 def test_failed_snapshot_leaves_the_guest_thawed_and_nothing_half_made(
@@ -166,6 +173,9 @@ def test_guest_without_agent(host: Host) -> None:
     assert time.monotonic() - t0 < host.settings.guest_agent_timeout
     assert result["outcome"] == "taken" and result["frozen"] is False
     assert result["consistency"] == "crash" and "no guest agent" in result["reason"]
+    # Local volumes are copied: the guest is paused for the copy, then runs on.
+    assert result["actions"] == ["pause", "snapshot", "resume"]
+    assert agent.status()["status"] == "running"
     ensured = agent.ensure()  # no error, no thaw attempted
     assert ensured["status"] == "running" and "thaw" not in ensured["actions"]
     assert agent.status()["guest_agent"] is False

@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from fcq_tasks.host.agent import VMAgent
-from tests.conftest import Host, HostFactory
+from tests.ceph import CephCluster
+from tests.conftest import Host, HostFactory, rbd_settings
 from tests.helpers import guest_sh, wait_for, wait_guest
 from tests.invariants import NOT_ANSWERING, probe_runstate
 
@@ -30,9 +31,11 @@ def vm_name(tag: str) -> str:
     return f"upg{tag}{os.getpid() % 1000}"
 
 
-def side_observer(host: Host, vm: str) -> Path:
+def side_files(host: Host, vm: str, suffix: str) -> list[Path]:
+    """The files of upgrade attempts of *vm* under u/ ending in *suffix*."""
     digest = hashlib.sha256(vm.encode()).hexdigest()[:16]
-    return host.settings.run_dir / "u" / f"{digest}.obs.sock"
+    side = host.settings.run_dir / "u"
+    return sorted(side.glob(f"{digest}-*{suffix}")) if side.exists() else []
 
 
 def qemus(host: Host, vm: str) -> list[psutil.Process]:
@@ -46,15 +49,17 @@ class CopySampler(threading.Thread):
 
     def __init__(self, host: Host, vm: str) -> None:
         super().__init__(daemon=True)
-        self.sockets = [host.settings.run_dir / f"{vm}.obs.sock", side_observer(host, vm)]
+        self.host = host
         self.vm = vm
         self.counts: list[int] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
+            sockets = [self.host.settings.run_dir / f"{self.vm}.obs.sock",
+                       *side_files(self.host, self.vm, ".obs.sock")]
             states = [probe_runstate(s, self.vm, 0.3) if s.exists() else NOT_ANSWERING
-                      for s in self.sockets]
+                      for s in sockets]
             self.counts.append(sum(s == "running" for s in states))
             self._halt.wait(0.1)
 
@@ -115,6 +120,56 @@ def test_upgrade_moves_the_guest_without_a_reboot(make_host: HostFactory) -> Non
                     "/run/qemu-binary-generation-current").split()[:2] == ["2", "2"]
     again = json.loads(host.fcq("--json", "upgrade", vm, check=True).stdout)
     assert again["outcome"] == "current" and again["actions"] == []
+    # A second upgrade starts from a QEMU that came from the first one (its
+    # sockets were opened under u/): still no reboot.
+    host.update_settings(qemu_generation=3)
+    mid = uptime(agent)
+    with CopySampler(host, vm) as sampler:
+        third = json.loads(host.fcq("--json", "upgrade", vm, check=True).stdout)
+        time.sleep(0.5)
+    assert third["outcome"] == "upgraded" and third["generation"] == 3
+    assert max(sampler.counts) == 1, sampler.counts
+    agent = host.agent(vm)
+    wait_guest(agent)
+    assert uptime(agent) > mid
+    assert guest_sh(agent, "cat /tmp/marker").startswith("kept")
+    assert len(qemus(host, vm)) == 1 and agent.status()["generation"] == 3
+
+
+def test_upgrade_on_rbd_keeps_locks_and_fencing_records(make_host: HostFactory,
+                                                        ceph: CephCluster) -> None:
+    """On Ceph both QEMUs have the images open for a moment; the lock never moves."""
+    pool = ceph.new_pool()
+    try:
+        host = make_host("alpha", qemu_generation=1, **rbd_settings(ceph, "alpha", pool=pool))
+        vm = vm_name("r")
+        agent = booted(host, vm)
+        guest_sh(agent, "echo kept > /tmp/marker")
+        cookies = {v.name: v.cookie for v in agent.storage.volumes(vm)}
+        before = uptime(agent)
+        host.update_settings(qemu_generation=2, upgrade_on_ensure=True)
+        with CopySampler(host, vm) as sampler:
+            result = host.agent(vm).ensure()  # the host setting asks ensure to do it
+            time.sleep(0.5)
+        assert "upgrade" in result["actions"], result
+        assert max(sampler.counts) == 1, sampler.counts
+        agent = host.agent(vm)
+        wait_guest(agent)
+        assert uptime(agent) > before
+        assert guest_sh(agent, "cat /tmp/marker").startswith("kept")
+        assert agent.status()["generation"] == 2 and len(qemus(host, vm)) == 1
+        vols = agent.storage.volumes(vm)
+        assert {v.lock_owner for v in vols} == {"alpha"}
+        assert {v.name: v.cookie for v in vols} == cookies  # never released, never retaken
+        # The new QEMU's clients are on record: a fence would cover them.
+        watchers = agent.storage.clients(vm)["root"]
+        assert len(watchers) == 1, watchers  # only the new QEMU has root open now
+        record = json.loads(ceph.rados("-p", pool, "getomapval", f"fcq.writers.{vm}.root",
+                                       "alpha", "/dev/stdout"))
+        assert watchers <= set(record["addrs"]), (watchers, record)
+        agent.kill()
+    finally:
+        ceph.delete_pool(pool)
 
 
 def test_upgrade_refused_without_memory_for_two_copies(make_host: HostFactory) -> None:
@@ -132,9 +187,10 @@ def test_upgrade_refused_without_memory_for_two_copies(make_host: HostFactory) -
 
 def _wait_for_new_qemu(host: Host, vm: str) -> None:
     """Until the new QEMU answers on its observer: it is about to receive the copy."""
-    sock = side_observer(host, vm)
-    wait_for(lambda: sock.exists() and probe_runstate(sock, vm) == "inmigrate", 30,
-             "the upgrade's new QEMU")
+    def receiving() -> bool:
+        return any(probe_runstate(sock, vm) == "inmigrate"
+                   for sock in side_files(host, vm, ".obs.sock"))
+    wait_for(receiving, 30, "the upgrade's new QEMU")
 
 
 @pytest.mark.parametrize("victim", ["new", "old"])
@@ -162,7 +218,7 @@ def test_a_qemu_killed_during_the_upgrade_leaves_one_running_copy(make_host: Hos
     assert status["status"] == "running" and status["pid"] == running[0].pid
     if victim == "new":
         assert proc.returncode != 0 and status["pid"] == old_pid  # the guest never moved
-    assert not (host.settings.run_dir / "u" / (side_observer(host, vm).stem + ".json")).exists()
+    assert not side_files(host, vm, ".json")
     assert set(status["locks"].values()) == {"alpha"}
 
 
@@ -177,6 +233,9 @@ def test_an_interrupted_upgrade_is_settled_by_the_next_ensure(make_host: HostFac
         proc.kill()  # fcq dies; both QEMUs live on, the copy goes on by itself
         proc.communicate(timeout=30)
         time.sleep(1)
+        # Both copies are booked while both live: no other start overcommits.
+        memory = json.loads(host.fcq("--json", "memory", check=True).stdout)
+        assert memory["booked_mb"] == 2 * 128, memory
         result = host.agent(vm).ensure()
         agent = host.agent(vm)
         wait_guest(agent)
@@ -185,4 +244,4 @@ def test_an_interrupted_upgrade_is_settled_by_the_next_ensure(make_host: HostFac
     assert result["status"] == "running"
     running = qemus(host, vm)
     assert len(running) == 1 and agent.status()["pid"] == running[0].pid
-    assert not side_observer(host, vm).exists()
+    assert not [p for p in (host.settings.run_dir / "u").iterdir()]

@@ -112,17 +112,15 @@ def _utc(epoch: float) -> str:
 
 
 def parse_size_gib(text: str) -> int:
-    """``20``, ``20G`` or ``20GiB`` → 20; anything else is a BadRequest naming the rule."""
+    """``20``, ``20G`` or ``20GiB`` → 20; anything else (``20GB``: decimal?) is a BadRequest."""
+    import re
+
     from fcq_tasks.errors import BadRequest
-    t = text.strip()
-    for suffix in ("GiB", "GB", "G", "g"):
-        if t.endswith(suffix):
-            t = t[:-len(suffix)]
-            break
-    if not t.isdigit() or int(t) < 1:
+    match = re.fullmatch(r"([0-9]{1,6})(G|GiB)?", text.strip())
+    if match is None or int(match.group(1)) < 1:
         raise BadRequest("SIZE", f"must be a whole number of GiB, like 20, 20G or 20GiB "
                          f"(got {text!r})")
-    return int(t)
+    return int(match.group(1))
 
 
 def describe_status(row: dict[str, Any]) -> str:

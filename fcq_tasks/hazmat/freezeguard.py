@@ -35,9 +35,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import Any
 
 from fcq_tasks.errors import FcqError, GuestAgentError, GuestAgentTimeout, NoGuestAgent
 from fcq_tasks.hazmat.guestagent import AgentTimeouts, GuestAgent
@@ -55,7 +56,10 @@ class FreezeGuard:
     """
 
     def __init__(self, socket_path: str, vm: str, timeouts: AgentTimeouts,
-                 max_frozen: float) -> None:
+                 max_frozen: float, agent_gone: Callable[[], bool] | None = None) -> None:
+        """*agent_gone*: whether qemu-ga is known to have left (its port closed):
+        then nothing is frozen any more and thawing stops trying."""
+        self.agent_gone = agent_gone
         self.socket_path = socket_path
         self.vm = vm
         self.timeouts = timeouts
@@ -64,6 +68,7 @@ class FreezeGuard:
         self.frozen_at = 0.0  # monotonic time of the freeze request
         self._broken = False  # the guard stopped answering
         self._proc: subprocess.Popen[str] | None = None
+        self._lines: LineReader | None = None
 
     def __enter__(self) -> FreezeGuard:
         args = json.dumps({"socket": self.socket_path, "vm": self.vm,
@@ -71,7 +76,12 @@ class FreezeGuard:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "fcq_tasks.hazmat.freezeguard", args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, close_fds=True)
+            text=True, close_fds=True,
+            # Its own session: a Ctrl-Z or Ctrl-C meant for fcq must not
+            # stop the process whose job is to thaw.
+            start_new_session=True)
+        assert self._proc.stdout is not None
+        self._lines = LineReader(self._proc.stdout.fileno())
         try:
             hello = self._read(self.timeouts.lock + self.timeouts.call + MARGIN, "start")
         except BaseException:
@@ -95,12 +105,17 @@ class FreezeGuard:
         self.frozen = True
         self.frozen_at = time.monotonic()
         try:
-            reply = self._ask("freeze", self.timeouts.freeze + self.timeouts.thaw * THAW_ATTEMPTS)
-        except FcqError:
-            self._broken = True  # silent or gone: __exit__ thaws without it
+            reply = self._ask("freeze", self.timeouts.freeze + thaw_window(self.timeouts))
+        except BaseException:
+            # Silent, gone, or we were interrupted (SIGTERM) mid-wait: its
+            # late answer could be mistaken for another; __exit__ thaws
+            # without it.
+            self._broken = True
             raise
         if not reply.get("ok"):
-            self.frozen = False  # the guard thawed before it answered
+            # The guard tried to thaw before it answered; if it could not,
+            # __exit__ tries again.
+            self.frozen = not reply.get("thawed", False)
             raise _error(self.vm, reply)
         return int(reply.get("count", 0))
 
@@ -116,7 +131,7 @@ class FreezeGuard:
         """Thaw the guest; if the guard does not, thaw through a session of our own."""
         if not self._broken:
             try:
-                reply = self._ask("thaw", self.timeouts.thaw * THAW_ATTEMPTS)
+                reply = self._ask("thaw", thaw_window(self.timeouts))
                 if reply.get("ok"):
                     self.frozen = False
                     return int(reply.get("count", 0))
@@ -125,7 +140,7 @@ class FreezeGuard:
         # The guard failed, hung or died: it must let go of the agent before
         # anyone else can talk to it (QEMU serves one client at a time).
         self._end(kill=True)
-        count = thaw_directly(self.socket_path, self.vm, self.timeouts)
+        count = thaw_directly(self.socket_path, self.vm, self.timeouts, self.agent_gone)
         self.frozen = False
         return count
 
@@ -145,8 +160,8 @@ class FreezeGuard:
                 return reply
 
     def _read(self, timeout: float, what: str) -> dict[str, Any]:
-        assert self._proc is not None and self._proc.stdout is not None
-        line = _readline(self._proc.stdout, timeout)
+        assert self._lines is not None
+        line = self._lines.readline(timeout)
         if line is None:
             raise GuestAgentError(f"{self.vm}: freeze guard did not answer {what} within "
                                   f"{timeout:g} s", vm=self.vm)
@@ -176,23 +191,37 @@ class FreezeGuard:
             proc.stdout.close()
 
 
-def thaw_directly(socket_path: str, vm: str, timeouts: AgentTimeouts) -> int:
-    """Thaw through a session of this process (retried); raises if the guest stays frozen."""
+def thaw_window(timeouts: AgentTimeouts) -> float:
+    """How long thawing keeps trying: a freeze in flight finishes first (qemu-ga is serial)."""
+    return timeouts.freeze + timeouts.thaw * THAW_ATTEMPTS + timeouts.call
+
+
+def thaw_directly(socket_path: str, vm: str, timeouts: AgentTimeouts,
+                  agent_gone: Callable[[], bool] | None = None) -> int:
+    """Thaw through a session of this process until the guest says thawed.
+
+    An agent that does not answer may be busy finishing a freeze (it
+    answers nothing else meanwhile): keep trying for thaw_window(), unless
+    *agent_gone* says qemu-ga left. Raises if the guest may still be frozen.
+    """
+    deadline = time.monotonic() + thaw_window(timeouts)
     last: FcqError | None = None
-    for _ in range(THAW_ATTEMPTS):
+    while True:
         try:
             with GuestAgent(socket_path, timeouts, vm) as ga:
                 count = ga.thaw()
                 if ga.freeze_status() == "thawed":
                     return count
-        except NoGuestAgent:
-            return 0  # no agent, nothing it could have frozen
         except FcqError as err:
             last = err
-        time.sleep(0.2)
-    raise GuestAgentError(f"{vm}: the guest may still be frozen: thaw failed "
-                          f"{THAW_ATTEMPTS} times ({last.message if last else '?'}); the next "
-                          "ensure tries again", vm=vm)
+            if isinstance(err, NoGuestAgent) and agent_gone is not None and agent_gone():
+                return 0  # qemu-ga is gone: it holds no freeze any more
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    raise GuestAgentError(f"{vm}: the guest may still be frozen: no thaw succeeded within "
+                          f"{thaw_window(timeouts):.0f} s ({last.message if last else '?'}); "
+                          "the next ensure tries again", vm=vm)
 
 
 def _error(vm: str, reply: dict[str, Any]) -> FcqError:
@@ -207,12 +236,35 @@ def _error(vm: str, reply: dict[str, Any]) -> FcqError:
     return err
 
 
-def _readline(stream: IO[str], timeout: float | None) -> str | None:
-    """One line, "" at EOF, None when *timeout* passed first."""
-    ready, _, _ = select.select([stream], [], [], timeout)
-    if not ready:
-        return None
-    return stream.readline()
+class LineReader:
+    """Lines from a pipe's file descriptor, each waited for at most a timeout.
+
+    Reads the descriptor itself: a buffered stream may hold a second line
+    that select() on the descriptor cannot see, and a thaw request would
+    then wait for the next timeout.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = b""
+        self._eof = False
+
+    def readline(self, timeout: float | None) -> str | None:
+        """One line ("" at EOF), or None when *timeout* passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf and not self._eof:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.fd], [], [], wait)
+            if not ready:
+                return None
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                self._eof = True
+            self._buf += chunk
+        if b"\n" not in self._buf:
+            return ""  # EOF; a partial last line is not a command
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode(errors="replace") + "\n"
 
 
 # -- the guard process --------------------------------------------------------
@@ -227,21 +279,30 @@ def _guard(socket_path: str, vm: str, timeouts: AgentTimeouts, max_frozen: float
     frozen_at: float | None = None
 
     def thaw(ga: GuestAgent | None) -> dict[str, Any]:
+        """Thaw until the guest says so; a freeze still in flight is waited out."""
+        deadline = time.monotonic() + thaw_window(timeouts)
         last: FcqError | None = None
-        for attempt in range(THAW_ATTEMPTS):
+        while True:
             try:
-                if attempt == 0 and ga is not None:
-                    return {"ok": True, "count": ga.thaw()}
+                if ga is not None:
+                    count = ga.thaw()
+                    return {"ok": True, "count": count}
                 with GuestAgent(socket_path, timeouts, vm) as again:
-                    return {"ok": True, "count": again.thaw()}
+                    count = again.thaw()
+                    if again.freeze_status() == "thawed":
+                        return {"ok": True, "count": count}
             except FcqError as err:
                 last = err
-                if ga is not None:
-                    ga.__exit__(None, None, None)  # let the fresh session connect
-                    ga = None
+            if ga is not None:
+                ga.__exit__(None, None, None)  # a fresh session next time
+                ga = None
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
         assert last is not None
         return {"ok": False, **last.to_dict()}
 
+    commands = LineReader(sys.stdin.fileno())
     ga = GuestAgent(socket_path, timeouts, vm)
     try:
         ga.__enter__()
@@ -256,7 +317,7 @@ def _guard(socket_path: str, vm: str, timeouts: AgentTimeouts, max_frozen: float
             # Before the freeze too: a parent gone silent frees the agent.
             wait = max_frozen if frozen_at is None \
                 else frozen_at + max_frozen - time.monotonic()
-            line = _readline(sys.stdin, max(0.0, wait))
+            line = commands.readline(max(0.0, wait))
             command = (line or "").strip()
             if command == "freeze" and frozen_at is None:
                 frozen_at = time.monotonic()  # from the request: a timed-out one may freeze
@@ -292,6 +353,8 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
+    for stop in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(stop, signal.SIG_IGN)  # a guard that sleeps cannot thaw
     args = json.loads(argv[0])
     _guard(str(args["socket"]), str(args["vm"]), AgentTimeouts(**args["timeouts"]),
            float(args["max_frozen"]))

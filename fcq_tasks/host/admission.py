@@ -38,7 +38,9 @@ def booked_memory(run_dir: Path, qmp_timeout: float, exclude: str = "") -> dict[
             vm = str(ident.get("vm", name)) if suffix else name
             if vm == exclude and not suffix:
                 continue
-            if QemuProcess(VMRunPaths(directory, name), qmp_timeout).find() is not None:
+            # An upgrade's QEMU reads the VM's own config (VMRunPaths with vm=).
+            paths = VMRunPaths(directory, name, vm=vm if suffix else "")
+            if QemuProcess(paths, qmp_timeout).find() is not None:
                 out[vm + suffix] = int(ident.get("memory_mb", 0))
     return out
 

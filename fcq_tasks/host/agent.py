@@ -11,6 +11,7 @@ half-started VM or a leaked lock.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,10 +26,13 @@ from fcq_tasks.errors import (
     Refused,
     ShrinkRefused,
 )
-from fcq_tasks.host import guest, snapshots, upgrade
+from fcq_tasks.host import guest, oplock, snapshots, upgrade
 from fcq_tasks.host.plan import Action, Do, Observed, Run, plan, wanted
 from fcq_tasks.host.steps import Progress, VMSteps
 from fcq_tasks.storage import VOLUMES, Storage
+
+#: Seconds ensure waits before it tries a failed upgrade_on_ensure again.
+UPGRADE_RETRY = 3600.0
 
 
 class VMAgent(VMSteps):
@@ -38,16 +42,24 @@ class VMAgent(VMSteps):
                  progress: Progress | None = None,
                  outmigrate_hook: Callable[[str], None] | None = None) -> None:
         super().__init__(settings, name, storage, progress)
+        self.last_observed = Observed(Run.STOPPED)  # what the last converge saw at its end
         # How "config moved me elsewhere" becomes a migration: the Celery
         # layer passes a hook that launches one; locally it is only reported.
         self.outmigrate_hook = outmigrate_hook
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """The VM's operation lock; the first holder settles an upgrade a dead process left."""
+        """The VM's operation lock; its first holder settles what a dead process left.
+
+        An upgrade or a snapshot whose process died mid-way (SIGKILL, OOM)
+        is finished or undone here, before anything else looks at the VM.
+        Only at the outermost hold: a nested one is inside an operation.
+        """
         with super().locked():
-            if upgrade.pending(self):
-                upgrade.settle(self)
+            if oplock.depth(self.settings.run_dir, self.name) == 1:
+                if upgrade.pending(self):
+                    upgrade.settle(self)
+                snapshots.settle_interrupted(self)
             yield
 
     def status(self) -> dict[str, Any]:
@@ -93,7 +105,8 @@ class VMAgent(VMSteps):
                     result["actions"] += self._upgrade_by_ensure()
                     ident = self.qemu.identity()
                     generation = ident.generation if ident else 0
-                result["actions"] += guest.keep_healthy(self, generation)
+                result["actions"] += guest.keep_healthy(self, generation,
+                                                        self.last_observed.agent_open)
             if spec.kvm_host == self.settings.host:  # its home host keeps its retention
                 try:
                     pruned = snapshots.prune(self, spec)
@@ -106,12 +119,27 @@ class VMAgent(VMSteps):
             return result
 
     def _upgrade_by_ensure(self) -> list[str]:
+        """upgrade_on_ensure: move the VM, one VM per ensure; after a failure wait an hour.
+
+        A copy costs the host the guest's whole memory in bandwidth: one
+        that fails (no room for two copies, a guest that cannot be copied)
+        is not tried again at every sweep.
+        """
+        mark = self.settings.run_dir / f"{self.name}.upgrade-failed"
+        try:
+            if time.time() - mark.stat().st_mtime < UPGRADE_RETRY:
+                return []
+        except OSError:
+            pass
         try:
             self.upgrade()
-            return ["upgrade"]
         except FcqError as err:  # e.g. no memory for two copies: the VM runs on as it is
-            self.log.warning("upgrade-skipped", action="upgrade", error=err.message)
+            self.log.warning("upgrade-skipped", action="upgrade", error=err.message,
+                             detail=f"ensure tries again in {UPGRADE_RETRY:.0f} s")
+            mark.touch()
             return ["upgrade-failed"]
+        mark.unlink(missing_ok=True)
+        return ["upgrade"]
 
     # -- day two ----------------------------------------------------------
 
@@ -160,6 +188,17 @@ class VMAgent(VMSteps):
             if new < current:
                 raise ShrinkRefused(self.name, "root", current, new)
             actions = []
+            version = spec.version
+            # The desired state first: a crash after this leaves a config
+            # bigger than the volume, which ensure grows; the other order
+            # would leave a volume bigger than the config, which every
+            # ensure refuses as a shrink.
+            if spec.disk_gib != disk_gib:
+                version = update_vm_file(spec_path(self.settings.vm_config_dir, self.name),
+                                         {"disk": disk_gib}, bump_version=True).version
+                actions.append("record-config")
+                self.log.info("config-resized", action="resize", disk=disk_gib,
+                              version=version)
             if found.root_bytes is not None and found.root_bytes < new:
                 self.storage.grow(self.name, "root", new)
                 actions.append("grow")
@@ -167,17 +206,13 @@ class VMAgent(VMSteps):
                     self.grow_root(new)
                     actions.append("tell-qemu")
                 self.progress("grown", size=new)
-            version = spec.version
-            if spec.disk_gib != disk_gib:
-                version = update_vm_file(spec_path(self.settings.vm_config_dir, self.name),
-                                         {"disk": disk_gib}, bump_version=True).version
-                actions.append("record-config")
-                self.log.info("config-resized", action="resize", disk=disk_gib,
-                              version=version)
             return {"vm": self.name, "host": self.settings.host, "operation": "resize",
                     "disk": disk_gib, "root_bytes": new, "version": version,
                     "actions": actions, "outcome": "grown" if actions else "unchanged",
-                    "status": found.run.value}
+                    "status": found.run.value,
+                    "note": f"the inventory's file for {self.name} must say disk: {disk_gib} "
+                            f"and a version above {version - 1} (a push of version "
+                            f"{version} or more with a smaller disk is refused as a shrink)"}
 
     def _converge(self, spec: VMSpec, operation: str) -> dict[str, Any]:
         found = self.observe()
@@ -197,6 +232,7 @@ class VMAgent(VMSteps):
         # Observing costs QMP round trips; when nothing was done (the sweep's
         # common case) what we found is still what is.
         after = found if done in ([], ["nothing"]) else self.observe()
+        self.last_observed = after
         result = self._result(operation, want, found, done, after)
         if refusals:
             raise self._refusal_error(refusals[0], spec, found, result)

@@ -66,9 +66,9 @@ def _backing_off(steps: VMSteps) -> bool:
         return False
 
 
-def _agent(steps: VMSteps) -> GuestAgent | None:
+def _agent(steps: VMSteps, port_open: bool) -> GuestAgent | None:
     """A session for ensure's questions, or None (no agent, or one in back-off)."""
-    if _backing_off(steps) or not agent_open(steps):
+    if not port_open or _backing_off(steps):
         return None
     return GuestAgent(str(steps.paths.ga), agent_timeouts(steps, probe=True), steps.name)
 
@@ -80,12 +80,13 @@ def _silent(steps: VMSteps, err: FcqError) -> None:
                      json.dumps({"boot_id": boot_id(), "since": time.monotonic()}))
 
 
-def keep_healthy(steps: VMSteps, generation: int) -> list[str]:
+def keep_healthy(steps: VMSteps, generation: int, port_open: bool) -> list[str]:
     """Thaw a frozen guest and tell it the QEMU generations; the actions taken.
 
-    *generation*: the generation the running QEMU was started with.
+    *generation*: the generation the running QEMU was started with;
+    *port_open*: QEMU said qemu-ga holds its port (observe() asked).
     """
-    ga = _agent(steps)
+    ga = _agent(steps, port_open)
     if ga is None:
         return []
     done = []

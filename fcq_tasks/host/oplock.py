@@ -80,3 +80,10 @@ def operation_lock(run_dir: Path, vm: str, wait: float = 0.0) -> Iterator[None]:
         yield
     finally:
         _release(path)
+
+
+def depth(run_dir: Path, vm: str) -> int:
+    """How many times the calling thread holds VM *vm*'s operation lock (0: not at all)."""
+    with _registry_lock:
+        held = _registry.get(run_dir / f"{vm}.op.lock")
+        return held.depth if held is not None and held.thread == threading.get_ident() else 0

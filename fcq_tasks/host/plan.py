@@ -82,6 +82,7 @@ class Observed:
     handed_to_us: bool = False     # every lock was handed to this host and not yet claimed
     handed_away_to: str = ""       # every lock was handed by this host to that host
     impostor_pid: int = 0          # IMPOSTOR: the pid
+    agent_open: bool = False       # RUNNING: qemu-ga holds its port open in the guest
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,14 @@ applies. A snapshot given a name by hand stays until it is removed.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.errors import FcqError, GuestAgentError, NoGuestAgent, Refused
+from fcq_tasks.fileio import write_atomically
 from fcq_tasks.hazmat.freezeguard import FreezeGuard, thaw_directly
 from fcq_tasks.host.guest import agent_open, agent_timeouts
 from fcq_tasks.host.plan import Run
@@ -77,21 +80,31 @@ def take(steps: VMSteps, name: str | None = None) -> dict[str, Any]:
             steps.log.warning("snapshot-partial", action="remove-snapshot", snapshot=snap,
                               volumes=have, detail="an earlier attempt did not finish")
             _roll_back(steps, snap, have)
-        if run is Run.STOPPED:
-            taken = steps.take_locks()  # nobody starts it while we copy
-            try:
-                _snapshot_all(steps, snap)
-            finally:
-                for volume in taken:
-                    steps.storage.unlock(steps.name, volume)
-            return {**result, "outcome": "taken", "actions": ["snapshot"],
-                    "consistency": "stopped", "frozen": False}
-        if run is Run.PAUSED:
+        # What a process killed from here on leaves is settled by the next
+        # operation on the VM (settle_interrupted).
+        _write_marker(steps, snap, paused=False)
+        try:
+            return {**result, **_take(steps, snap, run)}
+        finally:
+            _marker(steps).unlink(missing_ok=True)
+
+
+def _take(steps: VMSteps, snap: str, run: Run) -> dict[str, Any]:
+    if run is Run.STOPPED:
+        taken = steps.take_locks()  # nobody starts it while we copy
+        try:
             _snapshot_all(steps, snap)
-            return {**result, "outcome": "taken", "actions": ["snapshot"],
-                    "consistency": "crash", "frozen": False,
-                    "reason": "the VM is paused: its guest cannot freeze"}
-        return {**result, **_frozen_snapshot(steps, snap)}
+        finally:
+            for volume in taken:
+                steps.storage.unlock(steps.name, volume)
+        return {"outcome": "taken", "actions": ["snapshot"],
+                "consistency": "stopped", "frozen": False}
+    if run is Run.PAUSED:
+        _snapshot_all(steps, snap)
+        return {"outcome": "taken", "actions": ["snapshot"],
+                "consistency": "crash", "frozen": False,
+                "reason": "the VM is paused: its guest cannot freeze"}
+    return _frozen_snapshot(steps, snap)
 
 
 def _frozen_snapshot(steps: VMSteps, snap: str) -> dict[str, Any]:
@@ -99,7 +112,8 @@ def _frozen_snapshot(steps: VMSteps, snap: str) -> dict[str, Any]:
     if not agent_open(steps):
         return _unfrozen(steps, snap, "no guest agent runs in the guest (its port is closed)")
     guard = FreezeGuard(str(steps.paths.ga), steps.name, agent_timeouts(steps),
-                        max_frozen=s.freeze_timeout + s.snapshot_timeout)
+                        max_frozen=s.freeze_timeout + s.snapshot_timeout,
+                        agent_gone=lambda: not agent_open(steps))
     try:
         guard.__enter__()
     except NoGuestAgent as err:
@@ -139,15 +153,68 @@ def _frozen_snapshot(steps: VMSteps, snap: str) -> dict[str, Any]:
 
 def _unfrozen(steps: VMSteps, snap: str, why: str) -> dict[str, Any]:
     steps.log.warning("snapshot-unfrozen", action="snapshot", snapshot=snap, reason=why)
-    _snapshot_all(steps, snap)
-    return {"outcome": "taken", "actions": ["snapshot"], "consistency": "crash",
-            "frozen": False, "reason": why}
+    if steps.storage.atomic_snapshots:
+        _snapshot_all(steps, snap)
+        return {"outcome": "taken", "actions": ["snapshot"], "consistency": "crash",
+                "frozen": False, "reason": why}
+    # A file copy of a disk the guest writes would be torn: the guest is
+    # paused for the copy, which makes it one point in time (crash-consistent).
+    _write_marker(steps, snap, paused=True)
+    steps.pause()
+    t0 = time.monotonic()
+    try:
+        _snapshot_all(steps, snap)
+    finally:
+        with steps.qemu.monitor() as mon:
+            mon.resume()
+        _write_marker(steps, snap, paused=False)
+    return {"outcome": "taken", "actions": ["pause", "snapshot", "resume"],
+            "consistency": "crash", "frozen": False, "reason": why,
+            "paused_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+
+def _marker(steps: VMSteps) -> Path:
+    return steps.settings.run_dir / f"{steps.name}.snapshotting"
+
+
+def _write_marker(steps: VMSteps, snap: str, paused: bool) -> None:
+    write_atomically(_marker(steps), json.dumps({"snapshot": snap, "paused": paused}))
+
+
+def settle_interrupted(steps: VMSteps) -> list[str]:
+    """Clean up after a snapshot whose process died (the VM's operation lock held).
+
+    A set on only some volumes is removed (it is from two moments); a guest
+    the snapshot paused is resumed. A frozen guest is ensure's business
+    (it checks every guest).
+    """
+    try:
+        left = json.loads(_marker(steps).read_text())
+    except (OSError, ValueError):
+        return []
+    done = []
+    snap = str(left.get("snapshot", ""))
+    have = [v for v in SNAPSHOT_VOLUMES if snap in _names(steps, v)] if snap else []
+    if have and len(have) < len(SNAPSHOT_VOLUMES):
+        steps.log.warning("snapshot-partial", action="remove-snapshot", snapshot=snap,
+                          volumes=have, detail="its process died half-way")
+        _roll_back(steps, snap, have)
+        done.append("remove-partial-snapshot")
+    if left.get("paused") and steps.observe().run is Run.PAUSED:
+        with steps.qemu.monitor() as mon:
+            mon.resume()
+        steps.log.warning("snapshot-resumed", action="resume",
+                          detail="a snapshot paused the guest and its process died")
+        done.append("resume")
+    _marker(steps).unlink(missing_ok=True)
+    return done
 
 
 def _check_thawed(steps: VMSteps) -> None:
     """Ask the guest itself once more; thaw again if it is still frozen."""
     try:
-        thaw_directly(str(steps.paths.ga), steps.name, agent_timeouts(steps))
+        thaw_directly(str(steps.paths.ga), steps.name, agent_timeouts(steps),
+                      lambda: not agent_open(steps))
     except FcqError as err:
         steps.log.error("thaw-failed", action="thaw", error=err.message)
         raise
@@ -230,10 +297,12 @@ def prune(steps: VMSteps, spec: VMSpec) -> list[str]:
     """Remove what the retention of *spec* expires (ensure calls this); the names removed."""
     if spec.snapshot_keep is None and spec.snapshot_keep_days is None:
         return []
-    snaps = {s.name: s for s in steps.storage.snapshots(steps.name, "root")}
+    # Whole sets only: a set on some volumes belongs to a snapshot still
+    # being taken elsewhere in time, or to one settle_interrupted removes.
+    snaps = {s.name: s for s in steps.storage.snapshots(steps.name, SNAPSHOT_VOLUMES[0])}
     for volume in SNAPSHOT_VOLUMES[1:]:
-        for s in steps.storage.snapshots(steps.name, volume):
-            snaps.setdefault(s.name, s)
+        names = {s.name for s in steps.storage.snapshots(steps.name, volume)}
+        snaps = {n: s for n, s in snaps.items() if n in names}
     gone = expired(spec, list(snaps.values()), time.time())
     for snap in gone:
         for volume in SNAPSHOT_VOLUMES:

@@ -126,6 +126,8 @@ class VMSteps:
                     # cannot describe its disks: what runs is still known.
                     self.log.warning("query-block-refused", error=str(err))
                     blocks = {}
+                # In the same session: ensure asks the guest agent only when it runs.
+                agent = state == "running" and mon.guest_agent_open()
         except QmpError as err:
             silent_for = self._silent_for()
             self.log.warning("qmp-unreachable", error=str(err), silent_for=round(silent_for, 1))
@@ -138,7 +140,8 @@ class VMSteps:
                 run = Run.RECEIVED
         root = blocks.get("root")
         return _with(base, run=run, root_bytes=root.size if root else base.root_bytes,
-                     iops=root.iops if root else 0, bps=root.bps if root else 0)
+                     iops=root.iops if root else 0, bps=root.bps if root else 0,
+                     agent_open=agent)
 
     def _silent_for(self) -> float:
         """Seconds since QMP was first seen silent; the mark survives across sweeps.

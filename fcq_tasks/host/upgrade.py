@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcq_tasks.config.vmspec import VMSpec
+from fcq_tasks.config.vmspec import VMSpec, parse_vm_data
 from fcq_tasks.deadline import Deadline
 from fcq_tasks.errors import FcqError, Inconsistent, QemuError, Refused
 from fcq_tasks.fileio import write_atomically
@@ -54,20 +56,58 @@ if TYPE_CHECKING:
 POLL = 0.05
 #: Seconds a completed copy may take to show as received on the new QEMU.
 RECEIVED_WAIT = 10.0
+#: Migration states in which the copy may still complete.
+ACTIVE = frozenset({"setup", "active", "cancelling", "pre-switchover", "device",
+                    "postcopy-active", "wait-unplug"})
 #: The new QEMU's files that take the old ones' names at the switch; the
 #: identity last: until it moves, the files under u/ say which QEMU is new.
 SWITCHED = ("qmp", "ga", "observer", "seed", "serial_log", "pidfile", "identity")
 
 
-def side_paths(agent: VMAgent) -> VMRunPaths:
-    digest = hashlib.sha256(agent.name.encode()).hexdigest()[:16]
-    return VMRunPaths(agent.settings.run_dir / admission.UPGRADE_DIR, digest, vm=agent.name)
+def _prefix(agent: VMAgent) -> str:
+    return hashlib.sha256(agent.name.encode()).hexdigest()[:16]
+
+
+def _side_dir(agent: VMAgent) -> Path:
+    return agent.settings.run_dir / admission.UPGRADE_DIR
+
+
+def new_side_paths(agent: VMAgent) -> VMRunPaths:
+    """Paths for one attempt's new QEMU: never an earlier attempt's.
+
+    A QEMU deletes its sockets and pidfile by the paths it opened them
+    under when it quits, even after they were renamed: a QEMU that came
+    from an earlier upgrade would delete a later attempt's files.
+    """
+    return VMRunPaths(_side_dir(agent), f"{_prefix(agent)}-{secrets.token_hex(3)}",
+                      vm=agent.name)
+
+
+def side_attempts(agent: VMAgent) -> list[VMRunPaths]:
+    """Every attempt that left files under u/ (normally none)."""
+    try:
+        entries = os.listdir(_side_dir(agent))
+    except FileNotFoundError:
+        return []
+    prefix = _prefix(agent) + "-"
+    stems = sorted({e.split(".", 1)[0] for e in entries if e.startswith(prefix)})
+    return [VMRunPaths(_side_dir(agent), stem, vm=agent.name) for stem in stems]
 
 
 def pending(agent: VMAgent) -> bool:
-    """Whether an upgrade left files behind (cheap: one directory look)."""
-    side = side_paths(agent)
-    return side.identity.exists() or side.pidfile.exists()
+    """Whether an upgrade left files behind (cheap: one directory listing)."""
+    return bool(side_attempts(agent))
+
+
+def _resumed_marker(side: VMRunPaths) -> Path:
+    """Written just before the new QEMU is told to run: from then on it holds the guest."""
+    return side.run_dir / f"{side.name}.resumed"
+
+
+def _clean_side(side: VMRunPaths) -> None:
+    for entry in os.listdir(side.run_dir):
+        if entry.startswith(side.name + "."):
+            (side.run_dir / entry).unlink(missing_ok=True)
 
 
 def upgrade(agent: VMAgent) -> dict[str, Any]:
@@ -89,10 +129,18 @@ def upgrade(agent: VMAgent) -> dict[str, Any]:
         if not agent.holds_all_locks():
             raise Refused(f"{agent.name}: this host does not hold all of its locks; not "
                           "moving it", vm=agent.name)
+        from fcq_tasks.host.migration.slots import migration_slot  # the package imports the agent
         try:
-            moved = _move(agent, spec, ident.pid)
+            # A copy costs the host what a migration does: it takes a slot.
+            with migration_slot(agent.settings.run_dir, agent.settings.max_migrations,
+                                agent.name, agent.settings.host):
+                moved = _move(agent, _running_spec(agent, spec), ident.pid)
         except FcqError as err:
-            after = _after_failure(agent, spec)
+            try:
+                after = _after_failure(agent, spec)
+            except FcqError as again:  # keep the first error; say what followed
+                agent.log.error("upgrade-recovery-failed", error=again.message)
+                after = f"and then: {again.message} (the next ensure tries again)"
             err.fields["result"] = {**result, "after": after}
             err.message += f"; {after}"
             err.args = (err.message,)
@@ -112,9 +160,25 @@ def _after_failure(agent: VMAgent, spec: VMSpec) -> str:
     return "the old QEMU died: the VM was booted again"
 
 
+def _running_spec(agent: VMAgent, current: VMSpec) -> VMSpec:
+    """The spec the running QEMU was started with (its seed file), else *current*.
+
+    The new QEMU must match the old one (memory, cores, NICs) for the copy
+    to load; a config changed since the start takes effect at the next
+    restart, not here.
+    """
+    try:
+        seed = json.loads(agent.paths.seed.read_text())
+        spec = parse_vm_data({k: seed[k] for k in ("name", "parameters")
+                              if k in seed}, str(agent.paths.seed))
+    except (OSError, ValueError, FcqError):
+        return current
+    return spec if spec.name == agent.name else current
+
+
 def _move(agent: VMAgent, spec: VMSpec, old_pid: int) -> dict[str, Any]:
     s = agent.settings
-    side = side_paths(agent)
+    side = new_side_paths(agent)
     side.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     new = QemuProcess(side, s.qmp_timeout)
     accel = detect_accelerator(s.accelerator)
@@ -208,12 +272,19 @@ def _switch(agent: VMAgent, side: VMRunPaths) -> None:
     """End the old QEMU, run the new one, give it the old one's file names."""
     agent.progress("switch")
     agent.kill_qemu()  # gone for sure when this returns (it raises otherwise)
+    _resume_new(agent, side)
+
+
+def _resume_new(agent: VMAgent, side: VMRunPaths) -> None:
+    """Run the new QEMU (the old one is gone) and give it the VM's file names."""
     if not agent.holds_all_locks():
-        _remove_new(agent, side)
         raise Inconsistent(agent.name, "upgrading", "the locks are no longer this host's: "
                            "the new QEMU is not resumed")
-    new = QemuProcess(side, agent.settings.qmp_timeout)
-    with new.monitor() as mon:
+    write_atomically(_resumed_marker(side), "")
+    # Until the renames are done, its monitor is under one of the two names.
+    monitor = QemuProcess(side, agent.settings.qmp_timeout).monitor() if side.qmp.exists() \
+        else agent.qemu.monitor()
+    with monitor as mon:
         mon.resume()
     agent.log.info("upgrade-resumed", action="upgrade", detail="the new QEMU runs the guest")
     _rename(agent, side)
@@ -228,9 +299,24 @@ def _rename(agent: VMAgent, side: VMRunPaths) -> None:
         if os.path.lexists(src):
             os.replace(src, getattr(agent.paths, attr))
     agent.qemu.mark_resumed()
+    _clean_side(side)  # the marker last: until then a crash finishes the renames
+    try:
+        spec = _restore_config(agent)
+        if spec.iops or spec.bps:
+            agent.throttle(spec.iops or 0, spec.bps or 0)  # limits do not travel with a copy
+    except FcqError as err:  # the guest runs on the new QEMU: the next ensure fixes limits
+        agent.log.warning("upgrade-limits-deferred", error=err.message)
+    agent.log.info("upgraded", action="upgrade", generation=agent.settings.qemu_generation)
+
+
+def _restore_config(agent: VMAgent) -> VMSpec:
+    """Make the VM's config file name its own run files again; the spec.
+
+    During the upgrade it named the new QEMU's sockets under u/. No QEMU
+    reads it until the next start, which writes it anew: this only keeps
+    what an operator reads true.
+    """
     spec = agent.spec()
-    # The config file named the sockets under u/; say what is true now (no
-    # QEMU reads it again until the next start, which writes it anew).
     with contextlib.suppress(FcqError, OSError):
         accel = detect_accelerator(agent.settings.accelerator)
         drives = [agent.storage.drive(agent.name, v) for v in VOLUMES]
@@ -238,58 +324,80 @@ def _rename(agent: VMAgent, side: VMRunPaths) -> None:
             agent.settings, spec, accel, drives,
             RunPaths(qmp=str(agent.paths.qmp), ga=str(agent.paths.ga),
                      observer=str(agent.paths.observer), seed=str(agent.paths.seed))))
-    if spec.iops or spec.bps:
-        agent.throttle(spec.iops or 0, spec.bps or 0)  # limits do not travel with a copy
-    agent.log.info("upgraded", action="upgrade", generation=agent.settings.qemu_generation)
+    return spec
 
 
 def _remove_new(agent: VMAgent, side: VMRunPaths) -> None:
-    """Kill the new QEMU and remove its files; the old one, if it finished a copy, runs on."""
+    """Kill a new QEMU that never ran guest code and remove its files; the old one runs on."""
     new = QemuProcess(side, agent.settings.qmp_timeout)
     proc = new.find()
     if proc is not None:
         new.kill(proc)
-    new.clean_up()
-    old = agent.process()
-    if old is not None and _runstate(agent.qemu) == "postmigrate":
-        # The copy completed but is not used: the old QEMU holds the only
-        # guest (the new one is gone), so it may run again.
+    _clean_side(side)
+    with contextlib.suppress(FcqError):
+        _restore_config(agent)
+    _resume_stranded_old(agent)
+
+
+def _resume_stranded_old(agent: VMAgent) -> None:
+    """Run the old QEMU again if its copy completed but is not used (the new one is gone).
+
+    Waits for its migration to end first: one cancelled in its last round
+    may still complete after the cancel.
+    """
+    if agent.process() is None:
+        return
+    deadline = Deadline.after(RECEIVED_WAIT, "the old QEMU's copy to end")
+    try:
         with agent.qemu.monitor() as mon:
-            mon.resume()
-        agent.log.warning("upgrade-undone", action="resume",
-                          detail="copy completed but not used: the old QEMU runs on")
+            while mon.poll_migration().status in ACTIVE and not deadline.passed():
+                time.sleep(POLL)
+            if mon.runstate() == "postmigrate":
+                mon.resume()
+                agent.log.warning("upgrade-undone", action="resume",
+                                  detail="copy completed but not used: the old QEMU runs on")
+    except QemuError as err:
+        agent.log.error("upgrade-undo-failed", action="resume", error=err.message)
 
 
 def settle(agent: VMAgent) -> list[str]:
-    """Finish or undo an upgrade a dead process left behind (under the VM's operation lock)."""
-    if not pending(agent):
-        return []
-    side = side_paths(agent)
+    """Finish or undo upgrades a dead process left behind (under the VM's operation lock)."""
+    done = []
+    for side in side_attempts(agent):
+        done.append(_settle_one(agent, side))
+    return done
+
+
+def _settle_one(agent: VMAgent, side: VMRunPaths) -> str:
     new_qemu = QemuProcess(side, agent.settings.qmp_timeout)
     new = new_qemu.find()
-    old = agent.process()
+    if _resumed_marker(side).exists():
+        # The new QEMU was told to run: it holds the guest, never killed here.
+        if new is None:
+            _clean_side(side)  # renames done (its identity moved), or it died
+            return "clean-up-upgrade"
+        agent.log.warning("upgrade-finished", action="upgrade",
+                          detail="the switch was interrupted: finishing it")
+        _resume_new(agent, side)
+        return "finish-upgrade"
+    # No marker: the new QEMU never ran guest code, so removing it is safe.
     if new is None:
-        new_qemu.clean_up()
         agent.log.warning("upgrade-cleaned", action="clean-up",
                           detail="an upgrade's new QEMU was gone: its files removed")
-        return ["clean-up-upgrade"]
-    if old is not None and old.pid == new.pid:
-        _rename(agent, side)  # the switch stopped half-way through its renames
-        return ["finish-upgrade"]
+        _clean_side(side)
+        with contextlib.suppress(FcqError):
+            _restore_config(agent)
+        _resume_stranded_old(agent)
+        return "clean-up-upgrade"
     state = _runstate(new_qemu)
-    old_state = _runstate(agent.qemu) if old is not None else None
-    complete = state == "paused" and old_state in (None, "postmigrate")
-    if state == "running" and old_state in (None, "postmigrate"):
-        agent.kill_qemu()  # a finished copy's source: never runs again
-        _rename(agent, side)
-        agent.log.warning("upgrade-finished", action="upgrade", detail="after a crash")
-        return ["finish-upgrade"]
-    if complete and (old is None or old_state == "postmigrate"):
+    if state == "paused":
+        # A complete copy: the source is postmigrate (or gone) and never
+        # runs again, so the switch goes on.
         agent.log.warning("upgrade-finished", action="upgrade",
                           detail="the copy was complete when its process died: switching")
         _switch(agent, side)
-        return ["finish-upgrade"]
-    agent.log.warning("upgrade-undone", action="kill", new_state=state, old_state=old_state,
+        return "finish-upgrade"
+    agent.log.warning("upgrade-undone", action="kill", new_state=state,
                       detail="an upgrade that did not complete: its new QEMU is removed")
     _remove_new(agent, side)
-    return ["undo-upgrade"]
+    return "undo-upgrade"

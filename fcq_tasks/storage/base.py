@@ -68,6 +68,9 @@ class Storage(Protocol):
     host: str
     #: Whether breaking a lock fences its old holder (then a rescue may take over).
     fences: bool
+    #: Whether a snapshot is one point in time even while the guest writes
+    #: (RBD: yes; a file copy: no, the guest must not run meanwhile).
+    atomic_snapshots: bool
 
     def volumes(self, vm: str) -> list[VolumeInfo]:
         """Size and lock owner of each of the VM's volumes."""

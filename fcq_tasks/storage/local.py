@@ -54,6 +54,7 @@ def _run(argv: list[str], vm: str, what: str) -> None:
 class LocalStorage:
     #: Nothing to fence: another host's writes cannot be stopped from here.
     fences = False
+    atomic_snapshots = False  # a cp: the guest must not write meanwhile
 
     def __init__(self, settings: HostSettings) -> None:
         self.settings = settings
@@ -281,6 +282,8 @@ class LocalStorage:
 
     def remove_snapshot(self, vm: str, volume: str, name: str) -> bool:
         target = self._snap(vm, volume, name)
+        # A copy that died half-way (the snapshotting process was killed).
+        (self.volume_dir / f".{target.name}.part").unlink(missing_ok=True)
         try:
             target.unlink()
         except FileNotFoundError:

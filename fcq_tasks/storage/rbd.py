@@ -51,6 +51,7 @@ _pools: dict[tuple[str, str], tuple[tuple[int, int, int], str]] = {}
 class RbdStorage:
     #: Breaking a lock here fences its old holder (fence.py).
     fences = True
+    atomic_snapshots = True
 
     def __init__(self, settings: HostSettings) -> None:
         assert settings.ceph is not None
