@@ -6,6 +6,7 @@ the fields an operator needs to act on it. The tree is short on purpose::
     FcqError
      ├── UserError                 the request or the config is wrong; retrying won't help
      │    ├── ConfigError          a file or field breaks a rule (file, field, rule)
+     │    │    └── ConfigErrors     several of one file at once (errors)
      │    ├── BadRequest           a command/task argument breaks a rule (field, rule)
      │    ├── UnknownVM            no config for this VM on this host
      │    └── Refused              a safety rule forbids the operation now
@@ -63,6 +64,20 @@ class ConfigError(UserError):
         self.file = file
         self.field = field
         self.rule = rule
+
+
+class ConfigErrors(ConfigError):
+    """Several mistakes of one file, each a ConfigError: reported together, not one by one."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        UserError.__init__(self, "\n".join(e.message for e in errors),
+                           file=errors[0].fields.get("file"), count=len(errors))
+        self.errors = errors
+
+    def to_dict(self) -> dict[str, object]:
+        out = super().to_dict()
+        out["errors"] = [e.to_dict() for e in self.errors]
+        return out
 
 
 class BadRequest(UserError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from fcq_tasks.config.vmspec import (
     rewrite_vm_parameters,
     vm_file_version,
 )
-from fcq_tasks.errors import ConfigError
+from fcq_tasks.errors import ConfigError, ConfigErrors
 
 GOOD = """\
 name: test00
@@ -281,3 +282,51 @@ def test_default_migration_settings_fit_the_default_visibility_timeout(tmp_path:
     path.write_text(yaml.safe_dump({"host": "alpha"}))
     s = load_host_settings(path)
     assert s.migration_timeout_max + s.migration_peer_grace < s.cluster.visibility_timeout
+
+
+def test_config_check_reports_every_mistake_of_every_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Five mistakes in one file are five lines; a directory checks its *.cfg files."""
+    configs = tmp_path / "vm"
+    configs.mkdir()
+    five = configs / "vm05.cfg"
+    five.write_text(GOOD.replace("name: test00", "name: vm05").replace("disk: 5", "disk: -5")
+                    .replace("memory: 512", "memory: lots").replace("cores: 1", "cores: 0")
+                    .replace("online: true", "online: maybe")
+                    .replace("resource_group: test", "resource_group: 'a b'"))
+    (configs / "test00.cfg").write_text(GOOD)
+    (configs / "notes.txt").write_text("not a VM file")
+    assert main(["config", "check", str(configs)]) == 2
+    err = capsys.readouterr()
+    lines = [line for line in err.err.splitlines() if line.startswith("fcq: error:")]
+    fields = ["parameters.disk", "parameters.memory", "parameters.cores", "parameters.online",
+              "parameters.resource_group"]
+    assert len(lines) == 5, lines
+    assert all(str(five) in line for line in lines)
+    assert all(any(f in line for line in lines) for f in fields)
+    assert "test00.cfg: ok" in err.out and "notes.txt" not in err.out + err.err
+    # As JSON: one record per mistake, with file, field and rule.
+    assert main(["--json", "config", "check", str(five)]) == 2
+    records = json.loads(capsys.readouterr().out)
+    assert sorted(r["field"] for r in records) == sorted(fields)
+    assert all(r["file"] == str(five) and r["rule"] for r in records)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["config", "check", str(empty)]) == 2
+    assert "without VM files" in capsys.readouterr().err
+
+
+def test_host_settings_report_every_broken_setting(tmp_path: Path) -> None:
+    f = tmp_path / "host.yaml"
+    f.write_text("host: ../x\nshutdown_grace: -1\naccelerator: hvf\nqmp_timeout: soon\n")
+    with pytest.raises(ConfigErrors) as info:
+        load_host_settings(f)
+    assert sorted(str(e.fields["field"]) for e in info.value.errors) == [
+        "accelerator", "host", "qmp_timeout", "shutdown_grace"]
+    # The worker refuses to start with the whole list, one line each.
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "fcq_tasks", "-c", str(f), "worker"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2
+    assert len([x for x in out.stderr.splitlines() if x.startswith("fcq: error:")]) == 4

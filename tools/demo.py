@@ -233,6 +233,14 @@ def main() -> None:
     for line in ceph[0].rbd("lock", "ls", f"{POOL}/{MIGRATED}.root").splitlines():
         print(f"  {line}")
 
+    step("A snapshot: the guest's file systems are frozen for it, and always thawed")
+    fcq("snapshot", "web01", "before-upgrade")
+    fcq("snapshot", "web01", "before-upgrade")  # the same name again: nothing to do
+    fcq("snapshot", "--list", "web01")
+    print("  and a disk grows while the guest runs; it never shrinks:")
+    fcq("resize", "web01", "3G")
+    fcq("resize", "web01", "1G", check=False)
+
     step("A lock conflict: beta is told web01 is its own, but alpha holds its locks")
     beta_copy = BASE / "beta" / "vm" / "web01.cfg"
     beta_copy.write_text((BASE / "alpha" / "vm" / "web01.cfg").read_text()

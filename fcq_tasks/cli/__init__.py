@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("vms", nargs="+", metavar="VM")
     sp.add_argument("--host", help="the host to act on (default: the VM's kvm_host)")
     _wait_options(sp)
+    sp = sub.add_parser("plan", help="what ensure would do now and why; does nothing")
+    sp.add_argument("vms", nargs="*", metavar="VM")
+    sp.add_argument("--host", help="every VM of this host (or: the host of the VMs named)")
+    sp.add_argument("--all", action="store_true", help="every VM of every live host")
+    _wait_options(sp)
     sp = sub.add_parser("status", help="state, process, locks, guest agent (this host)")
     sp.add_argument("vms", nargs="+", metavar="VM")
     sub.add_parser("memory", help="memory booked by running VMs and the limit (this host)")
@@ -97,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_options(sp)
     cp = sub.add_parser("config", help="configuration tools")
     csub = cp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    check = csub.add_parser("check", help="validate VM config files; writes nothing")
-    check.add_argument("files", nargs="+", metavar="FILE")
+    check = csub.add_parser("check", help="validate VM config files (a directory: its *.cfg), "
+                            "every mistake of every file; writes nothing")
+    check.add_argument("files", nargs="+", metavar="FILE|DIR")
     check.add_argument("--strict", action="store_true", help="unknown keys are errors too")
     sp = sub.add_parser("worker", help="run this host's Celery worker")
     sp.add_argument("--host", help="host name (default: the settings' host)")
@@ -138,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} is a cluster command; drop --local")
     if args.command == "ensure" and not args.vms and not args.all:
         parser.error("ensure: name at least one VM, or --all")
+    if args.command == "plan" and not (args.vms or args.host or args.all or args.local):
+        parser.error("plan: name VMs, --host HOST or --all")
     if args.command == "snapshot" and sum(
             [bool(args.name), bool(args.list), args.remove is not None]) > 1:
         parser.error("snapshot: give a NAME, --list or --remove NAME, only one of them")

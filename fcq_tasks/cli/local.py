@@ -17,14 +17,15 @@ from fcq_tasks.cli.output import (
     describe_status,
     ls_table,
     parse_size_gib,
+    plan_table,
     say,
 )
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.config.vmspec import parse_vm_file
-from fcq_tasks.errors import BadRequest, FcqError
+from fcq_tasks.errors import BadRequest, ConfigErrors, FcqError
 from fcq_tasks.host.agent import VMAgent
-from fcq_tasks.host.sweep import ensure_all, list_vms, memory_summary
+from fcq_tasks.host.sweep import ensure_all, list_vms, memory_summary, plan_all
 
 VM_ACTIONS: dict[str, Callable[[VMAgent], dict[str, Any]]] = {
     "start": VMAgent.start,
@@ -52,6 +53,10 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
             out.result(r, describe(r) if "operation" in r else
                        f"{name}: {r['outcome']}: {r.get('message') or r.get('reason')}")
         out.code = max(out.code, sweep["exit_code"])
+    elif args.command == "plan":
+        rows = ([VMAgent(settings, _vm(vm)).preview() for vm in args.vms] if args.vms
+                else plan_all(settings))
+        out.table(rows, plan_table(rows))
     elif args.command in ("snapshot", "resize"):
         try:
             agent = VMAgent(settings, _vm(args.vm))
@@ -84,19 +89,43 @@ def _vm(name: str) -> str:
     return name
 
 
-def check_configs(files: list[str], strict: bool, out: Output) -> None:
-    for name in files:
-        try:
-            spec = parse_vm_file(Path(name))
-        except FcqError as err:
+def check_configs(paths: list[str], strict: bool, out: Output) -> None:
+    """Check VM files (a directory: its *.cfg files); every mistake of every file, one line each.
+
+    Writes nothing. Says which files it checked: a directory without VM
+    files is an error, not a silent "ok".
+    """
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(path.glob("*.cfg"))
+            if not found:
+                out.error(BadRequest("FILE", f"{name} is a directory without VM files (*.cfg)"))
+            files.extend(found)
+        else:
+            files.append(path)
+    for path in files:
+        _check_one(path, strict, out)
+
+
+def _check_one(path: Path, strict: bool, out: Output) -> None:
+    name = str(path)
+    try:
+        spec = parse_vm_file(path)
+    except ConfigErrors as many:
+        for err in many.errors:
             out.error(err, None)
-            continue
-        if spec.warnings:
-            for w in spec.warnings:
-                say(f"fcq: {'error' if strict else 'warning'}: {w}", err=True)
-            if strict:
-                out.code = max(out.code, EXIT_INPUT)
-                out.records.append({"file": name, "ok": False, "warnings": list(spec.warnings)})
-                continue
-        out.result({"file": name, "ok": True, "vm": spec.name, "warnings": list(spec.warnings)},
-                   f"{name}: ok ({spec.name})")
+        return
+    except FcqError as err:
+        out.error(err, None)
+        return
+    if spec.warnings:
+        for w in spec.warnings:
+            say(f"fcq: {'error' if strict else 'warning'}: {w}", err=True)
+        if strict:
+            out.code = max(out.code, EXIT_INPUT)
+            out.records.append({"file": name, "ok": False, "warnings": list(spec.warnings)})
+            return
+    out.result({"file": name, "ok": True, "vm": spec.name, "warnings": list(spec.warnings)},
+               f"{name}: ok ({spec.name})")

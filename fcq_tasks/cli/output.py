@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from fcq_tasks.errors import FcqError
+from fcq_tasks.errors import ConfigErrors, FcqError
 
 EXIT_OK, EXIT_SYSTEM, EXIT_INPUT = 0, 1, 2
 
@@ -43,6 +43,10 @@ class Output:
             say(text)
 
     def error(self, err: FcqError, vm: str | None = None) -> None:
+        if isinstance(err, ConfigErrors):  # every mistake on a line of its own
+            for one in err.errors:
+                self.error(one, vm)
+            return
         self.code = max(self.code, err.exit_code)
         record = {"vm": vm, **err.to_dict()} if vm else err.to_dict()
         self.records.append(record)
@@ -104,6 +108,20 @@ def describe(result: dict[str, Any]) -> str:
     reason = f" ({result['reason']})" if result.get("reason") else ""
     return (f"{result['vm']}{where}: {result.get('operation')}: found {result.get('found')}, "
             f"did {actions}; now {result.get('status')}{reason}")
+
+
+def plan_table(rows: list[dict[str, Any]]) -> str:
+    """``fcq plan``: per VM, what it wants, what was found, and each action with its reason."""
+    lines = []
+    for r in rows:
+        where = f"{r['vm']}@{r['host']}"
+        if r.get("error"):
+            lines.append(f"{where}: cannot plan: {r['error']}")
+            continue
+        busy = " (an operation is in flight: this may change)" if r.get("busy") else ""
+        lines.append(f"{where}: wanted {r['wanted']}, found {r['found']}{busy}")
+        lines += [f"  {a['do']}: {a['reason']}" for a in r["actions"]]
+    return "\n".join(lines) if lines else "no VMs"
 
 
 def _utc(epoch: float) -> str:

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fcq_tasks.cli.output import EXIT_SYSTEM, Output, describe, parse_size_gib, say
+from fcq_tasks.cli.output import (
+    EXIT_SYSTEM,
+    Output,
+    describe,
+    parse_size_gib,
+    plan_table,
+    say,
+)
 from fcq_tasks.cluster.api import Orchestrator
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import BadRequest, FcqError
@@ -51,8 +58,10 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
         out.table(rows, "\n".join(lines) if rows else "no live hosts")
     elif cmd == "ls":
         rows = fleet_rows(orch.hosts())
-        lines = [f"{'VM':<20} {'KVM_HOST':<12} {'ONLINE':<7} {'GEN':>5}  RUNNING ON"]
-        lines += [f"{r['vm']:<20} {r['kvm_host'] or '-':<12} {str(r['online']).lower():<7} "
+        lines = [f"{'VM':<20} {'STATE':<9} {'KVM_HOST':<12} {'ONLINE':<7} {'MB':>6} "
+                 f"{'GEN':>5}  RUNNING ON"]
+        lines += [f"{r['vm']:<20} {r['state']:<9} {r['kvm_host'] or '-':<12} "
+                  f"{str(r['online']).lower():<7} {r.get('memory_mb') or '-':>6} "
                   f"{_gen(r):>5}  {','.join(r['running_on']) or '-'}" for r in rows]
         if any(r.get("generation_behind") for r in rows):
             lines.append("* runs an older QEMU generation than its host's: fcq upgrade VM")
@@ -93,6 +102,19 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                 out.error(err, vm)
                 continue
             follow_or_print(orch, task_id, vm, args, out, quiet)
+    elif cmd == "plan":
+        if args.vms:
+            plans = [orch.plan(vm, args.host) for vm in args.vms]
+        else:
+            targets = sorted(orch.hosts()) if args.all else [args.host]
+            plans = [orch.plan(None, h) for h in targets]
+        rows = []
+        for job in plans:
+            try:
+                rows += orch.wait(job, timeout=args.timeout)["vms"]
+            except FcqError as err:
+                out.error(err)
+        out.table(rows, plan_table(rows))
     elif cmd in ("snapshot", "resize"):
         try:
             if cmd == "resize":
@@ -196,6 +218,7 @@ def fleet_rows(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             if conf.get("kvm_host") == host or row["kvm_host"] is None:
                 row["kvm_host"] = conf.get("kvm_host")
                 row["online"] = conf.get("online")
+                row["memory_mb"] = conf.get("memory_mb")
         for vm in rec["running"]:
             row = rows.setdefault(vm, {"vm": vm, "kvm_host": None, "online": None,
                                        "running_on": [], "known_on": []})
@@ -204,4 +227,10 @@ def fleet_rows(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             if gen is not None:
                 row["generation"] = gen
                 row["generation_behind"] = gen < int(rec.get("qemu_generation", 0))
+    for row in rows.values():
+        running = len(row["running_on"])
+        # A QEMU on two hosts: a migration in flight (its incoming copy
+        # counts), or something for an operator; never hidden by picking one.
+        row["state"] = "running" if running == 1 else "stopped" if not running \
+            else f"{running} hosts"
     return [rows[k] for k in sorted(rows)]

@@ -29,6 +29,23 @@ def run(settings: HostSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def protect_flower_endpoints() -> None:
+    """Put Flower's /metrics and /healthcheck behind the password of the rest of Flower.
+
+    Flower 2.2 serves both to anyone, whatever its basic auth says (its
+    other pages are ``tornado.web.authenticated``). The same decorator is
+    put on their handlers here, once per process; without auth (``--no-auth``,
+    a demo) they stay open, as every other page then is.
+    """
+    import tornado.web
+    from flower.views import monitor
+    for handler in (monitor.Metrics, monitor.Healthcheck):
+        if not getattr(handler.get, "fcq_protected", False):
+            wrapped = tornado.web.authenticated(handler.get)
+            wrapped.fcq_protected = True  # type: ignore[attr-defined]
+            handler.get = wrapped
+
+
 def run_flower(settings: HostSettings, no_auth: bool) -> None:
     c = settings.cluster
     argv = ["flower", f"--address={c.flower_address}", f"--port={c.flower_port}",
@@ -50,5 +67,6 @@ def run_flower(settings: HostSettings, no_auth: bool) -> None:
         # Flower reads its options from the environment too; passing the
         # credentials there keeps them out of the process's command line.
         os.environ["FLOWER_BASIC_AUTH"] = creds
+    protect_flower_endpoints()
     app = configure(settings)
     app.start(argv)

@@ -191,6 +191,15 @@ class Orchestrator:
         self._check_host(target)
         return self._send(task, {"vm": vm, "host": target, **kwargs}, target, operation, vm)
 
+    def plan(self, vm: str | None = None, host: str | None = None) -> str:
+        """Ask a host what ensure would do now to *vm* (None: every VM of *host*); task id."""
+        if vm is None:
+            if host is None:
+                raise BadRequest("host", "name a VM or a host")
+            self._check_host(host)
+            return self._send("fcq.plan", {"host": host}, host, "plan", "*")
+        return self._vm_task("fcq.plan", "plan", vm, host)
+
     def snapshot(self, vm: str, name: str | None = None, host: str | None = None) -> str:
         """Snapshot *vm* (frozen if its guest can be); return the task id.
 
@@ -294,8 +303,10 @@ class Orchestrator:
                           "(fcq migrate --abort to stop it)", vm=vm, attempt=other)
         header = group(
             self.app.signature("fcq.inmigrate", kwargs=halves["inmigrate"],
+                               kwargsrepr=kwargs_repr(halves["inmigrate"]),
                                queue=host_queue(dst)),
             self.app.signature("fcq.outmigrate", kwargs=halves["outmigrate"],
+                               kwargsrepr=kwargs_repr(halves["outmigrate"]),
                                queue=host_queue(src), task_id=f"{attempt}-out"))
         body = self.app.signature("fcq.finish_migration", kwargs=common, queue=host_queue(dst))
         body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
@@ -335,7 +346,8 @@ class Orchestrator:
             # NTP leaves, so keep it generous rather than tight.
             kwargs = {**kwargs, "expires_at": time.time() + self.settings.cluster.request_ttl}
         try:
-            result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host))
+            result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host),
+                                        kwargsrepr=kwargs_repr(kwargs))
             registry.record_job(self.client, result.id, operation, vm, host,
                                 self.settings.cluster.result_expires)
         except BROKER_ERRORS as err:
@@ -402,6 +414,26 @@ class Orchestrator:
             elif state == "FAILURE":
                 row["error"] = remote_error(info).message
         return rows
+
+
+#: Task arguments shown by name in Flower's task list, in this order; the rest
+#: is summarised (a VM file's text by its size), never shown whole.
+SHOWN_KWARGS = ("vm", "host", "name", "disk", "src", "dst", "attempt", "config_version")
+
+
+def kwargs_repr(kwargs: dict[str, Any]) -> str:
+    """How a task's arguments read in Flower and in Celery's events: ``vm=web01 host=alpha``.
+
+    Celery shows ``kwargsrepr`` instead of the arguments themselves; fcq's
+    tasks carry no secrets, and this keeps it that way for whatever is
+    added later: only the names listed in SHOWN_KWARGS appear with values.
+    """
+    parts = [f"{k}={kwargs[k]}" for k in SHOWN_KWARGS if kwargs.get(k) is not None]
+    if "config" in kwargs:
+        parts.append(f"config=<{len(str(kwargs['config']))} bytes>")
+    hidden = sorted(k for k in kwargs if k not in SHOWN_KWARGS and k != "config")
+    parts += [f"{k}=…" for k in hidden if k not in ("expires_at", "version")]
+    return " ".join(parts)
 
 
 def remote_error(info: Any) -> FcqError:

@@ -245,6 +245,22 @@ force_unlock = _vm_task("force_unlock", "force-unlock", force_unlock_checked)
 upgrade = _vm_task("upgrade", "upgrade", VMAgent.upgrade)
 
 
+@app.task(bind=True, base=FcqTask, name="fcq.plan")
+def plan_preview(self: FcqTask, /, vm: str | None = None, host: str | None = None,
+                 **_: Any) -> dict[str, Any]:
+    """What ensure would do now to *vm* (or every VM of this host) and why; does nothing."""
+    from fcq_tasks.host.sweep import plan_all
+    settings = current_settings()
+    try:
+        if host is not None and host != settings.host:
+            raise BadRequest("host", f"task for host {host!r} reached host {settings.host!r}")
+        rows = [VMAgent(settings, check_vm(vm)).preview()] if vm is not None \
+            else plan_all(settings)
+    except FcqError as err:
+        raise self.fail(err) from err
+    return {"host": settings.host, "operation": "plan", "vms": rows}
+
+
 @app.task(bind=True, base=FcqTask, name="fcq.snapshot")
 def snapshot(self: FcqTask, /, vm: str | None = None, name: str | None = None,
              host: str | None = None, expires_at: object = None, **_: Any) -> dict[str, Any]:

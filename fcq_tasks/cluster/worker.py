@@ -15,7 +15,9 @@ import threading
 from typing import Any
 
 import structlog
+from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
+from kombu import Queue
 
 from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import configure, host_queue
@@ -53,9 +55,20 @@ class Heartbeat:
             log.warning("withdraw-failed", host=self.settings.host, error=str(err))
 
 
-def run_worker(settings: HostSettings, loglevel: str = "INFO") -> None:
+def prepare_worker(settings: HostSettings) -> Celery:
+    """The app, set up to be this host's worker: its queue, pool, heartbeat.
+
+    Shared by ``fcq worker`` and the stock ``celery -A fcq_tasks worker``
+    (fcq_tasks/celery.py): both run the same worker.
+    """
     app = configure(settings)
     app.conf.fcq_settings = settings
+    queue = host_queue(settings.host)
+    # A plain `celery worker` consumes task_queues: only this host's queue,
+    # never the default one (nothing is routed there).
+    app.conf.task_queues = [Queue(queue, routing_key=queue)]
+    app.conf.worker_pool = "threads"
+    app.conf.worker_concurrency = settings.cluster.worker_concurrency
     heartbeat = Heartbeat(settings)
 
     def on_ready(**_: Any) -> None:
@@ -68,6 +81,11 @@ def run_worker(settings: HostSettings, loglevel: str = "INFO") -> None:
 
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
+    return app
+
+
+def run_worker(settings: HostSettings, loglevel: str = "INFO") -> None:
+    app = prepare_worker(settings)
     app.worker_main([
         "worker", "--queues", host_queue(settings.host),
         "--hostname", f"{settings.host}@{socket.gethostname()}",

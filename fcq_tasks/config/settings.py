@@ -163,68 +163,85 @@ def load_host_settings(path: str | os.PathLike[str] | None = None) -> HostSettin
 
 
 def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
+    """Frozen settings from *raw*; every broken setting is reported, not only the first."""
     f = source
     warnings = tuple(f"{f}: {k}: unknown setting, ignored"
                      for k in v.unknown_keys(raw, frozenset(DEFAULTS), ""))
     host = raw["host"] if raw["host"] is not None else socket.gethostname().split(".")[0]
     log_file = raw["log_file"]
     template = raw["template"]
-    storage = v.check_choice(f, "storage", raw["storage"], ("local", "rbd"))
-    name = v.check_name(f, "host", host)
+    m = v.Mistakes()
+    # Other settings depend on these two: a broken one is reported, and the
+    # rest is checked as if it had its default.
+    storage = m.check(lambda: v.check_choice(f, "storage", raw["storage"], ("local", "rbd")))
+    name = m.check(lambda: v.check_name(f, "host", host))
     if storage != "rbd" and raw["ceph"] is not None:
-        raise ConfigError(f, "ceph", "is only used with storage: rbd")
-    settings = HostSettings(
-        host=name,
-        vm_config_dir=Path(v.check_abs_path(f, "vm_config_dir", raw["vm_config_dir"])),
-        run_dir=_run_dir(f, raw["run_dir"]),
-        state_dir=Path(v.check_abs_path(f, "state_dir", raw["state_dir"])),
-        log_file=None if log_file is None else Path(v.check_abs_path(f, "log_file", log_file)),
-        log_level=v.check_choice(f, "log_level", raw["log_level"],
-                                 ("debug", "info", "warning", "error")),
-        storage=storage,
-        qemu_binary=v.check_str(f, "qemu_binary", raw["qemu_binary"]),
-        accelerator=v.check_choice(f, "accelerator", raw["accelerator"], ("auto", "kvm", "tcg")),
-        vm_max_total_memory=_memory_limit(f, raw["vm_max_total_memory"]),
-        shutdown_grace=v.check_number(f, "shutdown_grace", raw["shutdown_grace"], 0, 3600),
-        qmp_timeout=v.check_number(f, "qmp_timeout", raw["qmp_timeout"], 0.1, 600),
-        start_timeout=v.check_number(f, "start_timeout", raw["start_timeout"], 1, 600),
-        kill_silent_after=v.check_number(f, "kill_silent_after", raw["kill_silent_after"],
-                                         0, 86400),
-        guest_agent_timeout=v.check_number(f, "guest_agent_timeout",
-                                           raw["guest_agent_timeout"], 0.1, 600),
-        operation_wait=v.check_number(f, "operation_wait", raw["operation_wait"], 0, 3600),
-        template=None if template is None else Path(v.check_abs_path(f, "template", template)),
-        create_vm=_create_vm(f, raw["create_vm"], storage),
-        nic_mode=v.check_choice(f, "nic_mode", raw["nic_mode"], ("tap", "user", "none")),
-        direct_boot=_direct_boot(f, raw["direct_boot"]),
-        migration_address=v.check_str(f, "migration_address", raw["migration_address"],
-                                      ADDRESS_RE, "must be an IPv4 address or a host name"),
-        migration_downtime_ms=v.check_int(f, "migration_downtime_ms",
-                                          raw["migration_downtime_ms"], 1, 60000),
-        migration_bandwidth_mbps=v.check_int(f, "migration_bandwidth_mbps",
-                                             raw["migration_bandwidth_mbps"], 0, 10**6),
-        migration_timeout_per_gib=v.check_number(f, "migration_timeout_per_gib",
-                                                 raw["migration_timeout_per_gib"], 1, 86400),
-        migration_timeout_max=v.check_number(f, "migration_timeout_max",
-                                             raw["migration_timeout_max"], 1, 86400),
-        migration_heartbeat_ttl=v.check_number(f, "migration_heartbeat_ttl",
-                                               raw["migration_heartbeat_ttl"], 1, 600),
-        migration_peer_grace=v.check_number(f, "migration_peer_grace",
-                                            raw["migration_peer_grace"], 1, 3600),
-        max_migrations=v.check_int(f, "max_migrations", raw["max_migrations"], 1, 64),
-        freeze_timeout=v.check_number(f, "freeze_timeout", raw["freeze_timeout"], 0.01, 3600),
-        thaw_timeout=v.check_number(f, "thaw_timeout", raw["thaw_timeout"], 1, 600),
-        snapshot_timeout=v.check_number(f, "snapshot_timeout", raw["snapshot_timeout"], 1,
-                                        3600),
-        qemu_generation=v.check_int(f, "qemu_generation", raw["qemu_generation"], 0, 2**31),
-        upgrade_on_ensure=v.check_bool(f, "upgrade_on_ensure", raw["upgrade_on_ensure"]),
-        cluster=parse_cluster_settings(f, raw["cluster"]),
-        ceph=parse_ceph_settings(f, raw["ceph"], name) if storage == "rbd" else None,
-        source=source,
-        warnings=warnings,
-    )
+        m.check(lambda: _fail(ConfigError(f, "ceph", "is only used with storage: rbd")))
+    storage = storage or "local"
+
+    def num(key: str, lo: float, hi: float) -> float:
+        return m.check(lambda: v.check_number(f, key, raw[key], lo, hi))
+
+    def whole(key: str, lo: int, hi: int) -> int:
+        return m.check(lambda: v.check_int(f, key, raw[key], lo, hi))
+
+    def path(key: str) -> Path:
+        return m.check(lambda: Path(v.check_abs_path(f, key, raw[key])))
+
+    values: dict[str, Any] = {
+        "host": name,
+        "vm_config_dir": path("vm_config_dir"),
+        "run_dir": m.check(lambda: _run_dir(f, raw["run_dir"])),
+        "state_dir": path("state_dir"),
+        "log_file": None if log_file is None else path("log_file"),
+        "log_level": m.check(lambda: v.check_choice(f, "log_level", raw["log_level"],
+                                                    ("debug", "info", "warning", "error"))),
+        "storage": storage,
+        "qemu_binary": m.check(lambda: v.check_str(f, "qemu_binary", raw["qemu_binary"])),
+        "accelerator": m.check(lambda: v.check_choice(f, "accelerator", raw["accelerator"],
+                                                      ("auto", "kvm", "tcg"))),
+        "vm_max_total_memory": m.check(lambda: _memory_limit(f, raw["vm_max_total_memory"])),
+        "shutdown_grace": num("shutdown_grace", 0, 3600),
+        "qmp_timeout": num("qmp_timeout", 0.1, 600),
+        "start_timeout": num("start_timeout", 1, 600),
+        "kill_silent_after": num("kill_silent_after", 0, 86400),
+        "guest_agent_timeout": num("guest_agent_timeout", 0.1, 600),
+        "operation_wait": num("operation_wait", 0, 3600),
+        "template": None if template is None else path("template"),
+        "create_vm": m.check(lambda: _create_vm(f, raw["create_vm"], storage)),
+        "nic_mode": m.check(lambda: v.check_choice(f, "nic_mode", raw["nic_mode"],
+                                                   ("tap", "user", "none"))),
+        "direct_boot": m.check(lambda: _direct_boot(f, raw["direct_boot"])),
+        "migration_address": m.check(lambda: v.check_str(
+            f, "migration_address", raw["migration_address"], ADDRESS_RE,
+            "must be an IPv4 address or a host name")),
+        "migration_downtime_ms": whole("migration_downtime_ms", 1, 60000),
+        "migration_bandwidth_mbps": whole("migration_bandwidth_mbps", 0, 10**6),
+        "migration_timeout_per_gib": num("migration_timeout_per_gib", 1, 86400),
+        "migration_timeout_max": num("migration_timeout_max", 1, 86400),
+        "migration_heartbeat_ttl": num("migration_heartbeat_ttl", 1, 600),
+        "migration_peer_grace": num("migration_peer_grace", 1, 3600),
+        "max_migrations": whole("max_migrations", 1, 64),
+        "freeze_timeout": num("freeze_timeout", 0.01, 3600),
+        "thaw_timeout": num("thaw_timeout", 1, 600),
+        "snapshot_timeout": num("snapshot_timeout", 1, 3600),
+        "qemu_generation": whole("qemu_generation", 0, 2**31),
+        "upgrade_on_ensure": m.check(lambda: v.check_bool(f, "upgrade_on_ensure",
+                                                          raw["upgrade_on_ensure"])),
+        "cluster": m.check(lambda: parse_cluster_settings(f, raw["cluster"])),
+        "ceph": m.check(lambda: parse_ceph_settings(f, raw["ceph"], name or "host"))
+        if storage == "rbd" else None,
+        "source": source,
+        "warnings": warnings,
+    }
+    m.raise_if_any()
+    settings = HostSettings(**values)
     _check_migration_fits(f, settings)
     return settings
+
+
+def _fail(err: ConfigError) -> None:
+    raise err
 
 
 def _check_migration_fits(f: str, s: HostSettings) -> None:

@@ -9,11 +9,14 @@ before anything acts on it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar, cast
 
 import yaml
 
-from fcq_tasks.errors import ConfigError
+from fcq_tasks.errors import ConfigError, ConfigErrors
+
+T = TypeVar("T")
 
 #: VM and host names end up in file names, socket paths, QEMU arguments and
 #: queue names, so they are held to the hostname alphabet: no "/", "..",
@@ -127,3 +130,29 @@ def parse_yaml(file: str, text: str) -> object:
         return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as err:
         raise ConfigError(file, "(file)", f"is not valid YAML: {err}") from err
+
+
+class Mistakes:
+    """Collects every ConfigError of one file instead of stopping at the first.
+
+    ``check(fn)`` runs one field's check; a broken field is recorded and a
+    placeholder returned, never used: ``raise_if_any()`` comes first.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def check(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except ConfigErrors as many:
+            self.errors.extend(many.errors)
+        except ConfigError as err:
+            self.errors.append(err)
+        return cast(T, None)
+
+    def raise_if_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ConfigErrors(self.errors)

@@ -1,8 +1,9 @@
 """Per-VM desired state: one YAML file per VM, parsed into a frozen VMSpec.
 
 The file format is fc.qemu's seed format (``name`` plus ``parameters``).
-Every field is checked; the first broken one raises :class:`ConfigError`
-naming the file, the field and the rule. Keys fcq does not know are kept as
+Every field is checked; broken ones raise :class:`ConfigError` (one) or
+:class:`ConfigErrors` (several, all of them) naming the file, each field
+and its rule. Keys fcq does not know are kept as
 warnings (inventory systems write more keys than a hypervisor needs), and
 ``fcq config check --strict`` turns them into errors.
 
@@ -152,11 +153,16 @@ def parse_vm_text(text: str, source: str, mtime: float = 0.0) -> VMSpec:
 
 
 def parse_vm_data(data: object, source: str, mtime: float = 0.0) -> VMSpec:
+    """The spec of a parsed VM file; every broken field is reported, not only the first."""
     f = source
     top = v.check_mapping(f, "(top level)", data)
+    m = v.Mistakes()
     warnings = [f"{f}: {k}: unknown key, ignored" for k in v.unknown_keys(top, KNOWN_TOP, "")]
-    name = v.check_name(f, "name", top.get("name"))
-    p = v.check_mapping(f, "parameters", top.get("parameters"))
+    name = m.check(lambda: v.check_name(f, "name", top.get("name")))
+    version = m.check(lambda: _version(f, top))
+    p = m.check(lambda: v.check_mapping(f, "parameters", top.get("parameters")))
+    if p is None:
+        m.raise_if_any()
     warnings += [f"{f}: {k}: unknown key, ignored"
                  for k in v.unknown_keys(p, KNOWN_PARAMETERS, "parameters")]
 
@@ -167,28 +173,35 @@ def parse_vm_data(data: object, source: str, mtime: float = 0.0) -> VMSpec:
 
     kvm_host = p.get("kvm_host")
     rbd_pool = p.get("rbd_pool")
-    return VMSpec(
+    keep_days = p.get("snapshot_keep_days")
+    spec = VMSpec(
         name=name,
-        id=v.check_int(f, "parameters.id", need("id"), 0, 2**31 - 1),
-        resource_group=v.check_name(f, "parameters.resource_group", need("resource_group")),
-        online=v.check_bool(f, "parameters.online", need("online")),
+        id=m.check(lambda: v.check_int(f, "parameters.id", need("id"), 0, 2**31 - 1)),
+        resource_group=m.check(lambda: v.check_name(f, "parameters.resource_group",
+                                                    need("resource_group"))),
+        online=m.check(lambda: v.check_bool(f, "parameters.online", need("online"))),
         kvm_host=(None if kvm_host in (None, "")
-                  else v.check_name(f, "parameters.kvm_host", kvm_host)),
-        disk_gib=v.check_int(f, "parameters.disk", need("disk"), 1, 65536),
-        memory_mb=v.check_int(f, "parameters.memory", need("memory"), 32, 4 * 2**20),
-        cores=v.check_int(f, "parameters.cores", need("cores"), 1, 255),
-        nics=_nics(f, p.get("nics", [])),
-        rbd_pool=None if rbd_pool is None else v.check_pool(f, "parameters.rbd_pool", rbd_pool),
-        iops=_limit(f, "iops", p.get("iops"), 10**7),
-        bps=_limit(f, "bps", p.get("bps"), 10**12),
-        snapshot_keep=_limit(f, "snapshot_keep", p.get("snapshot_keep"), 10**4, lo=1),
-        snapshot_keep_days=(None if p.get("snapshot_keep_days") is None else v.check_number(
-            f, "parameters.snapshot_keep_days", p["snapshot_keep_days"], 0.001, 36500)),
-        version=_version(f, top),
+                  else m.check(lambda: v.check_name(f, "parameters.kvm_host", kvm_host))),
+        disk_gib=m.check(lambda: v.check_int(f, "parameters.disk", need("disk"), 1, 65536)),
+        memory_mb=m.check(lambda: v.check_int(f, "parameters.memory", need("memory"), 32,
+                                              4 * 2**20)),
+        cores=m.check(lambda: v.check_int(f, "parameters.cores", need("cores"), 1, 255)),
+        nics=m.check(lambda: _nics(f, p.get("nics", []))),
+        rbd_pool=None if rbd_pool is None else m.check(
+            lambda: v.check_pool(f, "parameters.rbd_pool", rbd_pool)),
+        iops=m.check(lambda: _limit(f, "iops", p.get("iops"), 10**7)),
+        bps=m.check(lambda: _limit(f, "bps", p.get("bps"), 10**12)),
+        snapshot_keep=m.check(lambda: _limit(f, "snapshot_keep", p.get("snapshot_keep"),
+                                             10**4, lo=1)),
+        snapshot_keep_days=None if keep_days is None else m.check(lambda: v.check_number(
+            f, "parameters.snapshot_keep_days", keep_days, 0.001, 36500)),
+        version=version,
         source=source,
         mtime=mtime,
         warnings=tuple(warnings),
     )
+    m.raise_if_any()
+    return spec
 
 
 def _limit(f: str, key: str, value: object, hi: int, lo: int = 0) -> int | None:

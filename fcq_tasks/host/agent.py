@@ -90,6 +90,26 @@ class VMAgent(VMSteps):
             result["guest_agent"] = self.guest_agent_answers(timeout=1.0)
         return result
 
+    def preview(self) -> dict[str, Any]:
+        """What ensure would do now and why, doing nothing (``fcq plan``).
+
+        Takes no lock: it must not block real work, so it may describe a
+        moment that an operation in flight is changing (then it says so).
+        """
+        result: dict[str, Any] = {"vm": self.name, "host": self.settings.host,
+                                  "operation": "plan"}
+        try:
+            spec = self.spec()
+        except FcqError as err:
+            return {**result, "wanted": None, "found": None, "actions": [],
+                    "error": err.message}
+        found = self.observe()
+        actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after)
+        busy = oplock.held_elsewhere(self.settings.run_dir, self.name)
+        return {**result, "wanted": wanted(spec, self.settings.host), "found": found.run.value,
+                "actions": [{"do": a.do.value, "reason": a.reason} for a in actions],
+                "busy": busy}
+
     # -- operations -------------------------------------------------------
 
     def ensure(self) -> dict[str, Any]:

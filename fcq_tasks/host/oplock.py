@@ -87,3 +87,23 @@ def depth(run_dir: Path, vm: str) -> int:
     with _registry_lock:
         held = _registry.get(run_dir / f"{vm}.op.lock")
         return held.depth if held is not None and held.thread == threading.get_ident() else 0
+
+
+def held_elsewhere(run_dir: Path, vm: str) -> bool:
+    """Whether another process or thread holds VM *vm*'s operation lock right now.
+
+    Read from /proc/locks, without taking the lock even for an instant: a
+    look must never make a real operation find the VM busy.
+    """
+    path = run_dir / f"{vm}.op.lock"
+    with _registry_lock:
+        held = _registry.get(path)
+        if held is not None:
+            return held.thread != threading.get_ident()
+    try:
+        st = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(" FLOCK " in f" {line} " and dev in line.split() for line in table.splitlines())

@@ -76,6 +76,12 @@ def ensure_all(settings: HostSettings) -> dict[str, Any]:
     return {"host": settings.host, "vms": results, "failed": failed, "exit_code": exit_code}
 
 
+def plan_all(settings: HostSettings) -> list[dict[str, Any]]:
+    """What ensure would do to every VM of this host, doing nothing."""
+    storage = open_storage(settings)
+    return [VMAgent(settings, name, storage).preview() for name in known_vms(settings)]
+
+
 def memory_summary(settings: HostSettings) -> dict[str, Any]:
     booked = booked_memory(settings.run_dir, settings.qmp_timeout)
     return {"host": settings.host, "booked_mb": sum(booked.values()),
