@@ -102,3 +102,12 @@ def events(host: Host) -> list[str]:
         except (ValueError, KeyError, TypeError):
             continue
     return out
+
+
+def stopped_with_volumes(host: Host, vm: str, **params: Any) -> VMAgent:
+    """VM *vm* configured on *host*, started once (its volumes made) and killed again."""
+    host.write_vm(vm, **params)
+    agent = host.agent(vm)
+    agent.start()
+    agent.kill()
+    return agent

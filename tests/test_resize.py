@@ -14,7 +14,14 @@ from fcq_tasks.config.vmspec import vm_file_version
 from fcq_tasks.hazmat.guestagent import GuestAgent
 from tests.cluster import Cluster
 from tests.conftest import Host
-from tests.helpers import events, guest_disk_bytes, guest_sh, wait_for, wait_guest
+from tests.helpers import (
+    events,
+    guest_disk_bytes,
+    guest_sh,
+    stopped_with_volumes,
+    wait_for,
+    wait_guest,
+)
 
 GiB = 2**30
 ClusterFactory = Any
@@ -54,10 +61,7 @@ def test_resize_is_seen_by_the_running_guest_and_never_shrinks(host: Host) -> No
 
 def test_resize_of_a_stopped_vm_grows_the_volume(host: Host) -> None:
     vm = vm_name("s")
-    host.write_vm(vm)
-    agent = host.agent(vm)
-    agent.start()
-    agent.kill()
+    agent = stopped_with_volumes(host, vm)
     result = agent.resize(3)
     assert result["actions"] == ["record-config", "grow"] and result["status"] == "stopped"
     assert next(v.size for v in agent.storage.volumes(vm) if v.name == "root") == 3 * GiB

@@ -27,7 +27,7 @@ from fcq_tasks.host.sweep import ensure_all
 from fcq_tasks.storage import SnapshotInfo
 from tests.ceph import CephCluster
 from tests.conftest import Host, HostFactory, rbd_settings
-from tests.helpers import events, guest_sh, qmp, wait_for, wait_guest
+from tests.helpers import events, guest_sh, qmp, stopped_with_volumes, wait_for, wait_guest
 
 MiB = 2**20
 
@@ -201,10 +201,7 @@ def test_two_snapshots_on_one_vm_never_interleave(host: Host) -> None:
 
 def test_names_lists_removal_and_same_name_twice(host: Host) -> None:
     vm = vm_name("c")
-    host.write_vm(vm)
-    agent = host.agent(vm)
-    agent.start()
-    agent.kill()  # volumes exist, the VM is stopped: a snapshot without a freeze
+    agent = stopped_with_volumes(host, vm)  # a snapshot without a freeze
     bad = host.fcq("snapshot", vm, "a/b")
     assert bad.returncode == 2 and "snapshot" in bad.stderr and "'a/b'" in bad.stderr
     taken = json.loads(host.fcq("--json", "snapshot", vm, "before-upgrade", check=True).stdout)
@@ -229,10 +226,7 @@ def test_names_lists_removal_and_same_name_twice(host: Host) -> None:
 
 def test_retention_prunes_exactly_the_expired_auto_snapshots(host: Host) -> None:
     vm = vm_name("r")
-    host.write_vm(vm)
-    agent = host.agent(vm)
-    agent.start()
-    agent.kill()
+    agent = stopped_with_volumes(host, vm)
     autos = [agent.snapshot()["snapshot"] for _ in range(4)]
     assert len(set(autos)) == 4 and all(a.startswith("auto-") for a in autos)
     agent.snapshot("by-hand")

@@ -180,7 +180,7 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         raise task.fail(err) from err
 
 
-def _vm_task(name: str, operation: str, method: Callable[[VMAgent], dict[str, Any]],
+def vm_task(name: str, operation: str, method: Callable[[VMAgent], dict[str, Any]],
              expires: bool = True) -> Any:
     """One VM task: validate, take the VM's operation lock, call the agent.
 
@@ -236,62 +236,12 @@ def force_unlock_checked(agent: VMAgent) -> dict[str, Any]:
         return agent.force_unlock()
 
 
-start = _vm_task("start", "start", VMAgent.start)
-stop = _vm_task("stop", "stop", VMAgent.stop)
-restart = _vm_task("restart", "restart", VMAgent.restart)
-ensure = _vm_task("ensure", "ensure", VMAgent.ensure, expires=False)
-kill = _vm_task("kill", "kill", VMAgent.kill)
-force_unlock = _vm_task("force_unlock", "force-unlock", force_unlock_checked)
-upgrade = _vm_task("upgrade", "upgrade", VMAgent.upgrade)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.plan")
-def plan_preview(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-                 **_: Any) -> dict[str, Any]:
-    """What ensure would do now to *vm* (or every VM of this host) and why; does nothing."""
-    from fcq_tasks.host.sweep import plan_all
-    settings = current_settings()
-    try:
-        if host is not None and host != settings.host:
-            raise BadRequest("host", f"task for host {host!r} reached host {settings.host!r}")
-        rows = [VMAgent(settings, check_vm(vm)).preview()] if vm is not None \
-            else plan_all(settings)
-    except FcqError as err:
-        raise self.fail(err) from err
-    return {"host": settings.host, "operation": "plan", "vms": rows}
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.snapshot")
-def snapshot(self: FcqTask, /, vm: str | None = None, name: str | None = None,
-             host: str | None = None, expires_at: object = None, **_: Any) -> dict[str, Any]:
-    """Snapshot VM *vm* under *name* (the orchestrator names it: a replay is a no-op)."""
-    return run_on_vm(self, "snapshot", vm, host, lambda agent: agent.snapshot(name),
-                     expires_at)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.snapshots")
-def list_snapshots(self: FcqTask, /, vm: str | None = None, host: str | None = None,
-                   **_: Any) -> dict[str, Any]:
-    """The snapshots of VM *vm* (read only)."""
-    return run_on_vm(self, "snapshots", vm, host, VMAgent.snapshots)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.remove_snapshot")
-def remove_snapshot(self: FcqTask, /, vm: str | None = None, name: str | None = None,
-                    host: str | None = None, expires_at: object = None,
-                    **_: Any) -> dict[str, Any]:
-    """Remove snapshot *name* of VM *vm*; one that is gone already is a no-op."""
-    if not isinstance(name, str):
-        raise self.fail(BadRequest("name", f"must be a snapshot name (got {name!r})"))
-    return run_on_vm(self, "remove-snapshot", vm, host,
-                     lambda agent: agent.remove_snapshot(name), expires_at)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.resize")
-def resize(self: FcqTask, /, vm: str | None = None, disk: object = None,
-           host: str | None = None, expires_at: object = None, **_: Any) -> dict[str, Any]:
-    """Grow VM *vm*'s root to *disk* GiB (refused if smaller); the same size twice is a no-op."""
-    return run_on_vm(self, "resize", vm, host, lambda agent: agent.resize(disk), expires_at)
+start = vm_task("start", "start", VMAgent.start)
+stop = vm_task("stop", "stop", VMAgent.stop)
+restart = vm_task("restart", "restart", VMAgent.restart)
+ensure = vm_task("ensure", "ensure", VMAgent.ensure, expires=False)
+kill = vm_task("kill", "kill", VMAgent.kill)
+force_unlock = vm_task("force_unlock", "force-unlock", force_unlock_checked)
 
 
 @app.task(bind=True, base=FcqTask, name="fcq.apply_config")
