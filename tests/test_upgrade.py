@@ -235,7 +235,8 @@ def test_an_interrupted_upgrade_is_settled_by_the_next_ensure(make_host: HostFac
         # Once the new QEMU is on record (a QEMU killed with its starter in
         # the milliseconds before that is found by its pidfile, and removed,
         # but not booked: the same holds for any start).
-        wait_for(lambda: side_files(host, vm, ".json"), 30, "the new QEMU's identity")
+        wait_for(lambda: [p for p in side_files(host, vm, ".json")
+                          if not p.name.endswith(".seed.json")], 30, "the new QEMU's identity")
         proc.kill()  # fcq dies; both QEMUs live on, the copy goes on by itself
         proc.communicate(timeout=30)
         time.sleep(1)
