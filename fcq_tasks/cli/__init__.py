@@ -36,7 +36,8 @@ VM_COMMANDS = {
 DEFAULT_WAIT = 1800.0
 
 LOCAL_ONLY = {"status", "memory"}
-CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config", "migrate"}
+CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config", "migrate", "drain", "undrain",
+                "evacuate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", metavar="HOST", help="the destination host")
     sp.add_argument("--abort", action="store_true", help="stop the migration in flight")
     _wait_options(sp)
+    sp = sub.add_parser("drain", help="maintenance: mark a host so it starts and receives "
+                        "nothing, then live-migrate its VMs to hosts with free memory")
+    sp.add_argument("host_name", metavar="HOST")
+    sp.add_argument("--dry-run", action="store_true", help="print the placement; do nothing")
+    sp.add_argument("--timeout", type=float, default=DEFAULT_WAIT * 2,
+                    help="seconds the whole drain may take")
+    sp = sub.add_parser("undrain", help="put a drained host back into service")
+    sp.add_argument("host_name", metavar="HOST")
+    sp = sub.add_parser("evacuate", help="a dead host: fence its writers, start its VMs "
+                        "elsewhere (refused while it has a heartbeat)")
+    sp.add_argument("host_name", metavar="HOST")
+    sp.add_argument("--dry-run", action="store_true", help="print the placement; do nothing")
+    sp.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds to wait for each VM's start")
     sp = sub.add_parser("snapshot", help="snapshot a VM's disks, its guest frozen if it can be "
                         "(--list, --remove)")
     sp.add_argument("vm", metavar="VM")

@@ -46,15 +46,21 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
     orch = Orchestrator(settings)
     quiet = bool(args.quiet or args.json)
     cmd = args.command
-    if cmd == "hosts":
+    if cmd in ("drain", "undrain", "evacuate"):
+        from fcq_tasks.cli import fleet
+        fleet.run(orch, args, out, quiet)
+    elif cmd == "hosts":
         hosts = orch.hosts()
         rows = [{"host": h, "queue": r["queue"], "vms": len(r["vms"]),
                  "running": len(r["running"]), "booked_mb": r["booked_mb"],
-                 "limit_mb": r["limit_mb"], "seen_ago": round(time.time() - r["seen"], 1)}
+                 "limit_mb": r["limit_mb"], "seen_ago": round(time.time() - r["seen"], 1),
+                 "drained": r.get("drained")}
                 for h, r in hosts.items()]
-        lines = [f"{'HOST':<16} {'VMS':>4} {'RUNNING':>8} {'MB BOOKED':>10} {'LIMIT':>8}  SEEN"]
+        lines = [f"{'HOST':<16} {'VMS':>4} {'RUNNING':>8} {'MB BOOKED':>10} {'LIMIT':>8} "
+                 f"{'DRAINED':<8} SEEN"]
         lines += [f"{r['host']:<16} {r['vms']:>4} {r['running']:>8} {r['booked_mb']:>10} "
-                  f"{r['limit_mb']:>8}  {r['seen_ago']}s ago" for r in rows]
+                  f"{r['limit_mb']:>8} {'yes' if r['drained'] else 'no':<8} "
+                  f"{r['seen_ago']}s ago" for r in rows]
         out.table(rows, "\n".join(lines) if rows else "no live hosts")
     elif cmd == "ls":
         rows = fleet_rows(orch.hosts())

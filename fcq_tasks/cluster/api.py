@@ -46,7 +46,7 @@ VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
 #: to the config as it is now: always safe, they never expire this way.
 EXPIRING_TASKS = frozenset({"fcq.start", "fcq.stop", "fcq.restart", "fcq.kill",
                             "fcq.force_unlock", "fcq.snapshot", "fcq.remove_snapshot",
-                            "fcq.resize", "fcq.upgrade"})
+                            "fcq.resize", "fcq.upgrade", "fcq.evacuate"})
 
 #: How often wait() polls the result backend.
 POLL_INTERVAL = 0.2
@@ -278,6 +278,10 @@ class Orchestrator:
         if vm not in hosts[dst]["vms"]:
             raise BadRequest("host", f"{dst} has no config for {vm}: push it first "
                              "(fcq apply-config)")
+        if hosts[dst].get("drained"):
+            # Fast feedback only: dst refuses it itself when its half runs.
+            raise Refused(f"{vm}: host {dst} is drained for maintenance: it receives no VMs "
+                          f"(fcq undrain {dst})", vm=vm, host=dst)
         attempt = uuid.uuid4().hex[:16]
         from fcq_tasks.host.migration import attempt_seconds, claim_attempt, key_ttl
         # One attempt per VM at a time: the claim expires after the longest
@@ -418,7 +422,8 @@ class Orchestrator:
 
 #: Task arguments shown by name in Flower's task list, in this order; the rest
 #: is summarised (a VM file's text by its size), never shown whole.
-SHOWN_KWARGS = ("vm", "host", "name", "disk", "src", "dst", "attempt", "config_version")
+SHOWN_KWARGS = ("vm", "host", "name", "disk", "src", "dst", "dead", "drained", "attempt",
+                "config_version")
 
 
 def kwargs_repr(kwargs: dict[str, Any]) -> str:

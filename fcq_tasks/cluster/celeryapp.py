@@ -35,7 +35,8 @@ QUEUE_PREFIX = "host."
 #: Celery's default queue. Nobody consumes it; nothing may be sent there.
 UNROUTED = "fcq.unrouted"
 
-app = Celery("fcq", include=["fcq_tasks.cluster.tasks", "fcq_tasks.cluster.daytwo"])
+app = Celery("fcq", include=["fcq_tasks.cluster.tasks", "fcq_tasks.cluster.daytwo",
+                            "fcq_tasks.cluster.draintasks"])
 
 
 def host_queue(host: str) -> str:

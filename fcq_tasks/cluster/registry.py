@@ -22,6 +22,7 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import load_vm_spec
 from fcq_tasks.errors import ConfigError, FcqError
 from fcq_tasks.hazmat.qemu import read_identity_files
+from fcq_tasks.host import maintenance
 from fcq_tasks.host.admission import booked_memory
 from fcq_tasks.host.sweep import configured_vms
 
@@ -60,7 +61,12 @@ def host_record(settings: HostSettings) -> dict[str, Any]:
             "booked_mb": sum(booked.values()), "limit_mb": settings.vm_max_total_memory,
             "running": running, "vms": vms, "qemu_generation": settings.qemu_generation,
             "generations": {n: int(idents.get(n, {}).get("generation") or 0)
-                            for n in running}}
+                            for n in running},
+            # What placement needs (fcq drain, fcq evacuate): whether the host
+            # takes VMs, how many migrations at once, and whether its storage
+            # can fence a dead host's writers.
+            "drained": maintenance.drained(settings), "max_migrations": settings.max_migrations,
+            "storage": settings.storage}
 
 
 def publish_host(client: redis.Redis, settings: HostSettings) -> None:

@@ -26,7 +26,7 @@ from fcq_tasks.errors import (
     Refused,
     ShrinkRefused,
 )
-from fcq_tasks.host import guest, oplock, snapshots, upgrade
+from fcq_tasks.host import guest, maintenance, oplock, snapshots, upgrade
 from fcq_tasks.host.plan import Action, Do, Observed, Run, plan, wanted
 from fcq_tasks.host.steps import Progress, VMSteps
 from fcq_tasks.storage import VOLUMES, Storage
@@ -104,7 +104,8 @@ class VMAgent(VMSteps):
             return {**result, "wanted": None, "found": None, "actions": [],
                     "error": err.message}
         found = self.observe()
-        actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after)
+        actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after,
+                       maintenance.drained(self.settings) is not None)
         busy = oplock.held_elsewhere(self.settings.run_dir, self.name)
         return {**result, "wanted": wanted(spec, self.settings.host), "found": found.run.value,
                 "actions": [{"do": a.do.value, "reason": a.reason} for a in actions],
@@ -237,7 +238,8 @@ class VMAgent(VMSteps):
     def _converge(self, spec: VMSpec, operation: str) -> dict[str, Any]:
         found = self.observe()
         self._adopt(spec)
-        actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after)
+        actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after,
+                       maintenance.drained(self.settings) is not None)
         want = wanted(spec, self.settings.host)
         done: list[str] = []
         refusals: list[Action] = []
@@ -356,6 +358,7 @@ class VMAgent(VMSteps):
             found = self.observe()
             if found.run in (Run.RUNNING, Run.PAUSED, Run.INMIGRATE, Run.RECEIVED):
                 return self._result("start", "here", found, [], found)
+            maintenance.refuse_if_drained(self.settings, self.name, "start")
             online = dataclasses.replace(spec, online=True, kvm_host=self.settings.host)
             return self._converge(online, "start")
 
@@ -390,6 +393,7 @@ class VMAgent(VMSteps):
     def restart(self) -> dict[str, Any]:
         with self.locked():
             self._check_may_start(self.spec())  # refuse before powering anything off
+            maintenance.refuse_if_drained(self.settings, self.name, "start")
             self.stop()
             result = self.start()
             result["operation"] = "restart"

@@ -118,12 +118,13 @@ def _lock_summary(owners: dict[str, str | None], host: str) -> tuple[str, str]:
 
 
 def plan(spec: VMSpec, observed: Observed, host: str,
-         kill_silent_after: float = 0.0) -> list[Action]:
+         kill_silent_after: float = 0.0, drained: bool = False) -> list[Action]:
     """The actions that bring VM *spec* on *host* from *observed* to its config.
 
     *kill_silent_after*: seconds a QEMU's monitor may stay silent before it
     is killed; a loaded host answers slowly, and one slow answer must not
-    cost a guest its life.
+    cost a guest its life. *drained*: the host is in maintenance and starts
+    nothing (a VM running here is still kept healthy).
     """
     want = wanted(spec, host)
     locks, other = _lock_summary(observed.lock_owners, host)
@@ -139,7 +140,7 @@ def plan(spec: VMSpec, observed: Observed, host: str,
                            f"killed after {kill_silent_after:.0f} s")]
         # Kill, then plan as if stopped: an unmanageable QEMU helps nobody.
         rest = plan(spec, dataclasses.replace(observed, run=Run.CRASHED, silent_for=0.0),
-                    host)
+                    host, drained=drained)
         return [Action(Do.KILL, "QEMU process alive but its monitor does not answer"), *rest]
 
     if observed.handed_to_us:
@@ -170,6 +171,9 @@ def plan(spec: VMSpec, observed: Observed, host: str,
         if locks == "other":
             return [*acts, Action(Do.REFUSE, f"locks held by host {other}: not starting",
                                   host=other, refusal="locked")]
+        if drained:
+            return [*acts, Action(Do.NOTHING, "online here, but this host is drained for "
+                                  "maintenance: not started (fcq undrain)")]
         acts.append(Action(Do.START, "online here but not running"))
         acts.extend(_shrink_refusal(spec, observed))
         return acts

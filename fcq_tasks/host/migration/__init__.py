@@ -31,6 +31,7 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import GiB
 from fcq_tasks.deadline import Deadline
 from fcq_tasks.errors import Refused
+from fcq_tasks.host import maintenance
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.host.migration.incoming import Incoming
 from fcq_tasks.host.migration.outgoing import Outgoing
@@ -114,6 +115,13 @@ def inmigrate(agent: VMAgent, client: redis.Redis, attempt: str, src: str) -> di
     rdv = _rendezvous(client, agent.settings, agent.name, attempt, "dst")
 
     def body() -> dict[str, Any]:
+        # Checked on this host, not only by the orchestrator: a late or
+        # hand-made request must not bring a VM onto a host in maintenance.
+        try:
+            maintenance.refuse_if_drained(agent.settings, agent.name, "receive")
+        except Refused as err:
+            rdv.abort(err.message)  # tell the source now, not by our silence
+            raise
         spec = agent.spec()
         deadline = Deadline.after(attempt_seconds(agent.settings, spec.memory_mb)
                                   + agent.settings.migration_peer_grace, "the migration")
