@@ -30,12 +30,14 @@ VM_COMMANDS = {
     "ensure": "converge VMs to their config",
     "kill": "SIGKILL VMs' QEMU at once and release locks",
     "force-unlock": "break VMs' volume locks (refused while the VM runs there)",
+    "lock": "hold a stopped VM's locks by hand: no host starts it until unlock",
+    "unlock": "give back the locks held by hand (refused while the VM runs here)",
 }
 #: Seconds `fcq` follows a task by default: longer than any task should take
 #: (stop's grace, busy retries), short enough that a lost task is noticed.
 DEFAULT_WAIT = 1800.0
 
-LOCAL_ONLY = {"status", "memory"}
+LOCAL_ONLY = {"status", "memory", "monitor"}
 CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config", "migrate", "drain", "undrain",
                 "evacuate"}
 
@@ -104,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_options(sp)
     sp = sub.add_parser("status", help="state, process, locks, guest agent (this host)")
     sp.add_argument("vms", nargs="+", metavar="VM")
+    sp = sub.add_parser("monitor", help="QEMU's human monitor of a VM on this host "
+                        "(one command per line; cont, quit, migrate refused)")
+    sp.add_argument("vm", metavar="VM")
+    sp.add_argument("-e", "--execute", action="append", metavar="COMMAND",
+                    help="run COMMAND and exit (repeatable)")
     sub.add_parser("memory", help="memory booked by running VMs and the limit (this host)")
     sub.add_parser("hosts", help="live hosts: VMs, memory booked and limit, last heartbeat")
     sp = sub.add_parser("jobs", help="recent tasks, their VM, host and state")

@@ -24,6 +24,7 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.config.vmspec import parse_vm_file
 from fcq_tasks.errors import BadRequest, ConfigErrors, FcqError
+from fcq_tasks.host import handtools
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.host.sweep import ensure_all, list_vms, memory_summary, plan_all
 
@@ -36,6 +37,8 @@ VM_ACTIONS: dict[str, Callable[[VMAgent], dict[str, Any]]] = {
     "force-unlock": VMAgent.force_unlock,
     "status": VMAgent.status,
     "upgrade": VMAgent.upgrade,
+    "lock": handtools.lock_by_hand,
+    "unlock": handtools.unlock_by_hand,
 }
 
 
@@ -57,6 +60,8 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
         rows = ([VMAgent(settings, _vm(vm)).preview() for vm in args.vms] if args.vms
                 else plan_all(settings))
         out.table(rows, plan_table(rows))
+    elif args.command == "monitor":
+        monitor(VMAgent(settings, _vm(args.vm)), args.execute, out)
     elif args.command in ("snapshot", "resize"):
         try:
             agent = VMAgent(settings, _vm(args.vm))
@@ -81,6 +86,28 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                            else describe(result))
             except FcqError as err:
                 out.error(err, vm)
+
+
+def monitor(agent: VMAgent, commands: list[str] | None, out: Output) -> None:
+    """The VM's human monitor: the -e commands, or a prompt on stdin until EOF or `exit`."""
+    import sys
+    interactive = commands is None and sys.stdin.isatty()
+    lines = iter(commands) if commands is not None else iter(sys.stdin.readline, "")
+    if interactive:
+        say(f"{agent.name}: QEMU human monitor on {agent.settings.host}; `help` lists "
+            "commands, `exit` or Ctrl-D ends (cont, quit, migrate are fcq's)", err=True)
+    while True:
+        if interactive:
+            print("(qemu) ", end="", file=sys.stderr, flush=True)
+        line = next(lines, None)
+        if line is None or line.strip() in ("exit", "quit-monitor"):
+            return
+        try:
+            text = handtools.human_monitor(agent, line.strip())
+        except FcqError as err:
+            out.error(err, agent.name)
+            continue
+        out.result({"vm": agent.name, "command": line.strip(), "output": text}, text.rstrip())
 
 
 def _vm(name: str) -> str:

@@ -71,6 +71,13 @@ def describe(result: dict[str, Any]) -> str:
                 f"{result.get('total_ms')} ms, downtime {result.get('downtime_ms')} ms, "
                 f"handover {result.get('handover_ms')} ms; now {result.get('status')}")
     op = result.get("operation")
+    if op == "lock":
+        return (f"{result['vm']}: locks held by hand on {result['host']} "
+                f"({', '.join(result['volumes'])}); nothing starts it until fcq unlock")
+    if op == "unlock":
+        text = (f"{result['vm']}: released {', '.join(result['released'])}"
+                if result["released"] else f"{result['vm']}: held no locks here")
+        return text + (f"; {result['note']}" if result.get("note") else "")
     if op == "snapshot":
         if result.get("outcome") == "exists":
             return f"{result['vm']}: snapshot {result['snapshot']}: exists already, nothing done"

@@ -37,7 +37,8 @@ from fcq_tasks.errors import BadRequest, FcqError, Refused, RemoteError, SystemF
 #: What talking to Redis can raise, through redis-py or through kombu.
 BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
 
-VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
+VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock", "lock",
+                 "unlock")
 
 #: Imperative tasks: they act on the world as it was when they were sent, so
 #: their messages carry expires_at (cluster.request_ttl from now) and a host
@@ -46,7 +47,8 @@ VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock")
 #: to the config as it is now: always safe, they never expire this way.
 EXPIRING_TASKS = frozenset({"fcq.start", "fcq.stop", "fcq.restart", "fcq.kill",
                             "fcq.force_unlock", "fcq.snapshot", "fcq.remove_snapshot",
-                            "fcq.resize", "fcq.upgrade", "fcq.evacuate"})
+                            "fcq.resize", "fcq.upgrade", "fcq.evacuate", "fcq.lock",
+                            "fcq.unlock"})
 
 #: How often wait() polls the result backend.
 POLL_INTERVAL = 0.2

@@ -1,4 +1,4 @@
-"""The host side of ``fcq drain`` and ``fcq evacuate``.
+"""The host side of ``fcq drain``, ``fcq evacuate``, ``fcq lock`` and ``fcq unlock``.
 
 ``fcq.set_drained`` sets or clears this host's maintenance mark (see
 :mod:`fcq_tasks.host.maintenance`); the moves themselves are ordinary live
@@ -26,11 +26,16 @@ from fcq_tasks.cluster.tasks import (
     heartbeat,
     refuse_live_holder,
     run_on_vm,
+    vm_task,
 )
 from fcq_tasks.config.vmspec import spec_path, update_vm_file
 from fcq_tasks.errors import BadRequest, FcqError, Refused
-from fcq_tasks.host import maintenance
+from fcq_tasks.host import handtools, maintenance
 from fcq_tasks.host.agent import VMAgent
+
+#: An operator's hand locks (fcq lock / fcq unlock), imperative like start.
+lock = vm_task("lock", "lock", handtools.lock_by_hand)
+unlock = vm_task("unlock", "unlock", handtools.unlock_by_hand)
 
 
 @app.task(bind=True, base=FcqTask, name="fcq.set_drained")

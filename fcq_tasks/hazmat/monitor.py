@@ -105,6 +105,10 @@ class Monitor:
                 return bool(dev.get("frontend-open"))
         return False
 
+    def human(self, command_line: str) -> str:
+        """One human-monitor (HMP) command line; its text output (``fcq monitor``)."""
+        return str(self._do("human-monitor-command", **{"command-line": command_line}))
+
     # -- life cycle -----------------------------------------------------
 
     def powerdown(self) -> None:

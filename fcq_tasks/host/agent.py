@@ -105,7 +105,8 @@ class VMAgent(VMSteps):
                     "error": err.message}
         found = self.observe()
         actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after,
-                       maintenance.drained(self.settings) is not None)
+                       maintenance.drained(self.settings) is not None,
+                       maintenance.held(self.settings, self.name))
         busy = oplock.held_elsewhere(self.settings.run_dir, self.name)
         return {**result, "wanted": wanted(spec, self.settings.host), "found": found.run.value,
                 "actions": [{"do": a.do.value, "reason": a.reason} for a in actions],
@@ -239,7 +240,8 @@ class VMAgent(VMSteps):
         found = self.observe()
         self._adopt(spec)
         actions = plan(spec, found, self.settings.host, self.settings.kill_silent_after,
-                       maintenance.drained(self.settings) is not None)
+                       maintenance.drained(self.settings) is not None,
+                       maintenance.held(self.settings, self.name))
         want = wanted(spec, self.settings.host)
         done: list[str] = []
         refusals: list[Action] = []
@@ -359,6 +361,7 @@ class VMAgent(VMSteps):
             if found.run in (Run.RUNNING, Run.PAUSED, Run.INMIGRATE, Run.RECEIVED):
                 return self._result("start", "here", found, [], found)
             maintenance.refuse_if_drained(self.settings, self.name, "start")
+            maintenance.refuse_if_held(self.settings, self.name)
             online = dataclasses.replace(spec, online=True, kvm_host=self.settings.host)
             return self._converge(online, "start")
 
@@ -394,6 +397,7 @@ class VMAgent(VMSteps):
         with self.locked():
             self._check_may_start(self.spec())  # refuse before powering anything off
             maintenance.refuse_if_drained(self.settings, self.name, "start")
+            maintenance.refuse_if_held(self.settings, self.name)
             self.stop()
             result = self.start()
             result["operation"] = "restart"

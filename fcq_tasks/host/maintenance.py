@@ -8,7 +8,10 @@ by hand cannot bring a VM onto a host in maintenance, and it survives
 the reboot that maintenance usually is, and a broker outage. The
 heartbeat publishes it, so the orchestrator never places a VM there.
 
-What the mark does not do: stop or move anything by itself (VMs running
+The same module keeps the mark of a VM whose locks an operator holds by
+hand (``fcq lock``, see :mod:`fcq_tasks.host.handtools`).
+
+What the drain mark does not do: stop or move anything by itself (VMs running
 on a drained host keep running; ensure keeps them healthy), or refuse an
 in-place upgrade (the guest stays on this host).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from fcq_tasks.config.settings import HostSettings
@@ -73,3 +77,19 @@ def refuse_if_drained(settings: HostSettings, vm: str, what: str) -> None:
     raise Refused(f"{vm}: host {settings.host} is drained for maintenance{when}: it does not "
                   f"{what} VMs; use another host, or `fcq undrain {settings.host}`",
                   vm=vm, host=settings.host, rule="a drained host starts and receives nothing")
+
+
+def held_mark(settings: HostSettings, vm: str) -> Path:
+    """Where ``fcq lock`` marks a VM whose locks this host holds by hand."""
+    return settings.state_dir / "held" / vm
+
+
+def held(settings: HostSettings, vm: str) -> bool:
+    return held_mark(settings, vm).exists()
+
+
+def refuse_if_held(settings: HostSettings, vm: str) -> None:
+    if held(settings, vm):
+        raise Refused(f"{vm}: its locks are held by hand on {settings.host} (fcq lock): it is "
+                      f"not started until `fcq unlock {vm}`", vm=vm, host=settings.host,
+                      rule="a VM held by hand is not started")

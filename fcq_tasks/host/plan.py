@@ -118,13 +118,16 @@ def _lock_summary(owners: dict[str, str | None], host: str) -> tuple[str, str]:
 
 
 def plan(spec: VMSpec, observed: Observed, host: str,
-         kill_silent_after: float = 0.0, drained: bool = False) -> list[Action]:
+         kill_silent_after: float = 0.0, drained: bool = False,
+         held: bool = False) -> list[Action]:
     """The actions that bring VM *spec* on *host* from *observed* to its config.
 
     *kill_silent_after*: seconds a QEMU's monitor may stay silent before it
     is killed; a loaded host answers slowly, and one slow answer must not
     cost a guest its life. *drained*: the host is in maintenance and starts
-    nothing (a VM running here is still kept healthy).
+    nothing (a VM running here is still kept healthy). *held*: an operator
+    holds the VM's locks by hand (``fcq lock``): it is neither started nor
+    are its locks released.
     """
     want = wanted(spec, host)
     locks, other = _lock_summary(observed.lock_owners, host)
@@ -140,7 +143,7 @@ def plan(spec: VMSpec, observed: Observed, host: str,
                            f"killed after {kill_silent_after:.0f} s")]
         # Kill, then plan as if stopped: an unmanageable QEMU helps nobody.
         rest = plan(spec, dataclasses.replace(observed, run=Run.CRASHED, silent_for=0.0),
-                    host, drained=drained)
+                    host, drained=drained, held=held)
         return [Action(Do.KILL, "QEMU process alive but its monitor does not answer"), *rest]
 
     if observed.handed_to_us:
@@ -162,6 +165,11 @@ def plan(spec: VMSpec, observed: Observed, host: str,
                               "the VM lives there now", host=observed.handed_away_to)]
 
     if run in (Run.STOPPED, Run.CRASHED):
+        if held:
+            files = [Action(Do.CLEAN_UP, "ended without fcq: remove run files", keep_locks=True)
+                     ] if run is Run.CRASHED else []
+            return [*files, Action(Do.NOTHING, "locks held by hand (fcq lock): not started, "
+                                   "locks kept (fcq unlock)")]
         acts: list[Action] = []
         if run is Run.CRASHED or locks in ("ours", "partial"):
             acts.append(Action(Do.CLEAN_UP, "not running: remove run files, release our locks"
