@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fcq_tasks.cli.output import (
     EXIT_SYSTEM,
@@ -19,27 +21,76 @@ from fcq_tasks.cluster.api import Orchestrator
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import BadRequest, FcqError
 
+#: Steps of work whose progress is a sequence of known steps: step → (n, of).
+SEQUENCED_STEPS = {"frozen": (1, 3), "snapshotted": (2, 3), "thawed": (3, 3)}
+
 
 class Progress:
-    """Shows a task's state changes on stderr while `fcq` waits."""
+    """Shows a task's state changes on stderr while `fcq` waits.
 
-    def __init__(self, label: str, quiet: bool) -> None:
+    On a terminal, progress of one task rewrites one line, with a bar where
+    the work has a measure (a migration's copy, a snapshot's steps); piped
+    or redirected, every change is a plain line of its own, for logs.
+    """
+
+    def __init__(self, label: str, quiet: bool, stream: TextIO | None = None) -> None:
         self.label = label
         self.quiet = quiet
+        self.stream = stream
         self.t0 = time.monotonic()
+        self._open = False  # a bar line is on screen, without its newline yet
+
+    def _tty(self) -> bool:
+        stream = self.stream or sys.stderr
+        try:
+            return stream is not None and stream.isatty()
+        except (OSError, ValueError):
+            return False
 
     def __call__(self, state: str, info: Any) -> None:
         if self.quiet:
             return
-        detail = ""
+        detail, fraction = "", None
         if state == "PROGRESS" and isinstance(info, dict):
             extra = {k: v for k, v in info.items()
                      if k not in ("vm", "host", "operation", "step")}
-            detail = f" {info.get('step')}" + "".join(f" {k}={v}" for k, v in extra.items())
+            step = str(info.get("step"))
+            detail = f" {step}" + "".join(f" {k}={v}" for k, v in extra.items())
+            fraction = fraction_done(step, extra)
         elif state == "PENDING":
             detail = " (queued)"
-        say(f"  {self.label}: {state.lower()}{detail}  [{time.monotonic() - self.t0:.1f}s]",
-            err=True)
+        elapsed = f"[{time.monotonic() - self.t0:.1f}s]"
+        if not self._tty():
+            say(f"  {self.label}: {state.lower()}{detail}  {elapsed}", err=True)
+            return
+        stream = self.stream or sys.stderr
+        if fraction is not None:
+            text = f"  {self.label}: {bar(fraction)} {detail.strip()}  {elapsed}"
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            stream.write("\r\x1b[K" + text[:width])
+            stream.flush()
+            self._open = True
+            return
+        if self._open:
+            stream.write("\n")
+            self._open = False
+        say(f"  {self.label}: {state.lower()}{detail}  {elapsed}", err=True)
+
+
+def fraction_done(step: str, details: dict[str, Any]) -> float | None:
+    """How far work is, 0..1, where its progress says (None: no measure)."""
+    if step in SEQUENCED_STEPS:
+        done, total = SEQUENCED_STEPS[step]
+        return done / total
+    moved, left = details.get("transferred"), details.get("remaining")
+    if isinstance(moved, int) and isinstance(left, int) and moved + left > 0:
+        return moved / (moved + left)
+    return None
+
+
+def bar(fraction: float, width: int = 24) -> str:
+    full = max(0, min(width, round(fraction * width)))
+    return f"[{'#' * full}{'.' * (width - full)}] {fraction * 100:3.0f}%"
 
 
 def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:

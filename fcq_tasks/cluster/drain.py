@@ -158,6 +158,10 @@ def drain(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
         for vm, (task, m, t0) in list(active.items()):
             state, info = orch.state(task)
             if state not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
+                copy = orch.migration_progress(vm)
+                if copy is not None and copy[0] == "PROGRESS" and isinstance(copy[1], dict):
+                    emit(vm, "copying", {"to": m.dst, **{k: copy[1].get(k) for k in (
+                        "transferred", "remaining", "mbps")}})
                 continue
             del active[vm]
             assert m.dst is not None
