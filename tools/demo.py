@@ -6,8 +6,9 @@ for hosts alpha and beta (each with its own cephx identity and its own
 config, run and state directories), `fcq beat` and `fcq flower` (basic
 auth, generated password). The demo writes VM configs, enqueues work
 through the orchestrator, shows the fleet, live-migrates a VM between the
-hosts, shows a lock conflict refused, lets a sweep heal a QEMU killed
-behind fcq's back, and stops everything it started, also when interrupted.
+hosts, snapshots and grows a disk, shows a lock conflict refused, lets a
+sweep heal a QEMU killed behind fcq's back, drains a host for maintenance,
+and stops everything it started, also when interrupted.
 `make demo KEEP=1` keeps the cluster up until Ctrl-C.
 
 Everything lives under /tmp/fcq-demo and /tmp/fcq-ceph-*; nothing touches
@@ -47,6 +48,8 @@ VMS = {  # name: (kvm_host, online, memory)
 }
 #: Migrated in the demo: its config is on both hosts, as a migration needs.
 MIGRATED = "web02"
+#: Configs on both hosts: what the drain of beta moves to alpha.
+EVERYWHERE = (MIGRATED, "db01")
 POOL = "fcq"
 ceph: list[CephCluster] = []
 
@@ -137,7 +140,7 @@ def prepare() -> dict[str, Any]:
             "disk": 2, "memory": memory, "cores": 1,
             "nics": [{"srv": f"02-00-00-00-01-{i:02x}"}]}}
         text = yaml.safe_dump(spec, sort_keys=False)
-        for host in HOSTS if vm == MIGRATED else (kvm_host,):
+        for host in HOSTS if vm in EVERYWHERE else (kvm_host,):
             (BASE / host / "vm" / f"{vm}.cfg").write_text(text)
     return {"port": port, "password": password, "flower_port": flower_port,
             "flower_pw": flower_pw}
@@ -265,6 +268,13 @@ def main() -> None:
         time.sleep(0.5)
     print(f"  web01 running again after {time.monotonic() - t0:.1f} s (sweep every 5 s)")
     fcq("jobs", "--limit", "6")
+
+    step("Maintenance: drain beta (it starts and receives nothing), its VMs move to alpha")
+    fcq("drain", "beta", "--dry-run")
+    fcq("drain", "beta")
+    fcq("hosts")
+    fcq("start", "old01", check=False)  # refused: beta is drained
+    fcq("undrain", "beta")
 
     step("Flower")
     print(f"  http://127.0.0.1:{info['flower_port']}/  user admin, password {info['flower_pw']}")
