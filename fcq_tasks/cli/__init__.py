@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="print the placement; do nothing")
     sp.add_argument("--timeout", type=float, default=600.0,
                     help="seconds to wait for each VM's start")
+    sp.add_argument("--force", action="store_true",
+                    help="evacuate although the host's QEMUs still watch their images (they "
+                    "are fenced off their disks, not off the network)")
     sp = sub.add_parser("snapshot", help="snapshot a VM's disks, its guest frozen if it can be "
                         "(--list, --remove)")
     sp.add_argument("vm", metavar="VM")

@@ -8,14 +8,10 @@ import sys
 import time
 from typing import Any
 
-from fcq_tasks.cli.output import EXIT_SYSTEM, Output, say
+from fcq_tasks.cli.output import Output, say
 from fcq_tasks.cli.remote import bar, fraction_done
 from fcq_tasks.cluster import drain as fleet
 from fcq_tasks.cluster.api import Orchestrator
-
-#: Exit code when a host could not be emptied because a VM had nowhere to go
-#: (a placement rule, like a refusal): the same as a refused request.
-EXIT_NOT_EMPTIED = 4
 
 
 def placement_table(moves: list[fleet.Move], verb: str) -> str:
@@ -108,7 +104,8 @@ def run(orch: Orchestrator, args: argparse.Namespace, out: Output, quiet: bool) 
     show = DrainView(quiet)
     try:
         summary = (fleet.drain(orch, host, show, timeout=args.timeout) if cmd == "drain"
-                   else fleet.evacuate(orch, host, show, timeout=args.timeout))
+                   else fleet.evacuate(orch, host, show, timeout=args.timeout,
+                                       force=args.force))
     finally:
         show.close()
     if cmd == "drain":
@@ -122,8 +119,4 @@ def run(orch: Orchestrator, args: argparse.Namespace, out: Output, quiet: bool) 
     lines = [text] + [f"  {r['vm']}: {r['outcome']}" + (f" -> {r['to']}" if r["to"] else "")
                       + (f" ({r['reason']})" if r["reason"] else "") for r in summary["vms"]]
     out.result(summary, "\n".join(lines))
-    outcomes = {r["outcome"] for r in summary["vms"]}
-    if "failed" in outcomes:
-        out.code = max(out.code, EXIT_SYSTEM)
-    if "unplaced" in outcomes:
-        out.code = max(out.code, EXIT_NOT_EMPTIED)
+    out.code = max([out.code, *(int(r["exit_code"]) for r in summary["vms"])])

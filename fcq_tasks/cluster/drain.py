@@ -46,10 +46,19 @@ class Move:
     reason: str = ""
     outcome: str = "planned"        # planned | moved | failed | unplaced | evacuated
     detail: dict[str, Any] = field(default_factory=dict)
+    #: What `fcq` exits with for this VM: 4 unplaced (like a refusal), the
+    #: host's error's code when it failed there, 1 for anything else failed.
+    exit_code: int = 0
+
+    def failed(self, err: FcqError | str) -> None:
+        self.outcome = "failed"
+        self.reason = err if isinstance(err, str) else err.message
+        self.exit_code = 1 if isinstance(err, str) else err.exit_code
 
     def row(self) -> dict[str, Any]:
         return {"vm": self.vm, "memory_mb": self.memory_mb, "from": self.src, "to": self.dst,
-                "outcome": self.outcome, "reason": self.reason, **self.detail}
+                "outcome": self.outcome, "reason": self.reason, "exit_code": self.exit_code,
+                **self.detail}
 
 
 def free_mb(record: dict[str, Any]) -> int:
@@ -88,6 +97,7 @@ def place(vms: list[tuple[str, int]], src: str, hosts: dict[str, dict[str, Any]]
             move.dst = sorted(fits, key=lambda h: (-free[h], h))[0]
             free[move.dst] -= memory
         move.outcome = "planned" if move.dst else "unplaced"
+        move.exit_code = 0 if move.dst else 4
         moves.append(move)
     return sorted(moves, key=lambda m: m.vm)
 
@@ -145,7 +155,7 @@ def drain(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
             try:
                 task = orch.migrate(m.vm, m.dst)
             except FcqError as err:
-                m.outcome, m.reason = "failed", err.message
+                m.failed(err)
                 emit(m.vm, "failed", {"to": m.dst, "reason": err.message})
                 continue
             active[m.vm] = (task, m, time.monotonic())
@@ -173,10 +183,9 @@ def drain(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
                 m.detail = {"seconds": seconds, "downtime_ms": info.get("downtime_ms")}
                 emit(vm, "moved", {"to": m.dst, **m.detail})
             else:
-                m.outcome = "failed"
-                m.reason = (remote_error(info).message if state == "FAILURE"
-                            else f"not finished after {timeout:.0f} s (state {state})"
-                            if state != "SUCCESS" else f"ended on {info!r}")
+                m.failed(remote_error(info) if state == "FAILURE"
+                         else f"not finished after {timeout:.0f} s (state {state})"
+                         if state != "SUCCESS" else f"ended on {info!r}")
                 emit(vm, "failed", {"to": m.dst, "reason": m.reason})
     left = orch.hosts().get(host, {}).get("running", [])
     return {"host": host, "operation": "drain", "drained": True,
@@ -202,7 +211,7 @@ def evacuate_plan(orch: Orchestrator, host: str) -> list[Move]:
 
 
 def evacuate(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
-             timeout: float = 600) -> dict[str, Any]:
+             timeout: float = 600, force: bool = False) -> dict[str, Any]:
     """Start dead *host*'s online VMs on other hosts, each after its writers were fenced."""
     emit = on_event or (lambda vm, event, details: None)
     moves = evacuate_plan(orch, host)
@@ -212,9 +221,10 @@ def evacuate(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
             emit(m.vm, "unplaced", {"reason": m.reason})
             continue
         try:
-            tasks[m.vm] = (orch._vm_task("fcq.evacuate", "evacuate", m.vm, m.dst, dead=host), m)
+            tasks[m.vm] = (orch._vm_task("fcq.evacuate", "evacuate", m.vm, m.dst, dead=host,
+                                         force=force), m)
         except FcqError as err:
-            m.outcome, m.reason = "failed", err.message
+            m.failed(err)
             emit(m.vm, "failed", {"to": m.dst, "reason": err.message})
             continue
         emit(m.vm, "evacuating", {"to": m.dst})
@@ -222,13 +232,13 @@ def evacuate(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
         try:
             result = orch.wait(task, timeout=timeout)
         except FcqError as err:
-            m.outcome, m.reason = "failed", err.message
+            m.failed(err)
             emit(vm, "failed", {"to": m.dst, "reason": err.message})
             continue
-        m.outcome = "evacuated" if result.get("status") == "running" else "failed"
+        m.outcome = "evacuated"
         m.detail = {"fenced": result.get("fenced"), "status": result.get("status")}
-        if m.outcome == "failed":
-            m.reason = f"started nothing: {result.get('status')}"
+        if result.get("status") != "running":
+            m.failed(f"fenced, but it does not run there: {result.get('status')}")
         emit(vm, m.outcome, {"to": m.dst, **m.detail})
     return {"host": host, "operation": "evacuate",
             "evacuated": sum(m.outcome == "evacuated" for m in moves),

@@ -62,8 +62,15 @@ def set_drained(self: FcqTask, /, host: str | None = None, drained: object = Non
             "drained": mark, "changed": changed}
 
 
-def evacuate_here(agent: VMAgent, dead: str) -> dict[str, Any]:
-    """Boot *agent*'s VM here, in place of dead host *dead*, once its writers are fenced."""
+def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, Any]:
+    """Boot *agent*'s VM here, in place of dead host *dead*, once its writers are fenced.
+
+    *force*: go on although *dead*'s QEMU still watches the VM's images.
+    Fencing cuts a QEMU off its disks, not off the network: a guest that
+    still runs on a host taken for dead would answer on the VM's addresses
+    next to its new copy. So a live watch (which lapses ~30 s after a host
+    stops answering) is a sign of life that refuses the evacuation.
+    """
     settings = agent.settings
     me = settings.host
     with agent.locked():
@@ -91,6 +98,15 @@ def evacuate_here(agent: VMAgent, dead: str) -> dict[str, Any]:
         if dead in registry.hosts(client):
             raise Refused(f"{agent.name}: host {dead} has a fresh heartbeat: it is alive; "
                           f"use `fcq drain {dead}`", vm=agent.name, host=dead)
+        alive = agent.storage.live_writers(agent.name, dead)
+        if alive and not force:
+            clients = sorted({c for cs in alive.values() for c in cs})
+            raise Refused(f"{agent.name}: {dead}'s QEMU still watches its images (client "
+                          f"{', '.join(clients)}): it is alive and may still run the guest; "
+                          "fencing would cut its disks, not its network. Wait (the watch of "
+                          "a hung host lapses within ~30 s), power the host off, or "
+                          "evacuate --force", vm=agent.name, host=dead, clients=clients,
+                          rule="no evacuation while the dead host's QEMU shows signs of life")
         # force_unlock fences every writer before it breaks a lock: after
         # it, the dead host's QEMU can no longer write, whatever it does.
         broken = agent.force_unlock()["broken"]
@@ -104,14 +120,17 @@ def evacuate_here(agent: VMAgent, dead: str) -> dict[str, Any]:
 
 @app.task(bind=True, base=FcqTask, name="fcq.evacuate")
 def evacuate(self: FcqTask, /, vm: str | None = None, dead: str | None = None,
-             host: str | None = None, expires_at: object = None, **_: Any) -> dict[str, Any]:
+             host: str | None = None, force: object = False, expires_at: object = None,
+             **_: Any) -> dict[str, Any]:
     """Start VM *vm* of dead host *dead* on this host, after fencing its writers."""
     settings = current_settings()
     try:
         dead_host = _check_name("dead", dead, "the dead host's name")
         if dead_host == settings.host:
             raise BadRequest("dead", f"names this host ({settings.host}), which is alive")
+        if not isinstance(force, bool):
+            raise BadRequest("force", f"must be true or false (got {force!r})")
     except FcqError as err:
         raise self.fail(err) from err
     return run_on_vm(self, "evacuate", vm, host,
-                     lambda agent: evacuate_here(agent, dead_host), expires_at)
+                     lambda agent: evacuate_here(agent, dead_host, force), expires_at)

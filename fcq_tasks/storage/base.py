@@ -132,6 +132,10 @@ class Storage(Protocol):
         """
         ...
 
+    def live_writers(self, vm: str, host: str) -> dict[str, list[str]]:
+        """Per volume, the clients *host* started that still have it open (RBD: watch it)."""
+        ...
+
     def take_over(self, vm: str, volume: str, from_host: str,
                   expect_cookie: str | None) -> list[str]:
         """Fence *from_host* and hand its lock to this host on its behalf (a rescue).

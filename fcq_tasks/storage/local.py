@@ -251,6 +251,9 @@ class LocalStorage:
     def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
         pass  # nothing to fence with
 
+    def live_writers(self, vm: str, host: str) -> dict[str, list[str]]:
+        return {}  # no clients known: local files are written by this host only
+
     def take_over(self, vm: str, volume: str, from_host: str,
                   expect_cookie: str | None) -> list[str]:
         raise StorageError(f"{vm}: local storage cannot fence host {from_host}: no take-over",

@@ -358,6 +358,27 @@ class RbdStorage:
                 out[volume] = set()
         return out
 
+    def live_writers(self, vm: str, host: str) -> dict[str, list[str]]:
+        """Per volume, *host*'s recorded QEMU clients that still hold a watch on it.
+
+        A watch lapses ~30 s (osd_client_watch_timeout) after its client stops
+        answering the OSDs: one that is still there means *host*'s QEMU is
+        alive and talking to Ceph.
+        """
+        out: dict[str, list[str]] = {}
+        for volume in VOLUMES:
+            def live(conn: Any, img: Any) -> list[str]:
+                mine = set(fence.recorded(img.ioctx, img.name).get(host, []))
+                watching = {fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
+                return sorted(mine & watching)
+            try:
+                found = self._with_image(vm, volume, live)
+            except rbd.ImageNotFound:
+                continue
+            if found:
+                out[volume] = found
+        return out
+
     def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
         for volume in VOLUMES:
             def note(conn: Any, img: Any, volume: str = volume) -> None:
