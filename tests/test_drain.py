@@ -49,6 +49,15 @@ def test_placement_by_free_memory_largest_first() -> None:
     assert "delta" not in {m.dst for m in moves.values()}
 
 
+def test_placement_prefers_the_host_the_config_names() -> None:
+    hosts = {"alpha": record(4096, vms=("a",)), "beta": record(4096, vms=("a",)),
+             "gamma": record(1000, vms=("a",))}
+    assert place([("a", 128)], "alpha", hosts)[0].dst == "beta"  # most free
+    assert place([("a", 128)], "alpha", hosts, preferred={"a": "gamma"})[0].dst == "gamma"
+    # ... unless it has no room there.
+    assert place([("a", 2000)], "alpha", hosts, preferred={"a": "gamma"})[0].dst == "beta"
+
+
 def test_placement_reasons() -> None:
     hosts = {"alpha": record(4096), "beta": record(4096, vms=("known",)),
              "gamma": record(4096, vms=("known",), storage="local")}

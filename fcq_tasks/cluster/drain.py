@@ -66,10 +66,13 @@ def free_mb(record: dict[str, Any]) -> int:
 
 
 def place(vms: list[tuple[str, int]], src: str, hosts: dict[str, dict[str, Any]],
-          fencing: bool = False) -> list[Move]:
+          fencing: bool = False, preferred: dict[str, str] | None = None) -> list[Move]:
     """Where each of *vms* (name, MB) on *src* goes; a Move without dst says why not.
 
     *fencing*: only hosts whose storage can fence a dead host (evacuate).
+    *preferred*: VM → the host its config already names (``kvm_host``),
+    taken when it can: the VM was on its way there anyway, and a move
+    elsewhere would race the migration its own ensure starts.
     """
     candidates = {h: r for h, r in hosts.items() if h != src and not r.get("drained")}
     unfit = {}
@@ -94,7 +97,8 @@ def place(vms: list[tuple[str, int]], src: str, hosts: dict[str, dict[str, Any]]
             move.reason = (f"needs {memory} MB; the most free on a host with its config is "
                            f"{free[best]} MB ({best})")
         else:
-            move.dst = sorted(fits, key=lambda h: (-free[h], h))[0]
+            want = (preferred or {}).get(vm)
+            move.dst = want if want in fits else sorted(fits, key=lambda h: (-free[h], h))[0]
             free[move.dst] -= memory
         move.outcome = "planned" if move.dst else "unplaced"
         move.exit_code = 0 if move.dst else 4
@@ -117,7 +121,9 @@ def drain_plan(orch: Orchestrator, host: str) -> list[Move]:
     record = hosts[host]
     vms = [(vm, int(record["vms"].get(vm, {}).get("memory_mb") or 0))
            for vm in record["running"]]
-    return place(vms, host, hosts)
+    preferred = {vm: str(conf["kvm_host"]) for vm, conf in record["vms"].items()
+                 if conf.get("kvm_host") not in (None, host)}
+    return place(vms, host, hosts, preferred=preferred)
 
 
 def set_drained(orch: Orchestrator, host: str, drained: bool,
