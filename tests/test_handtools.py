@@ -49,6 +49,14 @@ def test_held_locks_keep_every_host_from_starting_the_vm(make_host: HostFactory,
     assert owners(alpha) == {"alpha"} and not alpha.qemu_processes()
     plan = alpha.fcq("plan", "vm01")
     assert "held by hand" in plan.stdout
+    # stop and kill clean up, but keep what is held by hand; force-unlock
+    # on the holder itself is refused (unlock is how they are given back).
+    for command in ("stop", "kill"):
+        assert alpha.fcq(command, "vm01").returncode == 0
+        assert owners(alpha) == {"alpha"}, command
+    refused_break = alpha.fcq("force-unlock", "vm01")
+    assert refused_break.returncode == 4 and "fcq unlock" in refused_break.stderr
+    assert owners(alpha) == {"alpha"}
     start = alpha.fcq("start", "vm01")
     assert start.returncode == 4 and "held by hand" in start.stderr
     # Another host can neither take them nor start the VM.
@@ -80,7 +88,8 @@ def test_human_monitor_answers_and_refuses_what_fcq_owns(make_host: HostFactory)
     out = host.fcq("monitor", "vm01", "-e", "info status", "-e", "info name")
     assert out.returncode == 0, out.stderr
     assert "VM status: running" in out.stdout and "vm01" in out.stdout
-    for command in ("cont", "quit", "migrate tcp:127.0.0.1:1"):
+    for command in ("cont", "stop", "quit", "migrate tcp:127.0.0.1:1", "snapshot_blkdev x y",
+                    "nbd_server_start 127.0.0.1:10809"):
         refused = host.fcq("monitor", "vm01", "-e", command)
         assert refused.returncode == 2 and "refused here" in refused.stderr, command
     assert host.agent("vm01").status()["status"] == "running"
@@ -88,10 +97,10 @@ def test_human_monitor_answers_and_refuses_what_fcq_owns(make_host: HostFactory)
     # so fcq's own monitor use between them is never shut out.
     env = {**os.environ, "FCQ_CONFIG": str(host.settings_file)}
     piped = subprocess.run([sys.executable, "-m", "fcq_tasks", "--local", "monitor", "vm01"],
-                           input="info status\nstop\ninfo status\ncont\n", text=True,
+                           input="info status\nstop\ninfo name\n", text=True,
                            capture_output=True, env=env, timeout=60, check=False)
-    assert "VM status: running" in piped.stdout and "VM status: paused" in piped.stdout
-    assert piped.returncode == 2  # the cont
-    assert host.agent("vm01").status()["status"] == "paused"
+    assert "VM status: running" in piped.stdout and "vm01" in piped.stdout
+    assert piped.returncode == 2 and "'stop' is refused" in piped.stderr
+    assert host.agent("vm01").status()["status"] == "running"
     stopped = host.fcq("monitor", "other", "-e", "info status")
     assert stopped.returncode == 4 and "no QEMU runs" in stopped.stderr

@@ -56,16 +56,19 @@ def test_progress_rewrites_one_line_on_a_terminal() -> None:
     assert text.count("\r\x1b[K") == 2
     assert "[############............]  50%" in text
     assert "[########################] 100%" in text
+    # The bar's line is ended before the final state's line.
+    assert text.rstrip().endswith("success  [0.0s]") and "100%" in text.splitlines()[-2]
 
 
-def test_progress_is_plain_lines_when_piped(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_is_plain_lines_when_piped() -> None:
     stream = io.StringIO()
     show = Progress("vm01 copy", quiet=False, stream=stream)
     show("PROGRESS", copying(50, 50))
     show("PROGRESS", copying(100, 0))
-    err = capsys.readouterr().err
-    assert "\r" not in err and err.count("\n") == 2
-    assert "copying transferred=50 remaining=50" in err
+    show("SUCCESS", None)
+    text = stream.getvalue()
+    assert "\r" not in text and text.count("\n") == 3
+    assert "copying transferred=50 remaining=50" in text and "vm01 copy: success" in text
 
 
 def test_drain_view_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,7 +58,7 @@ class DrainView:
             return
         if event in ("planned", "evacuating") and details.get("to"):
             self.planned += 1
-        if event in ("moved", "evacuated", "failed"):
+        if event in ("moved", "evacuated", "failed", "not-started", "in-flight"):
             self.copies.pop(vm, None)
             self.done += 1
         extra = "".join(f" {k}={v}" for k, v in details.items()
@@ -115,8 +115,12 @@ def run(orch: Orchestrator, args: argparse.Namespace, out: Output, quiet: bool) 
                 + (f"; still running there: {', '.join(left)}" if left else "; empty"))
     else:
         text = (f"{host}: {summary['evacuated']} VM(s) started elsewhere after fencing, "
-                f"{summary['not_evacuated']} not")
+                f"{summary['not_evacuated']} not" if summary["vms"] else
+                f"{host}: no live host's config puts an online VM on it: nothing to evacuate "
+                f"(a VM whose config only {host} has is not seen from here)")
     lines = [text] + [f"  {r['vm']}: {r['outcome']}" + (f" -> {r['to']}" if r["to"] else "")
                       + (f" ({r['reason']})" if r["reason"] else "") for r in summary["vms"]]
     out.result(summary, "\n".join(lines))
     out.code = max([out.code, *(int(r["exit_code"]) for r in summary["vms"])])
+    if summary.get("still_running"):
+        out.code = max(out.code, 4)  # not empty: something arrived or stayed

@@ -76,7 +76,8 @@ def describe(result: dict[str, Any]) -> str:
                 f"({', '.join(result['volumes'])}); nothing starts it until fcq unlock")
     if op == "unlock":
         text = (f"{result['vm']}: released {', '.join(result['released'])}"
-                if result["released"] else f"{result['vm']}: held no locks here")
+                if result["released"] else f"{result['vm']}: held no locks here"
+                + (" (the hand mark is lifted)" if result["outcome"] == "released" else ""))
         return text + (f"; {result['note']}" if result.get("note") else "")
     if op == "snapshot":
         if result.get("outcome") == "exists":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
@@ -61,7 +62,7 @@ class Progress:
             detail = " (queued)"
         elapsed = f"[{time.monotonic() - self.t0:.1f}s]"
         if not self._tty():
-            say(f"  {self.label}: {state.lower()}{detail}  {elapsed}", err=True)
+            self._say(f"  {self.label}: {state.lower()}{detail}  {elapsed}")
             return
         stream = self.stream or sys.stderr
         if fraction is not None:
@@ -74,7 +75,15 @@ class Progress:
         if self._open:
             stream.write("\n")
             self._open = False
-        say(f"  {self.label}: {state.lower()}{detail}  {elapsed}", err=True)
+        self._say(f"  {self.label}: {state.lower()}{detail}  {elapsed}")
+
+    def _say(self, text: str) -> None:
+        if self.stream is None:
+            say(text, err=True)
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
 
 def fraction_done(step: str, details: dict[str, Any]) -> float | None:

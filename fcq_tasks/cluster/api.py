@@ -48,7 +48,7 @@ VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock", "
 EXPIRING_TASKS = frozenset({"fcq.start", "fcq.stop", "fcq.restart", "fcq.kill",
                             "fcq.force_unlock", "fcq.snapshot", "fcq.remove_snapshot",
                             "fcq.resize", "fcq.upgrade", "fcq.evacuate", "fcq.lock",
-                            "fcq.unlock"})
+                            "fcq.unlock", "fcq.set_drained"})
 
 #: How often wait() polls the result backend.
 POLL_INTERVAL = 0.2
@@ -362,7 +362,10 @@ class Orchestrator:
 
     def state(self, task_id: str) -> tuple[str, Any]:
         res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
-        return res.state, res.info
+        try:
+            return res.state, res.info
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
 
     def migration_progress(self, vm: str) -> tuple[str, Any] | None:
         """State of the source half of vm's migration in flight (its copy progress)."""

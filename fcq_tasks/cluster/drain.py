@@ -139,7 +139,12 @@ def set_drained(orch: Orchestrator, host: str, drained: bool,
 
 def drain(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
           timeout: float = 3600) -> dict[str, Any]:
-    """Mark *host* drained, then live-migrate its running VMs away; the summary."""
+    """Mark *host* drained, then live-migrate its running VMs away; the summary.
+
+    No migration is started once *timeout* has passed or the host was
+    undrained meanwhile; one still in flight then is reported with its
+    task id (it goes on: `fcq wait ID`).
+    """
     emit = on_event or (lambda vm, event, details: None)
     set_drained(orch, host, True)
     moves = drain_plan(orch, host)
@@ -152,6 +157,13 @@ def drain(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
     used: dict[str, int] = {}
     deadline = time.monotonic() + timeout
     while pending or active:
+        halt = _halt(orch, host, deadline, timeout) if pending else ""
+        if halt:
+            for m in pending:
+                m.failed(f"not started: {halt}")
+                m.outcome = "not-started"
+                emit(m.vm, "not-started", {"to": m.dst, "reason": halt})
+            pending = []
         for m in list(pending):
             assert m.dst is not None
             if used.get(host, 0) >= limits.get(host, 1) or \
@@ -172,32 +184,57 @@ def drain(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
             break
         time.sleep(POLL)
         for vm, (task, m, t0) in list(active.items()):
-            state, info = orch.state(task)
-            if state not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
-                copy = orch.migration_progress(vm)
-                if copy is not None and copy[0] == "PROGRESS" and isinstance(copy[1], dict):
-                    emit(vm, "copying", {"to": m.dst, **{k: copy[1].get(k) for k in (
-                        "transferred", "remaining", "mbps")}})
-                continue
+            try:
+                state, info = orch.state(task)
+            except FcqError:
+                continue  # Redis away for a moment: the migration goes on; look again
+            if state not in ("SUCCESS", "FAILURE"):
+                if time.monotonic() < deadline:
+                    _copy_progress(orch, vm, m, emit)
+                    continue
+                m.failed(f"still in flight after {timeout:.0f} s: fcq wait {task}")
+                m.outcome, m.detail = "in-flight", {"task_id": task}
+            elif state == "SUCCESS" and isinstance(info, dict) and info.get("to") == m.dst:
+                m.outcome = "moved"
+                m.detail = {"seconds": round(time.monotonic() - t0, 1),
+                            "downtime_ms": info.get("downtime_ms")}
+            else:
+                m.failed(remote_error(info) if state == "FAILURE" else
+                         f"the migration ended with the VM on {info.get('to')}"
+                         if isinstance(info, dict) else f"the migration ended: {state}")
             del active[vm]
             assert m.dst is not None
             for h in (host, m.dst):
                 used[h] -= 1
-            seconds = round(time.monotonic() - t0, 1)
-            if state == "SUCCESS" and isinstance(info, dict) and info.get("to") == m.dst:
-                m.outcome = "moved"
-                m.detail = {"seconds": seconds, "downtime_ms": info.get("downtime_ms")}
-                emit(vm, "moved", {"to": m.dst, **m.detail})
-            else:
-                m.failed(remote_error(info) if state == "FAILURE"
-                         else f"not finished after {timeout:.0f} s (state {state})"
-                         if state != "SUCCESS" else f"ended on {info!r}")
-                emit(vm, "failed", {"to": m.dst, "reason": m.reason})
-    left = orch.hosts().get(host, {}).get("running", [])
-    return {"host": host, "operation": "drain", "drained": True,
+            emit(vm, m.outcome, {"to": m.dst, "reason": m.reason, **m.detail})
+    try:
+        record = orch.hosts().get(host, {})
+    except FcqError:
+        record = {}
+    return {"host": host, "operation": "drain", "drained": record.get("drained"),
             "moved": sum(m.outcome == "moved" for m in moves),
             "not_moved": sum(m.outcome != "moved" for m in moves),
-            "still_running": sorted(left), "vms": [m.row() for m in moves]}
+            "still_running": sorted(record.get("running", [])),
+            "vms": [m.row() for m in moves]}
+
+
+def _halt(orch: Orchestrator, host: str, deadline: float, timeout: float) -> str:
+    """Why no further migration may start now ("" if they may)."""
+    if time.monotonic() >= deadline:
+        return f"the drain's {timeout:.0f} s are up"
+    try:
+        if not orch.hosts().get(host, {}).get("drained"):
+            return f"{host} was undrained meanwhile"
+    except FcqError:
+        pass  # Redis away: the mark is on the host itself and stays
+    return ""
+
+
+def _copy_progress(orch: Orchestrator, vm: str, m: Move, emit: OnEvent) -> None:
+    copy = orch.migration_progress(vm)
+    if copy is not None and copy[0] == "PROGRESS" and isinstance(copy[1], dict):
+        emit(vm, "copying", {"to": m.dst, **{k: copy[1].get(k) for k in (
+            "transferred", "remaining", "mbps")}})
 
 
 def evacuate_plan(orch: Orchestrator, host: str) -> list[Move]:
@@ -209,11 +246,20 @@ def evacuate_plan(orch: Orchestrator, host: str) -> list[Move]:
                       f"dead host (its VMs are booted elsewhere): use fcq drain {host}",
                       host=host, rule="evacuate only a host without a heartbeat")
     vms: dict[str, int] = {}
-    for record in hosts.values():
+    taken: dict[str, str] = {}  # VMs a live host runs or claims already: not the dead one's
+    for name, record in hosts.items():
+        for vm in record.get("running", []):
+            taken[vm] = f"runs on {name}"
         for vm, conf in record.get("vms", {}).items():
+            if conf.get("kvm_host") == name:
+                taken.setdefault(vm, f"{name}'s config puts it there")
             if conf.get("kvm_host") == host and conf.get("online"):
                 vms[vm] = max(vms.get(vm, 0), int(conf.get("memory_mb") or 0))
-    return place(sorted(vms.items()), host, hosts, fencing=True)
+    moves = place(sorted((v, m) for v, m in vms.items() if v not in taken), host, hosts,
+                  fencing=True)
+    moves += [Move(vm, vms[vm], host, outcome="elsewhere", reason=taken[vm])
+              for vm in vms if vm in taken]
+    return sorted(moves, key=lambda m: m.vm)
 
 
 def evacuate(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
@@ -223,8 +269,9 @@ def evacuate(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
     moves = evacuate_plan(orch, host)
     tasks = {}
     for m in moves:
+        emit(m.vm, "planned" if m.dst else m.outcome, {"to": m.dst, "reason": m.reason})
+    for m in moves:
         if m.dst is None:
-            emit(m.vm, "unplaced", {"reason": m.reason})
             continue
         try:
             tasks[m.vm] = (orch._vm_task("fcq.evacuate", "evacuate", m.vm, m.dst, dead=host,
@@ -248,5 +295,5 @@ def evacuate(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
         emit(vm, m.outcome, {"to": m.dst, **m.detail})
     return {"host": host, "operation": "evacuate",
             "evacuated": sum(m.outcome == "evacuated" for m in moves),
-            "not_evacuated": sum(m.outcome != "evacuated" for m in moves),
+            "not_evacuated": sum(m.outcome not in ("evacuated", "elsewhere") for m in moves),
             "vms": [m.row() for m in moves]}

@@ -22,15 +22,17 @@ from fcq_tasks.cluster.celeryapp import app
 from fcq_tasks.cluster.tasks import (
     FcqTask,
     _check_name,
+    check_expiry,
     current_settings,
     heartbeat,
     refuse_live_holder,
     run_on_vm,
     vm_task,
 )
-from fcq_tasks.config.vmspec import spec_path, update_vm_file
-from fcq_tasks.errors import BadRequest, FcqError, Refused
+from fcq_tasks.config.vmspec import VMSpec, spec_path, update_vm_file
+from fcq_tasks.errors import BadRequest, FcqError, MemoryLimitExceeded, Refused, ShrinkRefused
 from fcq_tasks.host import handtools, maintenance
+from fcq_tasks.host.admission import booked_memory
 from fcq_tasks.host.agent import VMAgent
 
 #: An operator's hand locks (fcq lock / fcq unlock), imperative like start.
@@ -40,8 +42,13 @@ unlock = vm_task("unlock", "unlock", handtools.unlock_by_hand)
 
 @app.task(bind=True, base=FcqTask, name="fcq.set_drained")
 def set_drained(self: FcqTask, /, host: str | None = None, drained: object = None,
-                reason: object = None, **_: Any) -> dict[str, Any]:
-    """Drain this host (``drained=True``) or put it back into service (``False``)."""
+                reason: object = None, expires_at: object = None,
+                **_: Any) -> dict[str, Any]:
+    """Drain this host (``drained=True``) or put it back into service (``False``).
+
+    Imperative, so it expires: an undrain redelivered after a later drain
+    must not put a host in maintenance back into service.
+    """
     settings = current_settings()
     try:
         if host != settings.host:
@@ -50,11 +57,12 @@ def set_drained(self: FcqTask, /, host: str | None = None, drained: object = Non
             raise BadRequest("drained", f"must be true or false (got {drained!r})")
         if reason is not None and not isinstance(reason, str):
             raise BadRequest("reason", f"must be text (got {reason!r})")
+        check_expiry(settings.host, "drain" if drained else "undrain", expires_at)
     except FcqError as err:
         raise self.fail(err) from err
+    mark: dict[str, Any] | None
     if drained:
-        mark: dict[str, Any] | None = maintenance.mark_drained(settings, reason or "fcq drain")
-        changed = True
+        mark, changed = maintenance.mark_drained(settings, reason or "fcq drain")
     else:
         changed, mark = maintenance.clear_drained(settings), None
     heartbeat(settings)  # placement must see the mark before anything moves
@@ -65,11 +73,14 @@ def set_drained(self: FcqTask, /, host: str | None = None, drained: object = Non
 def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, Any]:
     """Boot *agent*'s VM here, in place of dead host *dead*, once its writers are fenced.
 
-    *force*: go on although *dead*'s QEMU still watches the VM's images.
-    Fencing cuts a QEMU off its disks, not off the network: a guest that
-    still runs on a host taken for dead would answer on the VM's addresses
-    next to its new copy. So a live watch (which lapses ~30 s after a host
-    stops answering) is a sign of life that refuses the evacuation.
+    Everything that would make the boot fail is checked before anything is
+    fenced or broken (the config wants it online, its disks fit, this host
+    has the memory), so a refusal changes nothing. *force*: go on although
+    another client still watches the VM's images. Fencing cuts a QEMU off
+    its disks, not off the network: a guest that still runs on a host taken
+    for dead would answer on the VM's addresses next to its new copy, so a
+    live watch (which lapses ~30 s after a host stops answering) is a sign
+    of life that refuses the evacuation.
     """
     settings = agent.settings
     me = settings.host
@@ -84,7 +95,7 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
         if spec.kvm_host != dead:
             raise Refused(f"{agent.name}: config puts it on {spec.kvm_host}, not on {dead}: "
                           "not evacuated", vm=agent.name, kvm_host=spec.kvm_host)
-        maintenance.refuse_if_drained(settings, agent.name, "start")
+        _check_can_boot(agent, spec)
         if not agent.storage.fences:
             raise Refused(f"{agent.name}: storage {settings.storage} cannot fence host {dead}: "
                           f"its disks are {dead}'s own, and nothing here can stop {dead} "
@@ -95,27 +106,59 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
         # Read now, under the VM's lock: the dead host may have come back
         # since the orchestrator looked.
         refuse_live_holder(agent, client)
-        if dead in registry.hosts(client):
-            raise Refused(f"{agent.name}: host {dead} has a fresh heartbeat: it is alive; "
-                          f"use `fcq drain {dead}`", vm=agent.name, host=dead)
-        alive = agent.storage.live_writers(agent.name, dead)
+        _refuse_alive(agent, client, dead)
+        alive = agent.storage.other_watchers(agent.name)
         if alive and not force:
             clients = sorted({c for cs in alive.values() for c in cs})
-            raise Refused(f"{agent.name}: {dead}'s QEMU still watches its images (client "
-                          f"{', '.join(clients)}): it is alive and may still run the guest; "
-                          "fencing would cut its disks, not its network. Wait (the watch of "
-                          "a hung host lapses within ~30 s), power the host off, or "
-                          "evacuate --force", vm=agent.name, host=dead, clients=clients,
-                          rule="no evacuation while the dead host's QEMU shows signs of life")
-        # force_unlock fences every writer before it breaks a lock: after
-        # it, the dead host's QEMU can no longer write, whatever it does.
-        broken = agent.force_unlock()["broken"]
+            raise Refused(f"{agent.name}: its images are still watched (client "
+                          f"{', '.join(clients)}): {dead}'s QEMU, or another user of the "
+                          "disks, is alive; fencing would cut its disks, not its network. "
+                          "Wait (the watch of a hung host lapses within ~30 s), power the "
+                          "host off, or evacuate --force", vm=agent.name, host=dead,
+                          clients=clients,
+                          rule="no evacuation while the VM's disks show signs of life")
+        # force_unlock fences every writer before it breaks a lock, and
+        # breaks only locks *dead* holds, read as it breaks them: a host
+        # that took the VM meanwhile keeps its lock.
+        broken = agent.force_unlock(only_from=dead)["broken"]
+        # Came back while we fenced? Its guest has lost its disks; booting
+        # here too would put a second copy on the network.
+        _refuse_alive(agent, client, dead, fenced=True)
         update_vm_file(spec_path(settings.vm_config_dir, agent.name), {"kvm_host": me},
                        bump_version=True)
         agent.log.warning("evacuated", action="evacuate", dead=dead, broken=broken)
         result = agent.ensure()
     result.update(operation="evacuate", outcome="evacuated", fenced=broken, dead=dead)
     return result
+
+
+def _check_can_boot(agent: VMAgent, spec: VMSpec) -> None:
+    """Refuse, before anything is fenced, what would make the boot here fail."""
+    maintenance.refuse_if_drained(agent.settings, agent.name, "start")
+    maintenance.refuse_if_held(agent.settings, agent.name)
+    if not spec.online:
+        raise Refused(f"{agent.name}: this host's config says online: false: nothing to "
+                      "start, nothing fenced", vm=agent.name, field="online")
+    for volume in agent.storage.volumes(agent.name):
+        if volume.name == "root" and volume.size is not None and volume.size > spec.disk_bytes:
+            raise ShrinkRefused(agent.name, "root", volume.size, spec.disk_bytes)
+    s = agent.settings
+    booked = sum(booked_memory(s.run_dir, s.qmp_timeout, exclude=agent.name).values())
+    if booked + spec.memory_mb > s.vm_max_total_memory:
+        raise MemoryLimitExceeded(agent.name, spec.memory_mb, booked, s.vm_max_total_memory)
+
+
+def _refuse_alive(agent: VMAgent, client: Any, dead: str, fenced: bool = False) -> None:
+    try:
+        live = registry.hosts(client)
+    except Exception as err:  # unreadable is as bad as alive: never decide blind
+        raise Refused(f"{agent.name}: cannot read the host registry ({err}): not evacuated",
+                      vm=agent.name) from err
+    if dead in live:
+        after = (" It came back while its writers were being fenced: its guest has lost "
+                 f"its disks; restart it there (fcq restart {agent.name})") if fenced else ""
+        raise Refused(f"{agent.name}: host {dead} has a fresh heartbeat: it is alive; use "
+                      f"`fcq drain {dead}`.{after}", vm=agent.name, host=dead)
 
 
 @app.task(bind=True, base=FcqTask, name="fcq.evacuate")

@@ -346,7 +346,7 @@ class VMAgent(VMSteps):
                 self.log.warning("orphan-running", action="nothing", found=found.run.value,
                                  detail="runs without a config file: restore or remove it")
                 return self._result("ensure", "unknown", found, [], found)
-            self.clean_up()
+            self.clean_up(keep_locks=maintenance.held(self.settings, self.name))
             return self._result("ensure", "unknown", found, ["clean-up"], self.observe())
 
     def start(self) -> dict[str, Any]:
@@ -389,7 +389,8 @@ class VMAgent(VMSteps):
                 done.append("stop")
             if found.run is not Run.STOPPED or any(
                     o == self.settings.host for o in found.lock_owners.values()):
-                self.clean_up()
+                # Locks held by hand (fcq lock) stay held: only fcq unlock gives them back.
+                self.clean_up(keep_locks=maintenance.held(self.settings, self.name))
                 done.append("clean-up")
             return self._result("stop", "stopped", found, done, self.observe())
 
@@ -412,25 +413,29 @@ class VMAgent(VMSteps):
             if self.process() is not None:
                 self.kill_qemu()
                 done.append("kill")
-            self.clean_up()
+            self.clean_up(keep_locks=maintenance.held(self.settings, self.name))
             done.append("clean-up")
             return self._result("kill", "stopped", found, done, self.observe())
 
-    def force_unlock(self) -> dict[str, Any]:
+    def force_unlock(self, only_from: str | None = None) -> dict[str, Any]:
         """Break every lock of the VM's volumes, whoever holds them.
 
         Refused while the VM's QEMU runs here: breaking our own live lock
         would invite a second writer. For a lock of another host the
-        operator vouches that that host's QEMU is gone.
+        operator vouches that that host's QEMU is gone. *only_from*: only
+        that host's locks may be broken; one held by anyone else, read as
+        it is broken, refuses (an evacuation must not break the lock of a
+        host that took the VM meanwhile).
         """
         with self.locked():
             self._refuse_impostor(self.observe())
             if self.process() is not None:
                 raise Refused(f"{self.name}: runs on this host; stop it before breaking locks",
                               vm=self.name)
+            maintenance.refuse_if_held(self.settings, self.name, "fcq unlock gives them back")
             broken = {}
             for volume in VOLUMES:
-                owner = self.storage.force_unlock(self.name, volume)
+                owner = self.storage.force_unlock(self.name, volume, only_from=only_from)
                 if owner is not None:
                     broken[volume] = owner
                     self.log.warning("lock-broken", action="force-unlock", volume=volume,

@@ -16,7 +16,7 @@ without its locks invites a second writer).
 the VM's operation lock, never one session held open while an operator
 types: fcq's own sweeps need the monitor too, and a monitor kept busy
 would look silent, which ensure ends by killing the QEMU. The commands
-that would bypass fcq's own bookkeeping are refused (see REFUSED).
+that fcq's bookkeeping stands on are refused: only ALLOWED passes.
 """
 
 from __future__ import annotations
@@ -31,16 +31,23 @@ from fcq_tasks.host import maintenance
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.storage import VOLUMES
 
-#: HMP commands fcq owns: the way to do them is the fcq command named.
-REFUSED = {
-    "cont": "fcq ensure (a paused copy may be one that must never run again)",
-    "c": "fcq ensure (a paused copy may be one that must never run again)",
-    "quit": "fcq stop or fcq kill (they release the locks)",
-    "q": "fcq stop or fcq kill (they release the locks)",
-    "migrate": "fcq migrate",
-    "migrate_incoming": "fcq migrate",
-    "block_resize": "fcq resize (the config must grow first)",
-}
+#: The HMP commands `fcq monitor` passes on: looking, and what a console
+#: user does to a guest (keys, ACPI button, reset). Everything else is
+#: refused, because fcq's bookkeeping stands on it: `stop` leaves a guest
+#: paused that only fcq may resume (a paused copy may be one that must never
+#: run again), `cont`/`quit`/`migrate*` belong to ensure, stop, kill and
+#: migrate, and block commands (snapshot_blkdev, drive_mirror, nbd_server_*,
+#: block_resize, drive_del, …) would write or expose the disks outside the
+#: locks and fencing.
+ALLOWED = frozenset({"info", "help", "?", "sendkey", "screendump", "system_powerdown",
+                     "system_reset", "x", "xp", "print", "p", "log", "mouse_move",
+                     "mouse_button"})
+
+#: Where the refused commands operators reach for most are done in fcq.
+INSTEAD = {"cont": "fcq ensure, or fcq restart", "c": "fcq ensure, or fcq restart",
+           "stop": "nothing: a paused guest is left to the operator, and only fcq resumes",
+           "quit": "fcq stop or fcq kill", "q": "fcq stop or fcq kill",
+           "migrate": "fcq migrate", "block_resize": "fcq resize"}
 
 
 def lock_by_hand(agent: VMAgent) -> dict[str, Any]:
@@ -58,6 +65,10 @@ def lock_by_hand(agent: VMAgent) -> dict[str, Any]:
             raise Refused(f"{agent.name}: locked by host {others[0]}; a live holder releases "
                           f"them itself, a dead one loses them to `fcq force-unlock`",
                           vm=agent.name, host=others[0])
+        missing = [v.name for v in agent.storage.volumes(agent.name) if v.size is None]
+        if missing:
+            raise Refused(f"{agent.name}: has no volume {', '.join(missing)} yet (never "
+                          "started): nothing to hold", vm=agent.name)
         taken = agent.take_locks()  # all or none
         mark = maintenance.held_mark(agent.settings, agent.name)
         mark.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +87,7 @@ def unlock_by_hand(agent: VMAgent) -> dict[str, Any]:
             raise Refused(f"{agent.name}: runs on this host: its locks belong to its QEMU; "
                           "`fcq stop` releases them", vm=agent.name,
                           rule="a running QEMU keeps its locks")
-        ours = [v for v, o in found.lock_owners.items() if o == agent.settings.host]
+        ours = sorted(v for v, o in found.lock_owners.items() if o == agent.settings.host)
         others = sorted({o for o in found.lock_owners.values()
                          if o is not None and o != agent.settings.host})
         was_held = maintenance.held(agent.settings, agent.name)
@@ -97,9 +108,11 @@ def human_monitor(agent: VMAgent, line: str) -> str:
     words = line.split()
     if not words:
         return ""
-    if words[0] in REFUSED:
-        raise BadRequest("command", f"{words[0]!r} is refused here: use "
-                         f"{REFUSED[words[0]]}")
+    if words[0] not in ALLOWED:
+        instead = INSTEAD.get(words[0])
+        raise BadRequest("command", f"{words[0]!r} is refused here"
+                         + (f" (instead: {instead})" if instead else "")
+                         + f"; fcq monitor runs only: {', '.join(sorted(ALLOWED))}")
     with agent.locked():
         if agent.process() is None:
             raise Refused(f"{agent.name}: no QEMU runs on this host", vm=agent.name)

@@ -46,15 +46,15 @@ def drained(settings: HostSettings) -> dict[str, Any] | None:
     return mark if isinstance(mark, dict) else {"since": None, "reason": "unreadable mark"}
 
 
-def mark_drained(settings: HostSettings, reason: str) -> dict[str, Any]:
-    """Drain this host (again: the first mark's time is kept)."""
+def mark_drained(settings: HostSettings, reason: str) -> tuple[dict[str, Any], bool]:
+    """Drain this host (again: the first mark's time is kept); the mark, and if it is new."""
     current = drained(settings)
     if current is not None and current.get("since") is not None:
-        return current
+        return current, False
     mark = {"since": time.time(), "reason": reason}
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(settings.state_dir / MARK, json.dumps(mark) + "\n", mode=0o644)
-    return mark
+    return mark, True
 
 
 def clear_drained(settings: HostSettings) -> bool:
@@ -88,8 +88,8 @@ def held(settings: HostSettings, vm: str) -> bool:
     return held_mark(settings, vm).exists()
 
 
-def refuse_if_held(settings: HostSettings, vm: str) -> None:
+def refuse_if_held(settings: HostSettings, vm: str, why: str = "") -> None:
     if held(settings, vm):
-        raise Refused(f"{vm}: its locks are held by hand on {settings.host} (fcq lock): it is "
-                      f"not started until `fcq unlock {vm}`", vm=vm, host=settings.host,
-                      rule="a VM held by hand is not started")
+        raise Refused(f"{vm}: its locks are held by hand on {settings.host} (fcq lock): "
+                      + (why or f"it is not started until `fcq unlock {vm}`"), vm=vm,
+                      host=settings.host, rule="a VM held by hand keeps its locks, not started")

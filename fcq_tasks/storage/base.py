@@ -111,13 +111,15 @@ class Storage(Protocol):
         """Mark a lock handed to this host as taken on (its VM runs here for good)."""
         ...
 
-    def force_unlock(self, vm: str, volume: str,
-                     keep: frozenset[str] = frozenset()) -> str | None:
+    def force_unlock(self, vm: str, volume: str, keep: frozenset[str] = frozenset(),
+                     only_from: str | None = None) -> str | None:
         """Break the lock whoever holds it; return the previous owner.
 
         Where the backend can, the old holder is fenced first (RBD: every
         client that could write the image is blocklisted, except this
-        process's and the client addresses in *keep*).
+        process's and the client addresses in *keep*). *only_from*: refuse
+        (LockedByOtherHost, nothing fenced) if another host holds it, read
+        at the moment of breaking, not when the caller decided to.
         """
         ...
 
@@ -132,8 +134,8 @@ class Storage(Protocol):
         """
         ...
 
-    def live_writers(self, vm: str, host: str) -> dict[str, list[str]]:
-        """Per volume, the clients *host* started that still have it open (RBD: watch it)."""
+    def other_watchers(self, vm: str) -> dict[str, list[str]]:
+        """Per volume, the clients other than this process that have it open (RBD: watch it)."""
         ...
 
     def take_over(self, vm: str, volume: str, from_host: str,

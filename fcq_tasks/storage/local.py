@@ -238,10 +238,12 @@ class LocalStorage:
         finally:
             aside.unlink(missing_ok=True)
 
-    def force_unlock(self, vm: str, volume: str,
-                     keep: frozenset[str] = frozenset()) -> str | None:
+    def force_unlock(self, vm: str, volume: str, keep: frozenset[str] = frozenset(),
+                     only_from: str | None = None) -> str | None:
         # Nothing to fence: local files are written only by this host.
         owner = self.lock_owner(vm, volume)
+        if only_from is not None and owner not in (None, only_from):
+            raise LockedByOtherHost(vm, volume, owner)
         self._lockfile(vm, volume).unlink(missing_ok=True)
         return owner
 
@@ -251,7 +253,7 @@ class LocalStorage:
     def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
         pass  # nothing to fence with
 
-    def live_writers(self, vm: str, host: str) -> dict[str, list[str]]:
+    def other_watchers(self, vm: str) -> dict[str, list[str]]:
         return {}  # no clients known: local files are written by this host only
 
     def take_over(self, vm: str, volume: str, from_host: str,

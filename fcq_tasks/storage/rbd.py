@@ -278,8 +278,8 @@ class RbdStorage:
 
         self._with_image(vm, volume, clear)
 
-    def force_unlock(self, vm: str, volume: str, keep: frozenset[str] = frozenset()
-                     ) -> str | None:
+    def force_unlock(self, vm: str, volume: str, keep: frozenset[str] = frozenset(),
+                     only_from: str | None = None) -> str | None:
         """Fence every other writer of the image, then break its lock and handover note.
 
         The broken lock keeps a mark, the note ``{"fenced": OLD, "by": US}``:
@@ -290,6 +290,8 @@ class RbdStorage:
         """
         def brk(conn: Any, img: Any) -> str | None:
             holder = self._holder(img)
+            if only_from is not None and holder is not None and holder[0] != only_from:
+                raise LockedByOtherHost(vm, volume, holder[0])
             note = img.note()
             fence.fence(self.ceph, conn, img, vm, volume, keep)
             if holder is not None:
@@ -358,21 +360,21 @@ class RbdStorage:
                 out[volume] = set()
         return out
 
-    def live_writers(self, vm: str, host: str) -> dict[str, list[str]]:
-        """Per volume, *host*'s recorded QEMU clients that still hold a watch on it.
+    def other_watchers(self, vm: str) -> dict[str, list[str]]:
+        """Per volume, the clients other than this process that watch it.
 
         A watch lapses ~30 s (osd_client_watch_timeout) after its client stops
-        answering the OSDs: one that is still there means *host*'s QEMU is
-        alive and talking to Ceph.
+        answering the OSDs: one that is still there is a client alive and
+        talking to Ceph, whoever it is (a QEMU, rbd-nbd, a rescue mount).
         """
         out: dict[str, list[str]] = {}
         for volume in VOLUMES:
-            def live(conn: Any, img: Any) -> list[str]:
-                mine = set(fence.recorded(img.ioctx, img.name).get(host, []))
-                watching = {fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
-                return sorted(mine & watching)
+            def others(conn: Any, img: Any) -> list[str]:
+                own = fence.client_addr(str(conn.get_addrs()))
+                return sorted({fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
+                              - {own})
             try:
-                found = self._with_image(vm, volume, live)
+                found = self._with_image(vm, volume, others)
             except rbd.ImageNotFound:
                 continue
             if found:
