@@ -1,0 +1,260 @@
+"""fcq's own metrics: the rules as tables, then scraped from real workers while work runs."""
+
+from __future__ import annotations
+
+import base64
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from fcq_tasks.cluster.workermetrics import outcome_of, sweep_counts, vm_states
+from fcq_tasks.config.settings import load_host_settings
+from fcq_tasks.errors import ConfigError, RemoteError, TaskFailed, TaskRejected
+from fcq_tasks.metrics import REGISTRY
+from fcq_tasks.metrics.endpoint import MetricsEndpoint, authorized, read_credentials
+from tests.cluster import Cluster, free_port
+from tests.conftest import HostFactory
+
+ClusterFactory = Any
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+CREDS = b"prom:scrape-secret"
+
+
+# -- the rules, as tables -----------------------------------------------------
+
+@pytest.mark.parametrize(("state", "retval", "expected"), [
+    ("SUCCESS", {"actions": ["start"], "status": "running"}, ("success", "changed")),
+    ("SUCCESS", {"actions": [], "status": "running"}, ("success", "unchanged")),
+    ("SUCCESS", {"outcome": "taken", "actions": ["snapshot"]}, ("success", "taken")),
+    ("SUCCESS", None, ("success", "unchanged")),
+    ("FAILURE", TaskRejected({"error": "MemoryLimitExceeded"}),
+     ("rejected", "MemoryLimitExceeded")),
+    ("FAILURE", TaskRejected({"error": "BadRequest"}), ("rejected", "BadRequest")),
+    ("FAILURE", TaskFailed({"error": "QmpError"}), ("failed", "QmpError")),
+    ("FAILURE", KeyError("bug"), ("failed", "KeyError")),
+    ("RETRY", None, ("retry", "retry")),
+    ("IGNORED", None, ("ignored", "ignored")),
+])
+def test_outcome_rows(state: str, retval: object, expected: tuple[str, str]) -> None:
+    """Each end of a task maps to one (result, outcome) pair: refusals by their error class."""
+    assert outcome_of(state, retval) == expected
+
+
+def test_sweep_counts_what_the_sweep_did() -> None:
+    """A sweep's summary counts as changed (actions), unchanged, skipped (busy) or error."""
+    summary = {"vms": {"a": ["start"], "b": ["stop", "clean-up"], "c": None, "d": [],
+                       "e": "skipped", "f": "error"}}
+    assert sweep_counts(summary) == {"changed": 2, "unchanged": 2, "skipped": 1, "error": 1}
+
+
+def test_vm_states_from_a_host_record() -> None:
+    """Every (state, wanted) pair is listed, zeros included; orphans count as wanted unknown."""
+    record = {"running": ["vm01", "orphan"],
+              "vms": {"vm01": {"kvm_host": "alpha", "online": True},
+                      "vm02": {"kvm_host": "alpha", "online": True},
+                      "vm03": {"kvm_host": "alpha", "online": False},
+                      "vm04": {"kvm_host": "beta", "online": True},
+                      "vm05": {"error": "bad file"}}}
+    counts = vm_states(record, "alpha")
+    assert len(counts) == 8 and sum(counts.values()) == 6
+    assert {k: n for k, n in counts.items() if n} == {
+        ("running", "running"): 1, ("stopped", "running"): 1, ("stopped", "stopped"): 1,
+        ("stopped", "elsewhere"): 1, ("stopped", "unknown"): 1, ("running", "unknown"): 1}
+
+
+def basic(creds: bytes) -> str:
+    return "Basic " + base64.b64encode(creds).decode()
+
+
+def test_basic_auth_check() -> None:
+    """Only a listed user with its password passes; malformed headers do not."""
+    creds = {"prom": "scrape-secret"}
+    assert authorized(basic(CREDS), creds)
+    for header in (None, "", basic(b"prom:wrong"), basic(b"other:scrape-secret"),
+                   basic(b"prom"), "Basic !!!", "Bearer x", basic(b"prom:scrape-secret:x")):
+        assert not authorized(header, creds), header
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def settings_error(tmp_path: Path, **raw: Any) -> ConfigError:
+    path = tmp_path / "host.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_host_settings(path)
+    return err.value
+
+
+def test_settings_demand_auth_beyond_loopback(tmp_path: Path) -> None:
+    """A worker's or the cluster's endpoint off loopback needs an auth file; ports are checked."""
+    err = settings_error(tmp_path, metrics_address="0.0.0.0")
+    assert err.field == "metrics_auth_file" and "not a loopback address" in err.rule
+    err = settings_error(tmp_path, cluster={"metrics_address": "10.0.0.5"})
+    assert err.field == "cluster.metrics_auth_file"
+    err = settings_error(tmp_path, metrics_port=70000)
+    assert err.field == "metrics_port" and "between 0 and 65535" in err.rule
+    # Loopback (and port 0, no endpoint) need none; with a file any address is fine.
+    for raw in ({"metrics_address": "::1"}, {"metrics_address": "localhost"},
+                {"metrics_address": "0.0.0.0", "metrics_port": 0},
+                {"metrics_address": "0.0.0.0", "metrics_auth_file": "/etc/fcq/m"}):
+        path = tmp_path / "ok.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        load_host_settings(path)
+
+
+def test_endpoint_refuses_readable_or_empty_auth_files(tmp_path: Path) -> None:
+    """A secret others can read, or a file without user:password, stops the endpoint opening."""
+    loose = write_secret(tmp_path / "loose", "prom:x\n", 0o644)
+    with pytest.raises(ConfigError) as err:
+        read_credentials("host.yaml", "metrics_auth_file", loose)
+    assert err.value.field == "metrics_auth_file" and "mode 0644" in err.value.rule
+    for text in ("\n", "just-a-password\n", ":nouser\n"):
+        with pytest.raises(ConfigError, match="user:password"):
+            read_credentials("host.yaml", "metrics_auth_file",
+                             write_secret(tmp_path / "bad", text))
+    assert read_credentials("f", "m", write_secret(tmp_path / "ok", "a:b\n\nc:d:e\n")) == {
+        "a": "b", "c": "d:e"}
+
+
+def test_endpoint_answers_only_metrics_and_only_with_credentials(tmp_path: Path) -> None:
+    """401 without or with wrong credentials, 404 off /metrics, the text format with them."""
+    auth = write_secret(tmp_path / "auth", CREDS.decode() + "\n")
+    endpoint = MetricsEndpoint(REGISTRY, "127.0.0.1", 0, auth, "test")
+    endpoint.open()
+    endpoint.serve()
+    try:
+        url = f"http://127.0.0.1:{endpoint.bound_port}"
+        assert fetch(url + "/metrics", None)[0] == 401
+        assert fetch(url + "/metrics", b"prom:wrong")[0] == 401
+        assert fetch(url + "/", CREDS)[0] == 404
+        status, body = fetch(url + "/metrics", CREDS)
+        assert status == 200 and "# TYPE fcq_operation_duration_seconds histogram" in body
+    finally:
+        endpoint.close()
+
+
+# -- real workers -----------------------------------------------------------------
+
+def fetch(url: str, credentials: bytes | None) -> tuple[int, str]:
+    req = urllib.request.Request(url)
+    if credentials is not None:
+        req.add_header("Authorization", basic(credentials))
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+    except (urllib.error.URLError, ConnectionError):  # not listening (yet)
+        return 0, ""
+
+
+def scrape(port: int, credentials: bytes | None = None) -> Samples:
+    status, body = fetch(f"http://127.0.0.1:{port}/metrics", credentials)
+    assert status == 200, status
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 for a labelled series not created yet."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def ops(samples: Samples, operation: str, result: str, outcome: str) -> float:
+    return value(samples, "fcq_operation_duration_seconds_count", host="alpha",
+                 operation=operation, result=result, outcome=outcome)
+
+
+def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
+    """Starts, a refusal by memory, a bad request, a stop and a sweep move the right series."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    port = free_port()
+    auth = write_secret(alpha.base / "metrics.auth", CREDS.decode() + "\n")
+    # Room for one 128 MB guest, not two.
+    alpha.update_settings(metrics_port=port, metrics_auth_file=str(auth),
+                          vm_max_total_memory=200)
+    alpha.write_vm("vm01")
+    alpha.write_vm("vm02", id=1001, nics=[{"srv": "02-00-00-00-00-02"}])
+    c.worker("alpha")
+    assert fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 401
+    before = scrape(port, CREDS)
+    assert value(before, "fcq_vms", host="alpha", state="stopped", wanted="running") == 2
+    orch = c.orchestrator()
+
+    orch.wait(orch.submit("start", "vm01"), timeout=120)
+    with pytest.raises(RemoteError, match="vm_max_total_memory"):
+        orch.wait(orch.submit("start", "vm02"), timeout=120)
+    bad = orch.app.send_task("fcq.start", kwargs={"vm": "Not A Name"}, queue="host.alpha")
+    bad.get(timeout=60, propagate=False)
+    started = scrape(port, CREDS)
+    assert ops(started, "start", "success", "changed") == ops(before, "start", "success",
+                                                              "changed") + 1
+    assert ops(started, "start", "rejected", "MemoryLimitExceeded") == 1
+    assert ops(started, "start", "rejected", "BadRequest") == 1
+    assert value(started, "fcq_admission_refusals_total", host="alpha", reason="memory") == 1
+    assert value(started, "fcq_vms", host="alpha", state="running", wanted="running") == 1
+    assert value(started, "fcq_vms", host="alpha", state="stopped", wanted="running") == 1
+    # A start of a stopped guest under TCG takes well over 10 ms, and
+    # under the longest bucket: the duration was measured, not assumed.
+    start_sum = value(started, "fcq_operation_duration_seconds_sum", host="alpha",
+                      operation="start", result="success", outcome="changed")
+    assert 0.01 < start_sum < 900
+
+    orch.wait(orch.submit("stop", "vm01"), timeout=120)
+    stopped = scrape(port, CREDS)
+    assert ops(stopped, "stop", "success", "changed") == 1
+    assert value(stopped, "fcq_vms", host="alpha", state="running", wanted="running") == 0
+    assert value(stopped, "fcq_vms", host="alpha", state="stopped", wanted="running") == 2
+
+    # The sweep starts vm01 again (online) and is refused memory for vm02.
+    sweep = orch.app.send_task("fcq.ensure_host", kwargs={"host": "alpha"}, queue="host.alpha")
+    assert sweep.get(timeout=120)["failed"] == 1
+    swept = scrape(port, CREDS)
+    assert value(swept, "fcq_sweep_duration_seconds_count", host="alpha") == 1
+    assert value(swept, "fcq_sweep_vms_changed_sum", host="alpha") == 1
+    assert value(swept, "fcq_sweep_vms_changed_bucket", host="alpha", le="0.0") == 0
+    assert value(swept, "fcq_sweep_vms_changed_bucket", host="alpha", le="1.0") == 1
+    for result, count in (("changed", 1), ("error", 1), ("unchanged", 0), ("skipped", 0)):
+        assert value(swept, "fcq_sweep_last_vms", host="alpha", result=result) == count
+    assert ops(swept, "ensure_host", "success", "changed") == 1
+    assert value(swept, "fcq_admission_refusals_total", host="alpha", reason="memory") == 2
+    assert value(swept, "fcq_vms", host="alpha", state="running", wanted="running") == 1
+    assert value(swept, "process_resident_memory_bytes", host="alpha") > 10 * 2**20
+
+
+def test_worker_refuses_to_start_with_unsafe_metrics_settings(make_host: HostFactory) -> None:
+    """Open beyond loopback without a password, a readable secret, a taken port: no worker."""
+    alpha = make_host("alpha")
+    raw = yaml.safe_load(alpha.settings_file.read_text())
+    # Written as is: loading these settings is what must fail.
+    alpha.settings_file.write_text(yaml.safe_dump({**raw, "metrics_address": "0.0.0.0"}))
+    open_ = alpha.fcq("worker", local=False)
+    assert open_.returncode == 2
+    assert "metrics_auth_file: is required when metrics_address is not a loopback address" \
+        in open_.stderr, open_.stderr
+    loose = write_secret(alpha.base / "metrics.auth", "prom:x\n", 0o644)
+    alpha.settings_file.write_text(yaml.safe_dump({**raw, "metrics_auth_file": str(loose)}))
+    readable = alpha.fcq("worker", local=False)
+    assert readable.returncode == 2 and "mode 0644" in readable.stderr, readable.stderr
+    # A port someone else holds: said plainly, before the worker connects anywhere.
+    endpoint = MetricsEndpoint(REGISTRY, "127.0.0.1", 0, None, "t")
+    endpoint.open()
+    try:
+        loose.chmod(0o600)
+        alpha.update_settings(metrics_port=endpoint.bound_port)
+        taken = alpha.fcq("worker", local=False)
+        assert taken.returncode == 2 and "metrics_port: cannot listen on 127.0.0.1:" \
+            in taken.stderr, taken.stderr
+    finally:
+        endpoint.close()
