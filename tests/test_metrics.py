@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from fcq_tasks.cluster.clustermetrics import host_of_queue_key, queue_keys
 from fcq_tasks.cluster.workermetrics import outcome_of, sweep_counts, vm_states
 from fcq_tasks.config.settings import load_host_settings
 from fcq_tasks.errors import ConfigError, RemoteError, TaskFailed, TaskRejected
@@ -19,6 +22,7 @@ from fcq_tasks.metrics import REGISTRY
 from fcq_tasks.metrics.endpoint import MetricsEndpoint, authorized, read_credentials
 from tests.cluster import Cluster, free_port
 from tests.conftest import HostFactory
+from tests.helpers import wait_for
 
 ClusterFactory = Any
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -66,6 +70,15 @@ def test_vm_states_from_a_host_record() -> None:
     assert {k: n for k, n in counts.items() if n} == {
         ("running", "running"): 1, ("stopped", "running"): 1, ("stopped", "stopped"): 1,
         ("stopped", "elsewhere"): 1, ("stopped", "unknown"): 1, ("running", "unknown"): 1}
+
+
+def test_queue_keys_cover_kombus_priority_lists() -> None:
+    """A host's queue is its list plus kombu's priority sub-lists; each key names its host."""
+    keys = queue_keys("alpha")
+    assert keys == ["host.alpha", "host.alpha\x06\x163", "host.alpha\x06\x166",
+                    "host.alpha\x06\x169"]
+    assert [host_of_queue_key(k) for k in keys] == ["alpha"] * 4
+    assert host_of_queue_key("fcq:host:alpha") is None and host_of_queue_key("host.") is None
 
 
 def basic(creds: bytes) -> str:
@@ -258,3 +271,35 @@ def test_worker_refuses_to_start_with_unsafe_metrics_settings(make_host: HostFac
             in taken.stderr, taken.stderr
     finally:
         endpoint.close()
+
+
+def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: ClusterFactory
+                                                            ) -> None:
+    """`fcq metrics`: hosts alive, VMs by state; tasks queued for a stopped worker pile up."""
+    port = free_port()
+    c: Cluster = make_cluster(("alpha",), metrics_port=port)
+    c.hosts["alpha"].write_vm("vm01")
+    worker = c.worker("alpha")
+    c.spawn("metrics")
+    wait_for(lambda: fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 200, 30,
+             "fcq metrics to answer")
+    first = scrape(port)
+    assert value(first, "fcq_cluster_up") == 1 and value(first, "fcq_hosts_alive") == 1
+    assert value(first, "fcq_queue_length", host="alpha") == 0
+    assert value(first, "fcq_cluster_vms", host="alpha", state="stopped", wanted="running") == 1
+    os.killpg(worker.proc.pid, signal.SIGTERM)  # a clean stop: it withdraws its heartbeat
+    worker.proc.wait(30)
+    orch = c.orchestrator()
+    # Sent as beat sends (the orchestrator refuses a host without a heartbeat).
+    pings = [orch.app.send_task("fcq.ping", queue="host.alpha") for _ in range(3)]
+    queued = scrape(port)
+    assert value(queued, "fcq_hosts_alive") == 0
+    assert value(queued, "fcq_queue_length", host="alpha") == 3
+    assert value(queued, "fcq_cluster_vms", host="alpha", state="stopped",
+                 wanted="running") == 0  # no heartbeat, no VMs to tell
+    c.worker("alpha")
+    for ping in pings:
+        assert ping.get(timeout=60)["host"] == "alpha"
+    drained = scrape(port)
+    assert value(drained, "fcq_queue_length", host="alpha") == 0
+    assert value(drained, "fcq_hosts_alive") == 1
