@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import os
 import signal
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from fcq_tasks.cluster.clustermetrics import host_of_queue_key, queue_keys
 from fcq_tasks.cluster.workermetrics import outcome_of, sweep_counts, vm_states
 from fcq_tasks.config.settings import load_host_settings
 from fcq_tasks.errors import ConfigError, RemoteError, TaskFailed, TaskRejected
+from fcq_tasks.host.oplock import operation_lock
 from fcq_tasks.metrics import REGISTRY
 from fcq_tasks.metrics.endpoint import MetricsEndpoint, authorized, read_credentials
+from fcq_tasks.storage import VOLUMES, open_storage
 from tests.cluster import Cluster, free_port
 from tests.conftest import HostFactory
-from tests.helpers import wait_for
+from tests.helpers import Samples, basic, fetch, scrape, value, wait_for
+from tests.test_migration import shared_pair
 
 ClusterFactory = Any
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 CREDS = b"prom:scrape-secret"
 
@@ -79,10 +78,6 @@ def test_queue_keys_cover_kombus_priority_lists() -> None:
                     "host.alpha\x06\x169"]
     assert [host_of_queue_key(k) for k in keys] == ["alpha"] * 4
     assert host_of_queue_key("fcq:host:alpha") is None and host_of_queue_key("host.") is None
-
-
-def basic(creds: bytes) -> str:
-    return "Basic " + base64.b64encode(creds).decode()
 
 
 def test_basic_auth_check() -> None:
@@ -157,31 +152,6 @@ def test_endpoint_answers_only_metrics_and_only_with_credentials(tmp_path: Path)
 
 
 # -- real workers -----------------------------------------------------------------
-
-def fetch(url: str, credentials: bytes | None) -> tuple[int, str]:
-    req = urllib.request.Request(url)
-    if credentials is not None:
-        req.add_header("Authorization", basic(credentials))
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, ""
-    except (urllib.error.URLError, ConnectionError):  # not listening (yet)
-        return 0, ""
-
-
-def scrape(port: int, credentials: bytes | None = None) -> Samples:
-    status, body = fetch(f"http://127.0.0.1:{port}/metrics", credentials)
-    assert status == 200, status
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value; 0 for a labelled series not created yet."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
 
 def ops(samples: Samples, operation: str, result: str, outcome: str) -> float:
     return value(samples, "fcq_operation_duration_seconds_count", host="alpha",
@@ -303,3 +273,68 @@ def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: Cluste
     drained = scrape(port)
     assert value(drained, "fcq_queue_length", host="alpha") == 0
     assert value(drained, "fcq_hosts_alive") == 1
+
+
+def test_lock_conflicts_are_counted(make_cluster: ClusterFactory) -> None:
+    """A VM held busy: each try is a conflict, the retry and the refusal are counted; a
+    volume locked by another host is a volume conflict."""
+    c: Cluster = make_cluster(("alpha",), task_busy_wait=0.5, busy_retries=1,
+                              busy_retry_delay=1)
+    alpha = c.hosts["alpha"]
+    alpha.write_vm("vm01")
+    c.worker("alpha")
+    port = alpha.settings.metrics_port
+    orch = c.orchestrator()
+    # The test holds vm01's operation lock, as a long operation of another process would.
+    with operation_lock(alpha.settings.run_dir, "vm01"), \
+            pytest.raises(RemoteError, match="busy"):
+        orch.wait(orch.submit("stop", "vm01"), timeout=60)
+    busy = scrape(port)
+    assert value(busy, "fcq_lock_conflicts_total", host="alpha", lock="operation") == 2
+    assert ops(busy, "stop", "retry", "retry") == 1
+    assert ops(busy, "stop", "rejected", "VMBusy") == 1
+    assert value(busy, "fcq_lock_conflicts_total", host="alpha", lock="volume") == 0
+    # Host gamma (the same lock directory, as shared storage would be) holds vm02's root.
+    alpha.write_vm("vm02", id=1001, nics=[{"srv": "02-00-00-00-00-02"}])
+    assert open_storage(dataclasses.replace(alpha.settings, host="gamma")).lock("vm02", "root")
+    with pytest.raises(RemoteError, match="locked by host gamma"):
+        orch.wait(orch.submit("start", "vm02", host="alpha"), timeout=60)
+    locked = scrape(port)
+    assert value(locked, "fcq_lock_conflicts_total", host="alpha", lock="volume") == 1
+    assert ops(locked, "start", "rejected", "LockedByOtherHost") == 1
+
+
+def test_migration_and_fencing_metrics(make_cluster: ClusterFactory) -> None:
+    """A live migration: duration, downtime and bytes on the source, the outcome on the
+    destination; then beta dies and alpha's force-unlock fences it."""
+    c = shared_pair(make_cluster)
+    alpha, beta = c.hosts["alpha"], c.hosts["beta"]
+    orch = c.orchestrator()
+    result = orch.wait(orch.migrate("vm01", "beta"), timeout=180)
+    assert result["outcome"] == "migrated"
+    src, dst = scrape(alpha.settings.metrics_port), scrape(beta.settings.metrics_port)
+    assert value(src, "fcq_migration_duration_seconds_count", host="alpha") == 1
+    assert value(src, "fcq_migration_duration_seconds_sum", host="alpha") == \
+        pytest.approx(result["total_ms"] / 1000)
+    assert value(src, "fcq_migration_downtime_seconds_sum", host="alpha") == \
+        pytest.approx(result["downtime_ms"] / 1000)
+    assert value(src, "fcq_migration_transferred_bytes_total", host="alpha") == \
+        result["transferred"] > 0
+    assert value(src, "fcq_operation_duration_seconds_count", host="alpha",
+                 operation="outmigrate", result="success", outcome="handed-over") == 1
+    assert value(dst, "fcq_operation_duration_seconds_count", host="beta",
+                 operation="inmigrate", result="success", outcome="resumed") == 1
+    assert value(dst, "fcq_migrations_total", host="beta", outcome="migrated") == 1
+    assert value(dst, "fcq_migration_duration_seconds_count", host="beta") == 0
+    assert value(dst, "fcq_vms", host="beta", state="running", wanted="running") == 1
+
+    # beta dies; once its heartbeat is gone, alpha may break its locks, fencing it first.
+    c.kill9(next(s for s in c.services if s.name == "worker@beta"))
+    wait_for(lambda: "beta" not in orch.hosts(), 30, "beta's heartbeat to expire")
+    broken = orch.wait(orch.submit("force_unlock", "vm01", host="alpha"), timeout=60)
+    assert set(broken["broken"]) == set(VOLUMES)
+    fenced = scrape(alpha.settings.metrics_port)
+    assert value(fenced, "fcq_fencing_actions_total", host="alpha",
+                 action="break-lock") == len(VOLUMES)
+    # At least beta's QEMU (the images' writer) and beta's worker (the lock holder).
+    assert value(fenced, "fcq_fencing_actions_total", host="alpha", action="blocklist") >= 2

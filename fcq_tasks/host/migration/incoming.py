@@ -203,7 +203,8 @@ class Incoming(Half):
         self.rdv.try_set("dst-running", "1")
         self.log.info("inmigrated", handover_ms=handover_ms)
         result = {"vm": self.agent.name, "host": self.agent.settings.host,
-                  "operation": "inmigrate", "status": "running", "handover_ms": handover_ms}
+                  "operation": "inmigrate", "status": "running", "outcome": "resumed",
+                  "handover_ms": handover_ms}
         if self.rescued:
             result["rescue"] = self.rescued
         return result
