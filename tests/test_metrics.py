@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from fcq_tasks.cluster.clustermetrics import host_of_queue_key, queue_keys
 from fcq_tasks.cluster.workermetrics import outcome_of, sweep_counts, vm_states
@@ -147,6 +151,28 @@ def test_endpoint_answers_only_metrics_and_only_with_credentials(tmp_path: Path)
         assert fetch(url + "/", CREDS)[0] == 404
         status, body = fetch(url + "/metrics", CREDS)
         assert status == 200 and "# TYPE fcq_operation_duration_seconds histogram" in body
+    finally:
+        endpoint.close()
+
+
+class Unreadable(Collector):
+    """A collector whose source is gone (a run directory unmounted under it)."""
+
+    def collect(self) -> Iterable[Metric]:
+        raise OSError("run directory gone")
+
+
+def test_endpoint_answers_500_when_a_collector_fails() -> None:
+    """A failing collector costs that scrape a 500 with the reason, not the endpoint."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Unreadable())
+    endpoint = MetricsEndpoint(registry, "127.0.0.1", 0, None, "test")
+    endpoint.open()
+    endpoint.serve()
+    try:
+        url = f"http://127.0.0.1:{endpoint.bound_port}/metrics"
+        for _ in range(2):  # and it still answers afterwards
+            assert fetch(url, None)[0] == 500
     finally:
         endpoint.close()
 

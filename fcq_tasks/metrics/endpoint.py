@@ -26,6 +26,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -81,6 +82,9 @@ class _Server6(_Server):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    #: Seconds a client may take to send its request: one that connects and
+    #: says nothing must not hold a thread of the worker for ever.
+    timeout = 10
 
     def do_GET(self) -> None:
         creds = self.server.creds
@@ -90,8 +94,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path.split("?")[0] != "/metrics":
             self._send(404, b"only /metrics here\n")
         else:
-            self._send(200, generate_latest(self.server.registry),
-                       {"Content-Type": CONTENT_TYPE_LATEST})
+            try:
+                body = generate_latest(self.server.registry)
+            except Exception as err:  # a collector failed: say so, keep serving
+                structlog.get_logger().warning("metrics-collect-failed", error=str(err))
+                self._send(500, f"collecting metrics failed: {err}\n".encode())
+                return
+            self._send(200, body, {"Content-Type": CONTENT_TYPE_LATEST})
 
     def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
