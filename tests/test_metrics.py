@@ -269,17 +269,19 @@ def test_worker_refuses_to_start_with_unsafe_metrics_settings(make_host: HostFac
         endpoint.close()
 
 
-def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: ClusterFactory
-                                                            ) -> None:
-    """`fcq metrics`: hosts alive, VMs by state; tasks queued for a stopped worker pile up."""
+def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: ClusterFactory,
+                                                            tmp_path: Path) -> None:
+    """`fcq metrics`: behind its password; hosts alive, VMs by state; tasks queued for a
+    stopped worker pile up and drain when it is back."""
     port = free_port()
-    c: Cluster = make_cluster(("alpha",), metrics_port=port)
+    auth = write_secret(tmp_path / "cluster-metrics.auth", CREDS.decode() + "\n")
+    c: Cluster = make_cluster(("alpha",), metrics_port=port, metrics_auth_file=str(auth))
     c.hosts["alpha"].write_vm("vm01")
     worker = c.worker("alpha")
     c.spawn("metrics")
-    wait_for(lambda: fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 200, 30,
+    wait_for(lambda: fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 401, 30,
              "fcq metrics to answer")
-    first = scrape(port)
+    first = scrape(port, CREDS)
     assert value(first, "fcq_cluster_up") == 1 and value(first, "fcq_hosts_alive") == 1
     assert value(first, "fcq_queue_length", host="alpha") == 0
     assert value(first, "fcq_cluster_vms", host="alpha", state="stopped", wanted="running") == 1
@@ -288,7 +290,7 @@ def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: Cluste
     orch = c.orchestrator()
     # Sent as beat sends (the orchestrator refuses a host without a heartbeat).
     pings = [orch.app.send_task("fcq.ping", queue="host.alpha") for _ in range(3)]
-    queued = scrape(port)
+    queued = scrape(port, CREDS)
     assert value(queued, "fcq_hosts_alive") == 0
     assert value(queued, "fcq_queue_length", host="alpha") == 3
     assert value(queued, "fcq_cluster_vms", host="alpha", state="stopped",
@@ -296,7 +298,7 @@ def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: Cluste
     c.worker("alpha")
     for ping in pings:
         assert ping.get(timeout=60)["host"] == "alpha"
-    drained = scrape(port)
+    drained = scrape(port, CREDS)
     assert value(drained, "fcq_queue_length", host="alpha") == 0
     assert value(drained, "fcq_hosts_alive") == 1
 
