@@ -286,16 +286,19 @@ def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: Cluste
     c: Cluster = make_cluster(("alpha",), metrics_port=port, metrics_auth_file=str(auth))
     c.hosts["alpha"].write_vm("vm01")
     worker = c.worker("alpha")
+    orch = c.orchestrator()
+    # Host gamma was down before `fcq metrics` started: only its queue tells of it.
+    orch.app.send_task("fcq.ping", queue="host.gamma")
     c.spawn("metrics")
     wait_for(lambda: fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 401, 30,
              "fcq metrics to answer")
     first = scrape(port, CREDS)
     assert value(first, "fcq_cluster_up") == 1 and value(first, "fcq_hosts_alive") == 1
     assert value(first, "fcq_queue_length", host="alpha") == 0
+    assert value(first, "fcq_queue_length", host="gamma") == 1
     assert value(first, "fcq_cluster_vms", host="alpha", state="stopped", wanted="running") == 1
     os.killpg(worker.proc.pid, signal.SIGTERM)  # a clean stop: it withdraws its heartbeat
     worker.proc.wait(30)
-    orch = c.orchestrator()
     # Sent as beat sends (the orchestrator refuses a host without a heartbeat).
     pings = [orch.app.send_task("fcq.ping", queue="host.alpha") for _ in range(3)]
     queued = scrape(port, CREDS)

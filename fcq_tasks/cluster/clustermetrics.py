@@ -13,6 +13,12 @@ their lengths are summed. Messages delivered to a worker and not yet
 acknowledged are not counted: they are running, not waiting. A host whose
 queue empties after its heartbeat stopped stays listed with 0 as long as
 this process runs, so a graph drops to zero instead of ending.
+
+Which hosts have a queue is learnt from the heartbeats at every scrape and
+from a SCAN for ``host.*`` keys every ``QUEUE_SCAN_EVERY`` seconds only: a
+SCAN walks the whole keyspace (task results included), and a host whose
+worker is down was almost always seen alive first. The scan finds the
+queues of hosts that were down before this process started.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ log = structlog.get_logger()
 #: kombu's Redis transport: separator and steps of its priority sub-queues.
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
+#: Seconds between two scans of the keyspace for queues of unknown hosts.
+QUEUE_SCAN_EVERY = 300.0
 
 
 def queue_keys(host: str) -> list[str]:
@@ -63,6 +71,7 @@ class ClusterState(Collector):
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.seen_hosts: set[str] = set()
+        self._scanned: float | None = None  # monotonic time of the last queue scan
         self._lock = threading.Lock()
 
     def collect(self) -> Iterable[Metric]:
@@ -107,8 +116,12 @@ class ClusterState(Collector):
 
     def _read(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
         hosts = registry.hosts(self.client)
-        found = {h for key in self.client.scan_iter(QUEUE_PREFIX + "*", count=1000)
-                 if (h := host_of_queue_key(str(key))) is not None}
+        found: set[str] = set()
+        now = time.monotonic()
+        if self._scanned is None or now - self._scanned >= QUEUE_SCAN_EVERY:
+            found = {h for key in self.client.scan_iter(QUEUE_PREFIX + "*", count=1000)
+                     if (h := host_of_queue_key(str(key))) is not None}
+            self._scanned = now
         with self._lock:
             self.seen_hosts |= set(hosts) | found
             names = sorted(self.seen_hosts)
