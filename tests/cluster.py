@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,14 +23,9 @@ import redis
 
 from fcq_tasks.cluster.api import Orchestrator
 from tests.conftest import Host, HostFactory
+from tests.conftest import free_port as free_port  # its old home: tests import it from here
 
 PASSWORD = "test-only-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

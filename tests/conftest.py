@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,12 @@ def direct_boot(guest: Path) -> dict[str, str]:
             "append": (guest / "cmdline").read_text().strip()}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def new_host(name: str, prefix: str = "fcq-", **settings: Any) -> Host:
     """A host's directories and settings file under a short temp path."""
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
@@ -145,7 +152,9 @@ def new_host(name: str, prefix: str = "fcq-", **settings: Any) -> Host:
     raw: dict[str, Any] = {
         "host": name, "vm_config_dir": str(base / "vm"), "run_dir": str(base / "run"),
         "state_dir": str(base / "state"), "log_file": str(base / "fcq.log"),
-        "nic_mode": "user", "shutdown_grace": 15, "accelerator": "auto", **settings}
+        "nic_mode": "user", "shutdown_grace": 15, "accelerator": "auto",
+        # Several workers on one machine: each host's /metrics on a port of its own.
+        "metrics_port": free_port(), **settings}
     settings_file = base / "host.yaml"
     settings_file.write_text(yaml.safe_dump(raw))
     return Host(base, load_host_settings(settings_file), settings_file)

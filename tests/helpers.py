@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -111,3 +113,40 @@ def stopped_with_volumes(host: Host, vm: str, **params: Any) -> VMAgent:
     agent.start()
     agent.kill()
     return agent
+
+
+# -- fcq's /metrics -----------------------------------------------------------
+
+#: (sample name, its labels) → value, as one scrape read them.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def basic(creds: bytes) -> str:
+    return "Basic " + base64.b64encode(creds).decode()
+
+
+def fetch(url: str, credentials: bytes | None) -> tuple[int, str]:
+    req = urllib.request.Request(url)
+    if credentials is not None:
+        req.add_header("Authorization", basic(credentials))
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+    except (urllib.error.URLError, ConnectionError):  # not listening (yet)
+        return 0, ""
+
+
+def scrape(port: int, credentials: bytes | None = None) -> Samples:
+    """Every sample of the /metrics endpoint on *port* (the Prometheus parser reads it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, body = fetch(f"http://127.0.0.1:{port}/metrics", credentials)
+    assert status == 200, status
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 for a labelled series not created yet."""
+    return samples.get((name, frozenset(labels.items())), 0.0)

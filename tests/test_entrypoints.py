@@ -47,6 +47,12 @@ def test_stock_celery_worker_inspect_and_beat(make_cluster: ClusterFactory) -> N
     orch = c.orchestrator()
     result = orch.wait(orch.submit("start", "vm01"), timeout=120)
     assert result["status"] == "running" and result["host"] == "alpha"
+    # The stock worker serves fcq's metrics too, with the start counted.
+    port = alpha.settings.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'fcq_operation_duration_seconds_count{host="alpha",operation="start",' \
+        'outcome="changed",result="success"} 1.0' in text, text[:2000]
     # It consumes this host's queue, not Celery's default one.
     log = worker.log.read_text()
     assert "host.alpha" in log and "fcq.ping" in log, log[-2000:]

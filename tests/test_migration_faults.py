@@ -24,9 +24,10 @@ import pytest
 from fcq_tasks.errors import FcqError
 from fcq_tasks.hazmat.qmp import QmpSession
 from fcq_tasks.host.migration.slots import slots_in_use
+from fcq_tasks.storage import VOLUMES
 from tests.ceph import CephCluster
 from tests.cluster import Cluster, Service
-from tests.helpers import guest_answers, wait_for
+from tests.helpers import guest_answers, scrape, value, wait_for
 from tests.invariants import GuestSampler, observer_socket
 from tests.test_migration import SLOW, ClusterFactory, converged, shared_pair, where
 
@@ -175,6 +176,13 @@ def test_source_stopped_after_copy_completed_is_fenced_and_rescued(
     proc = c.hosts["beta"].qemu_processes()[0]
     assert "-incoming" in proc.cmdline()  # the received copy, resumed: no reboot
     assert set(ceph.blocklist()) - fenced_before  # alpha's clients were fenced
+    # beta's metrics tell the rescue apart from a handover, and count the fencing.
+    counted = scrape(c.hosts["beta"].settings.metrics_port)
+    assert value(counted, "fcq_migration_rescues_total", host="beta", side="in",
+                 kind="fenced-source") == 1
+    assert value(counted, "fcq_fencing_actions_total", host="beta",
+                 action="take-over") == len(VOLUMES)
+    assert value(counted, "fcq_fencing_actions_total", host="beta", action="blocklist") >= 1
 
 
 def test_source_worker_killed_after_copy_completed_is_rescued(

@@ -123,6 +123,8 @@ def prepare() -> dict[str, Any]:
             "host": host, "vm_config_dir": str(d / "vm"), "run_dir": str(d / "run"),
             "state_dir": str(d / "state"), "log_file": str(d / "fcq.log"),
             "nic_mode": "user", "shutdown_grace": 20, "vm_max_total_memory": 2048,
+            # Two workers on one machine: each its own /metrics port.
+            "metrics_port": free_port(),
             "direct_boot": {"kernel": str(GUEST / "vmlinuz"), "initrd": str(GUEST / "initrd.gz"),
                             "append": (GUEST / "cmdline").read_text().strip()},
             "cluster": cluster,

@@ -3,7 +3,7 @@
 By default VM commands go through the cluster: they are enqueued to the
 VM's host queue and followed until done (``--no-wait`` prints the task id).
 ``--local`` acts on this host directly, without Celery, for debugging on a
-host. Services: ``fcq worker``, ``fcq beat``, ``fcq flower``.
+host. Services: ``fcq worker``, ``fcq beat``, ``fcq flower``, ``fcq metrics``.
 
 Exit codes (docs/cli.md): 0 done; 1 the system failed; 2 bad input; 3 the VM
 is busy; 4 refused by a safety rule. With several VMs the highest code wins.
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("worker", help="run this host's Celery worker")
     sp.add_argument("--host", help="host name (default: the settings' host)")
     sub.add_parser("beat", help="run Celery beat: ensure sweeps for every live host")
+    sub.add_parser("metrics", help="serve the cluster's metrics (hosts, queues, VMs) for "
+                   "Prometheus")
     sp = sub.add_parser("flower", help="run Flower (basic auth unless --no-auth)")
     sp.add_argument("--no-auth", action="store_true", help="demo only: no authentication")
     return p
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("snapshot: give a NAME, --list or --remove NAME, only one of them")
     try:
         settings = load_host_settings(settings_path(args.config))
-        if args.command in ("worker", "beat", "flower"):
+        if args.command in ("worker", "beat", "flower", "metrics"):
             from fcq_tasks.cli import services  # Celery is imported only where it is used
             return services.run(settings, args)
     except FcqError as err:

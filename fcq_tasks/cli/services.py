@@ -1,4 +1,4 @@
-"""`fcq worker`, `fcq beat`, `fcq flower`: the long-running processes."""
+"""`fcq worker`, `fcq beat`, `fcq flower`, `fcq metrics`: the long-running processes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def run(settings: HostSettings, args: argparse.Namespace) -> int:
     elif args.command == "beat":
         from fcq_beat import run_beat
         run_beat(settings)
+    elif args.command == "metrics":
+        from fcq_tasks.cluster.clustermetrics import run_cluster_metrics
+        run_cluster_metrics(settings)
     else:
         run_flower(settings, no_auth=args.no_auth)
     return 0

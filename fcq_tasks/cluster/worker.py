@@ -5,7 +5,9 @@ process keeps memory small (a whole worker measured 57 MB). Celery's
 ``time_limit`` is ignored with threads and ``revoke(terminate=True)`` fails,
 so every wait inside the agent has its own named timeout.
 While the worker runs, a heartbeat thread publishes this host to the
-registry so beat sweeps it and the orchestrator can find its VMs.
+registry so beat sweeps it and the orchestrator can find its VMs, and
+(unless ``metrics_port`` is 0) a thread serves its ``/metrics``
+(:mod:`fcq_tasks.cluster.workermetrics`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from kombu import Queue
 
 from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import configure, host_queue
+from fcq_tasks.cluster.workermetrics import TaskTimer, worker_endpoint
 from fcq_tasks.config.clustersettings import sanitized
 from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.errors import ConfigError
 
 log = structlog.get_logger()
 
@@ -56,10 +60,13 @@ class Heartbeat:
 
 
 def prepare_worker(settings: HostSettings) -> Celery:
-    """The app, set up to be this host's worker: its queue, pool, heartbeat.
+    """The app, set up to be this host's worker: its queue, pool, heartbeat, metrics.
 
     Shared by ``fcq worker`` and the stock ``celery -A fcq_tasks worker``
-    (fcq_tasks/celery.py): both run the same worker.
+    (fcq_tasks/celery.py): both run the same worker. Other stock commands
+    (inspect, beat, flower) import it too, so the metrics endpoint binds
+    only once a worker starts (``worker_init``), or earlier in
+    :func:`run_worker`, where a refusal is printed like every settings error.
     """
     app = configure(settings)
     app.conf.fcq_settings = settings
@@ -70,15 +77,36 @@ def prepare_worker(settings: HostSettings) -> Celery:
     app.conf.worker_pool = "threads"
     app.conf.worker_concurrency = settings.cluster.worker_concurrency
     heartbeat = Heartbeat(settings)
+    endpoint = worker_endpoint(settings)
+    app.conf.fcq_metrics_endpoint = endpoint
+    TaskTimer().connect()
+
+    def on_init(**_: Any) -> None:
+        if endpoint is None or endpoint.is_open:
+            return
+        try:
+            endpoint.open()
+        except ConfigError as err:
+            log.error("metrics-endpoint-refused", error=err.message)
+            # Celery logs and swallows what a signal handler raises; a
+            # worker whose settings are wrong must not start at all.
+            raise SystemExit(2) from err
 
     def on_ready(**_: Any) -> None:
         heartbeat.start()
+        if endpoint is not None:
+            endpoint.serve()
         log.info("worker-ready", host=settings.host, queue=host_queue(settings.host),
-                 broker=sanitized(app.conf.broker_url))
+                 broker=sanitized(app.conf.broker_url),
+                 metrics=None if endpoint is None
+                 else f"{settings.metrics_address}:{endpoint.bound_port}")
 
     def on_shutdown(**_: Any) -> None:
         heartbeat.stop()
+        if endpoint is not None:
+            endpoint.close()
 
+    worker_init.connect(on_init, weak=False)
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
     return app
@@ -86,6 +114,9 @@ def prepare_worker(settings: HostSettings) -> Celery:
 
 def run_worker(settings: HostSettings, loglevel: str = "INFO") -> None:
     app = prepare_worker(settings)
+    endpoint = app.conf.fcq_metrics_endpoint
+    if endpoint is not None:
+        endpoint.open()  # a ConfigError here reaches the command line, said plainly
     app.worker_main([
         "worker", "--queues", host_queue(settings.host),
         "--hostname", f"{settings.host}@{socket.gethostname()}",

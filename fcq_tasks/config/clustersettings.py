@@ -36,6 +36,10 @@ CLUSTER_DEFAULTS: dict[str, object] = {
     "flower_address": "127.0.0.1",
     "flower_port": 5555,
     "flower_auth_file": None,
+    # `fcq metrics`, the cluster's own endpoint (docs/operations.md).
+    "metrics_address": "127.0.0.1",
+    "metrics_port": 9188,
+    "metrics_auth_file": None,
 }
 
 
@@ -56,6 +60,9 @@ class ClusterSettings:
     flower_address: str
     flower_port: int
     flower_auth_file: Path | None
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9188
+    metrics_auth_file: Path | None = None
 
     @property
     def busy_retry_chain(self) -> float:
@@ -104,6 +111,8 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
     def num(key: str, lo: int, hi: int) -> int:
         return v.check_int(f, f"cluster.{key}", raw[key], lo, hi)
 
+    metrics_address, metrics_port, metrics_auth = v.check_endpoint(
+        f, "cluster.", raw["metrics_address"], raw["metrics_port"], raw["metrics_auth_file"])
     settings = ClusterSettings(
         broker_url=url,
         password_file=opt_path("password_file"),
@@ -120,6 +129,9 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
         flower_address=v.check_str(f, "cluster.flower_address", raw["flower_address"]),
         flower_port=num("flower_port", 1, 65535),
         flower_auth_file=opt_path("flower_auth_file"),
+        metrics_address=metrics_address,
+        metrics_port=metrics_port,
+        metrics_auth_file=None if metrics_auth is None else Path(metrics_auth),
     )
     # Busy retries resend the request with its original expires_at: a ttl
     # shorter than the chain would turn "busy, try again" into "expired".

@@ -76,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
     "migration_heartbeat_ttl": 10.0,
     "migration_peer_grace": 60.0,
     "max_migrations": 1,
+    "metrics_address": "127.0.0.1",     # the worker's /metrics (docs/operations.md)
+    "metrics_port": 9187,               # 0: no endpoint
+    "metrics_auth_file": None,          # user:password lines, 0600; required beyond loopback
     "cluster": None,                    # see clustersettings.CLUSTER_DEFAULTS
     "ceph": None,                       # see cephsettings (storage: rbd)
 }
@@ -131,6 +134,9 @@ class HostSettings:
     snapshot_timeout: float = 300.0         # s: the storage snapshot may keep a guest frozen
     qemu_generation: int = 0                # generation of the installed QEMU binary
     upgrade_on_ensure: bool = False         # ensure moves VMs of older generations to it
+    metrics_address: str = "127.0.0.1"      # where the worker serves /metrics
+    metrics_port: int = 9187                # 0: no endpoint
+    metrics_auth_file: Path | None = None   # basic auth credentials (user:password, 0600)
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))
     ceph: CephSettings | None = None        # with storage: rbd
@@ -228,6 +234,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         "qemu_generation": whole("qemu_generation", 0, 2**31),
         "upgrade_on_ensure": m.check(lambda: v.check_bool(f, "upgrade_on_ensure",
                                                           raw["upgrade_on_ensure"])),
+        **_metrics(m, f, raw),
         "cluster": m.check(lambda: parse_cluster_settings(f, raw["cluster"])),
         "ceph": m.check(lambda: parse_ceph_settings(f, raw["ceph"], name or "host"))
         if storage == "rbd" else None,
@@ -238,6 +245,16 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
     settings = HostSettings(**values)
     _check_migration_fits(f, settings)
     return settings
+
+
+def _metrics(m: v.Mistakes, f: str, raw: dict[str, Any]) -> dict[str, Any]:
+    checked = m.check(lambda: v.check_endpoint(f, "", raw["metrics_address"],
+                                               raw["metrics_port"], raw["metrics_auth_file"]))
+    if checked is None:  # reported; the rest is checked on
+        return {}
+    address, port, auth = checked
+    return {"metrics_address": address, "metrics_port": port,
+            "metrics_auth_file": None if auth is None else Path(auth)}
 
 
 def _fail(err: ConfigError) -> None:

@@ -8,6 +8,7 @@ before anything acts on it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar, cast
@@ -90,6 +91,34 @@ def check_abs_path(file: str, field: str, value: object) -> str:
     if any(part == ".." for part in value.split("/")):
         raise ConfigError(file, field, f"must not contain '..' (got {value!r})")
     return value
+
+
+def is_loopback(address: str) -> bool:
+    """Whether *address* only listens to this machine (a name other than localhost: no)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(file: str, prefix: str, address: object, port: object,
+                   auth_file: object) -> tuple[str, int, str | None]:
+    """A metrics endpoint's address, port (0: off) and auth file, as one rule.
+
+    Beyond loopback, an endpoint without authentication would show the
+    fleet's shape to the network: a non-loopback address needs an auth file.
+    """
+    addr = check_str(file, f"{prefix}metrics_address", address)
+    num = check_int(file, f"{prefix}metrics_port", port, 0, 65535)
+    auth = None if auth_file is None else check_abs_path(file, f"{prefix}metrics_auth_file",
+                                                         auth_file)
+    if num and auth is None and not is_loopback(addr):
+        raise ConfigError(file, f"{prefix}metrics_auth_file",
+                          f"is required when {prefix}metrics_address is not a loopback "
+                          f"address (got {addr!r}): a file with user:password lines, mode 0600")
+    return addr, num, auth
 
 
 def check_mac(file: str, field: str, value: object) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fcq_tasks import metrics
 from fcq_tasks.errors import MemoryLimitExceeded, QemuError
 from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths, read_identity_files
 
@@ -63,12 +64,14 @@ def admission(run_dir: Path, vm: str, memory_mb: int, limit_mb: int, qmp_timeout
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    metrics.admission_refused("lock-timeout")
                     raise QemuError(f"{vm}: another start holds the admission lock for "
                                     f"more than {wait} s", vm=vm) from None
                 time.sleep(RETRY_INTERVAL)
         booked = sum(booked_memory(run_dir, qmp_timeout,
                                    exclude="" if second_copy else vm).values())
         if booked + memory_mb > limit_mb:
+            metrics.admission_refused("memory")
             err = MemoryLimitExceeded(vm, memory_mb, booked, limit_mb)
             if second_copy:
                 err.message += (": an upgrade runs a second copy of the VM until the old "

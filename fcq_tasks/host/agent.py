@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from fcq_tasks import metrics
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import GiB, VMSpec, spec_path, update_vm_file
 from fcq_tasks.errors import (
@@ -201,6 +202,7 @@ class VMAgent(VMSteps):
             others = sorted({o for o in found.lock_owners.values()
                              if o not in (None, self.settings.host)})
             if others:
+                metrics.lock_conflict("volume")
                 raise LockedByOtherHost(self.name, "root", others[0])
             if found.run not in (Run.RUNNING, Run.PAUSED, Run.STOPPED, Run.CRASHED):
                 raise Refused(f"{self.name}: is {found.run.value} here; resize it once it "
@@ -289,6 +291,7 @@ class VMAgent(VMSteps):
         err: FcqError
         if action.refusal == "locked":
             volume = next(v for v, o in found.lock_owners.items() if o == action.host)
+            metrics.lock_conflict("volume")
             err = LockedByOtherHost(self.name, volume, action.host)
         elif action.refusal == "impostor":
             err = Inconsistent(self.name, found.run.value, action.reason)
@@ -437,6 +440,7 @@ class VMAgent(VMSteps):
             for volume in VOLUMES:
                 owner = self.storage.force_unlock(self.name, volume, only_from=only_from)
                 if owner is not None:
+                    metrics.fencing("break-lock")
                     broken[volume] = owner
                     self.log.warning("lock-broken", action="force-unlock", volume=volume,
                                      previous_owner=owner)

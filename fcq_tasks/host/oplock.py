@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from fcq_tasks import metrics
 from fcq_tasks.errors import VMBusy
 
 #: How often a waiting operation tries again.
@@ -74,6 +75,7 @@ def operation_lock(run_dir: Path, vm: str, wait: float = 0.0) -> Iterator[None]:
     deadline = time.monotonic() + wait
     while not _try_acquire(path, vm):
         if time.monotonic() >= deadline:
+            metrics.lock_conflict("operation")
             raise VMBusy(vm)
         time.sleep(RETRY_INTERVAL)
     try:

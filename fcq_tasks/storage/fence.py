@@ -38,6 +38,7 @@ from typing import Any
 import rados
 import structlog
 
+from fcq_tasks import metrics
 from fcq_tasks.config.cephsettings import CephSettings
 
 PREFIXES = ("v1:", "v2:", "any:")
@@ -126,6 +127,7 @@ def fence(ceph: CephSettings, conn: Any, img: Any, vm: str, volume: str,
     addrs = writers(conn, img, keep, keep_host)
     for addr in addrs:
         conn.blocklist_add(addr, ceph.blocklist_seconds)
+        metrics.fencing("blocklist")
     if addrs:
         conn.wait_for_latest_osdmap()
         structlog.get_logger().warning("fenced", vm=vm, volume=volume, clients=addrs,

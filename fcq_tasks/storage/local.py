@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fcq_tasks import metrics
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.errors import LockedByOtherHost, ShrinkRefused, StorageError
@@ -208,6 +209,7 @@ class LocalStorage:
                     if owner == self.host:
                         return False
                     if owner is not None:
+                        metrics.lock_conflict("volume")
                         raise LockedByOtherHost(vm, volume, owner) from None
                     # Released between our link and our read: try again.
             raise StorageError(f"{vm}: lock of {volume} keeps changing hands", vm=vm)

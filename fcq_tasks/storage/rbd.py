@@ -32,6 +32,7 @@ from typing import Any
 import rbd
 import structlog
 
+from fcq_tasks import metrics
 from fcq_tasks.config.cephsettings import CephSettings
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import VMSpec, load_vm_spec, spec_path
@@ -200,7 +201,11 @@ class RbdStorage:
                 img.remove_note()  # the broken lock has a new holder: us
             return True
 
-        return bool(self._with_image(vm, volume, take))
+        try:
+            return bool(self._with_image(vm, volume, take))
+        except LockedByOtherHost:
+            metrics.lock_conflict("volume")
+            raise
 
     def _refuse_handed_elsewhere(self, vm: str, volume: str, img: Any) -> None:
         note = img.note()

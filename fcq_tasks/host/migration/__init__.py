@@ -131,7 +131,8 @@ def inmigrate(agent: VMAgent, client: redis.Redis, attempt: str, src: str) -> di
         result = agent.ensure()
         if result.get("status") == "running":
             return {"vm": agent.name, "host": agent.settings.host, "operation": "inmigrate",
-                    "status": "running", "outcome": "rescued", "ensure": result}
+                    "status": "running", "outcome": "rescued", "rescue": "redelivered",
+                    "ensure": result}
         raise MigrationAborted(f"{agent.name}: the destination's worker died during attempt "
                                f"{attempt}; ensure here found {result.get('status')}",
                                vm=agent.name)
@@ -153,7 +154,8 @@ def outmigrate(agent: VMAgent, client: redis.Redis, attempt: str, dst: str) -> d
         result = agent.ensure()
         if agent.observe().handed_away_to == dst:
             return {"vm": agent.name, "host": agent.settings.host, "operation": "outmigrate",
-                    "to": dst, "outcome": "handed-over", "ensure": result}
+                    "to": dst, "outcome": "handed-over", "rescue": "redelivered",
+                    "ensure": result}
         raise MigrationAborted(f"{agent.name}: the source's worker died during attempt "
                                f"{attempt}; ensure here found {result.get('status')}",
                                vm=agent.name)

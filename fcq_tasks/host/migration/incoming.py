@@ -11,6 +11,7 @@ import socket
 import time
 from typing import Any
 
+from fcq_tasks import metrics
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.errors import BadRequest, FcqError, QemuError
 from fcq_tasks.host.migration.half import Half
@@ -31,6 +32,8 @@ class Incoming(Half):
     action = "inmigrate"
     #: Per volume, the cookie of the source's lock when the copy began (prepare).
     source_locks: dict[str, str | None]
+    #: How this half got the guest when not by the normal handover (the result's "rescue").
+    rescued: str | None = None
 
     def run(self) -> dict[str, Any]:
         with self.holding():
@@ -153,6 +156,7 @@ class Incoming(Half):
             for volume in VOLUMES:
                 storage.take_over(vm, volume, self.peer, self.source_locks.get(volume))
                 taken.append(volume)
+                metrics.fencing("take-over")
         except FcqError as take_err:
             self.log.error("rescue-failed", error=str(take_err), taken=taken)
             # All or nothing: drop the notes naming us (the source is fenced
@@ -164,6 +168,7 @@ class Incoming(Half):
                     self.log.error("rescue-undo-failed", volume=volume, error=str(undo_err))
             return False
         self.agent.progress("rescued", source=self.peer)
+        self.rescued = "fenced-source"
         return True
 
     def _handed_to_us(self) -> bool:
@@ -197,5 +202,9 @@ class Incoming(Half):
         handover_ms = round((time.monotonic() - t0) * 1000, 1)
         self.rdv.try_set("dst-running", "1")
         self.log.info("inmigrated", handover_ms=handover_ms)
-        return {"vm": self.agent.name, "host": self.agent.settings.host,
-                "operation": "inmigrate", "status": "running", "handover_ms": handover_ms}
+        result = {"vm": self.agent.name, "host": self.agent.settings.host,
+                  "operation": "inmigrate", "status": "running", "outcome": "resumed",
+                  "handover_ms": handover_ms}
+        if self.rescued:
+            result["rescue"] = self.rescued
+        return result

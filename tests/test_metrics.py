@@ -1,0 +1,379 @@
+"""fcq's own metrics: the rules as tables, then scraped from real workers while work runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from fcq_tasks.cluster.clustermetrics import host_of_queue_key, queue_keys
+from fcq_tasks.cluster.workermetrics import outcome_of, sweep_counts, vm_states
+from fcq_tasks.config.settings import load_host_settings
+from fcq_tasks.errors import ConfigError, RemoteError, TaskFailed, TaskRejected
+from fcq_tasks.host.oplock import operation_lock
+from fcq_tasks.metrics import REGISTRY
+from fcq_tasks.metrics.endpoint import MetricsEndpoint, authorized, read_credentials
+from fcq_tasks.storage import VOLUMES, open_storage
+from tests.cluster import Cluster, free_port
+from tests.conftest import HostFactory
+from tests.helpers import Samples, basic, fetch, scrape, value, wait_for
+from tests.test_cluster import SLOW_CREATE_VM
+from tests.test_migration import shared_pair
+
+ClusterFactory = Any
+
+CREDS = b"prom:scrape-secret"
+
+
+# -- the rules, as tables -----------------------------------------------------
+
+@pytest.mark.parametrize(("state", "retval", "expected"), [
+    ("SUCCESS", {"actions": ["start"], "status": "running"}, ("success", "changed")),
+    ("SUCCESS", {"actions": [], "status": "running"}, ("success", "unchanged")),
+    ("SUCCESS", {"outcome": "taken", "actions": ["snapshot"]}, ("success", "taken")),
+    ("SUCCESS", None, ("success", "unchanged")),
+    ("FAILURE", TaskRejected({"error": "MemoryLimitExceeded"}),
+     ("rejected", "MemoryLimitExceeded")),
+    ("FAILURE", TaskRejected({"error": "BadRequest"}), ("rejected", "BadRequest")),
+    ("FAILURE", TaskFailed({"error": "QmpError"}), ("failed", "QmpError")),
+    ("FAILURE", KeyError("bug"), ("failed", "KeyError")),
+    ("RETRY", None, ("retry", "retry")),
+    ("IGNORED", None, ("ignored", "ignored")),
+])
+def test_outcome_rows(state: str, retval: object, expected: tuple[str, str]) -> None:
+    """Each end of a task maps to one (result, outcome) pair: refusals by their error class."""
+    assert outcome_of(state, retval) == expected
+
+
+def test_sweep_counts_what_the_sweep_did() -> None:
+    """A sweep's summary counts as changed (actions), unchanged, skipped (busy) or error."""
+    summary = {"vms": {"a": ["start"], "b": ["stop", "clean-up"], "c": None, "d": [],
+                       "e": "skipped", "f": "error"}}
+    assert sweep_counts(summary) == {"changed": 2, "unchanged": 2, "skipped": 1, "error": 1}
+
+
+def test_vm_states_from_a_host_record() -> None:
+    """Every (state, wanted) pair is listed, zeros included; orphans count as wanted unknown."""
+    record = {"running": ["vm01", "orphan"],
+              "vms": {"vm01": {"kvm_host": "alpha", "online": True},
+                      "vm02": {"kvm_host": "alpha", "online": True},
+                      "vm03": {"kvm_host": "alpha", "online": False},
+                      "vm04": {"kvm_host": "beta", "online": True},
+                      "vm05": {"error": "bad file"}}}
+    counts = vm_states(record, "alpha")
+    assert len(counts) == 8 and sum(counts.values()) == 6
+    assert {k: n for k, n in counts.items() if n} == {
+        ("running", "running"): 1, ("stopped", "running"): 1, ("stopped", "stopped"): 1,
+        ("stopped", "elsewhere"): 1, ("stopped", "unknown"): 1, ("running", "unknown"): 1}
+
+
+def test_queue_keys_cover_kombus_priority_lists() -> None:
+    """A host's queue is its list plus kombu's priority sub-lists; each key names its host."""
+    keys = queue_keys("alpha")
+    assert keys == ["host.alpha", "host.alpha\x06\x163", "host.alpha\x06\x166",
+                    "host.alpha\x06\x169"]
+    assert [host_of_queue_key(k) for k in keys] == ["alpha"] * 4
+    assert host_of_queue_key("fcq:host:alpha") is None and host_of_queue_key("host.") is None
+
+
+def test_basic_auth_check() -> None:
+    """Only a listed user with its password passes; malformed headers do not."""
+    creds = {"prom": "scrape-secret"}
+    assert authorized(basic(CREDS), creds)
+    for header in (None, "", basic(b"prom:wrong"), basic(b"other:scrape-secret"),
+                   basic(b"prom"), "Basic !!!", "Bearer x", basic(b"prom:scrape-secret:x")):
+        assert not authorized(header, creds), header
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def settings_error(tmp_path: Path, **raw: Any) -> ConfigError:
+    path = tmp_path / "host.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_host_settings(path)
+    return err.value
+
+
+def test_settings_demand_auth_beyond_loopback(tmp_path: Path) -> None:
+    """A worker's or the cluster's endpoint off loopback needs an auth file; ports are checked."""
+    err = settings_error(tmp_path, metrics_address="0.0.0.0")
+    assert err.field == "metrics_auth_file" and "not a loopback address" in err.rule
+    err = settings_error(tmp_path, cluster={"metrics_address": "10.0.0.5"})
+    assert err.field == "cluster.metrics_auth_file"
+    err = settings_error(tmp_path, metrics_port=70000)
+    assert err.field == "metrics_port" and "between 0 and 65535" in err.rule
+    # Loopback (and port 0, no endpoint) need none; with a file any address is fine.
+    for raw in ({"metrics_address": "::1"}, {"metrics_address": "localhost"},
+                {"metrics_address": "0.0.0.0", "metrics_port": 0},
+                {"metrics_address": "0.0.0.0", "metrics_auth_file": "/etc/fcq/m"}):
+        path = tmp_path / "ok.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        load_host_settings(path)
+
+
+def test_endpoint_refuses_readable_or_empty_auth_files(tmp_path: Path) -> None:
+    """A secret others can read, or a file without user:password, stops the endpoint opening."""
+    loose = write_secret(tmp_path / "loose", "prom:x\n", 0o644)
+    with pytest.raises(ConfigError) as err:
+        read_credentials("host.yaml", "metrics_auth_file", loose)
+    assert err.value.field == "metrics_auth_file" and "mode 0644" in err.value.rule
+    for text in ("\n", "just-a-password\n", ":nouser\n"):
+        with pytest.raises(ConfigError, match="user:password"):
+            read_credentials("host.yaml", "metrics_auth_file",
+                             write_secret(tmp_path / "bad", text))
+    assert read_credentials("f", "m", write_secret(tmp_path / "ok", "a:b\n\nc:d:e\n")) == {
+        "a": "b", "c": "d:e"}
+
+
+def test_endpoint_answers_only_metrics_and_only_with_credentials(tmp_path: Path) -> None:
+    """401 without or with wrong credentials, 404 off /metrics, the text format with them."""
+    auth = write_secret(tmp_path / "auth", CREDS.decode() + "\n")
+    endpoint = MetricsEndpoint(REGISTRY, "127.0.0.1", 0, auth, "test")
+    endpoint.open()
+    endpoint.serve()
+    try:
+        url = f"http://127.0.0.1:{endpoint.bound_port}"
+        assert fetch(url + "/metrics", None)[0] == 401
+        assert fetch(url + "/metrics", b"prom:wrong")[0] == 401
+        assert fetch(url + "/", CREDS)[0] == 404
+        status, body = fetch(url + "/metrics", CREDS)
+        assert status == 200 and "# TYPE fcq_operation_duration_seconds histogram" in body
+    finally:
+        endpoint.close()
+
+
+class Unreadable(Collector):
+    """A collector whose source is gone (a run directory unmounted under it)."""
+
+    def collect(self) -> Iterable[Metric]:
+        raise OSError("run directory gone")
+
+
+def test_endpoint_answers_500_when_a_collector_fails() -> None:
+    """A failing collector costs that scrape a 500 with the reason, not the endpoint."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Unreadable())
+    endpoint = MetricsEndpoint(registry, "127.0.0.1", 0, None, "test")
+    endpoint.open()
+    endpoint.serve()
+    try:
+        url = f"http://127.0.0.1:{endpoint.bound_port}/metrics"
+        for _ in range(2):  # and it still answers afterwards
+            assert fetch(url, None)[0] == 500
+    finally:
+        endpoint.close()
+
+
+# -- real workers -----------------------------------------------------------------
+
+def ops(samples: Samples, operation: str, result: str, outcome: str) -> float:
+    return value(samples, "fcq_operation_duration_seconds_count", host="alpha",
+                 operation=operation, result=result, outcome=outcome)
+
+
+def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
+    """Starts, a refusal by memory, a bad request, a stop and a sweep move the right series."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    port = free_port()
+    auth = write_secret(alpha.base / "metrics.auth", CREDS.decode() + "\n")
+    # Room for one 128 MB guest, not two; creating a root volume takes 3 s.
+    alpha.update_settings(metrics_port=port, metrics_auth_file=str(auth),
+                          vm_max_total_memory=200, create_vm=SLOW_CREATE_VM)
+    alpha.write_vm("vm01")
+    alpha.write_vm("vm02", id=1001, nics=[{"srv": "02-00-00-00-00-02"}])
+    c.worker("alpha")
+    assert fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 401
+    before = scrape(port, CREDS)
+    assert value(before, "fcq_vms", host="alpha", state="stopped", wanted="running") == 2
+    orch = c.orchestrator()
+
+    first = orch.submit("start", "vm01")
+    wait_for(lambda: orch.state(first)[0] == "PROGRESS", 30, "the start to be running")
+    # Scraped while the start runs: answered, and the start not counted yet.
+    running = scrape(port, CREDS)
+    assert ops(running, "start", "success", "changed") == 0
+    orch.wait(first, timeout=120)
+    with pytest.raises(RemoteError, match="vm_max_total_memory"):
+        orch.wait(orch.submit("start", "vm02"), timeout=120)
+    bad = orch.app.send_task("fcq.start", kwargs={"vm": "Not A Name"}, queue="host.alpha")
+    bad.get(timeout=60, propagate=False)
+    started = scrape(port, CREDS)
+    assert ops(before, "start", "success", "changed") == 0
+    assert ops(started, "start", "success", "changed") == 1
+    assert ops(started, "start", "rejected", "MemoryLimitExceeded") == 1
+    assert ops(started, "start", "rejected", "BadRequest") == 1
+    assert value(started, "fcq_admission_refusals_total", host="alpha", reason="memory") == 1
+    assert value(started, "fcq_vms", host="alpha", state="running", wanted="running") == 1
+    assert value(started, "fcq_vms", host="alpha", state="stopped", wanted="running") == 1
+    # At least the 3 s of creating its volume, and less than the longest
+    # bucket: the duration was measured, not assumed.
+    start_sum = value(started, "fcq_operation_duration_seconds_sum", host="alpha",
+                      operation="start", result="success", outcome="changed")
+    assert 3 <= start_sum < 900
+    assert value(started, "fcq_operation_duration_seconds_bucket", host="alpha",
+                 operation="start", result="success", outcome="changed", le="2.5") == 0
+
+    orch.wait(orch.submit("stop", "vm01"), timeout=120)
+    stopped = scrape(port, CREDS)
+    assert ops(stopped, "stop", "success", "changed") == 1
+    assert value(stopped, "fcq_vms", host="alpha", state="running", wanted="running") == 0
+    assert value(stopped, "fcq_vms", host="alpha", state="stopped", wanted="running") == 2
+
+    # The sweep starts vm01 again (online) and is refused memory for vm02.
+    sweep = orch.app.send_task("fcq.ensure_host", kwargs={"host": "alpha"}, queue="host.alpha")
+    assert sweep.get(timeout=120)["failed"] == 1
+    swept = scrape(port, CREDS)
+    assert value(swept, "fcq_sweep_duration_seconds_count", host="alpha") == 1
+    assert value(swept, "fcq_sweep_vms_changed_sum", host="alpha") == 1
+    assert value(swept, "fcq_sweep_vms_changed_bucket", host="alpha", le="0.0") == 0
+    assert value(swept, "fcq_sweep_vms_changed_bucket", host="alpha", le="1.0") == 1
+    for result, count in (("changed", 1), ("error", 1), ("unchanged", 0), ("skipped", 0)):
+        assert value(swept, "fcq_sweep_last_vms", host="alpha", result=result) == count
+    assert ops(swept, "ensure_host", "success", "changed") == 1
+    assert value(swept, "fcq_admission_refusals_total", host="alpha", reason="memory") == 2
+    assert value(swept, "fcq_vms", host="alpha", state="running", wanted="running") == 1
+    assert value(swept, "process_resident_memory_bytes", host="alpha") > 10 * 2**20
+
+
+def test_worker_refuses_to_start_with_unsafe_metrics_settings(make_host: HostFactory) -> None:
+    """Open beyond loopback without a password, a readable secret, a taken port: no worker."""
+    alpha = make_host("alpha")
+    raw = yaml.safe_load(alpha.settings_file.read_text())
+    # Written as is: loading these settings is what must fail.
+    alpha.settings_file.write_text(yaml.safe_dump({**raw, "metrics_address": "0.0.0.0"}))
+    open_ = alpha.fcq("worker", local=False)
+    assert open_.returncode == 2
+    assert "metrics_auth_file: is required when metrics_address is not a loopback address" \
+        in open_.stderr, open_.stderr
+    loose = write_secret(alpha.base / "metrics.auth", "prom:x\n", 0o644)
+    alpha.settings_file.write_text(yaml.safe_dump({**raw, "metrics_auth_file": str(loose)}))
+    readable = alpha.fcq("worker", local=False)
+    assert readable.returncode == 2 and "mode 0644" in readable.stderr, readable.stderr
+    # A port someone else holds: said plainly, before the worker connects anywhere.
+    endpoint = MetricsEndpoint(REGISTRY, "127.0.0.1", 0, None, "t")
+    endpoint.open()
+    try:
+        loose.chmod(0o600)
+        alpha.update_settings(metrics_port=endpoint.bound_port)
+        taken = alpha.fcq("worker", local=False)
+        assert taken.returncode == 2 and "metrics_port: cannot listen on 127.0.0.1:" \
+            in taken.stderr, taken.stderr
+    finally:
+        endpoint.close()
+
+
+def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: ClusterFactory,
+                                                            tmp_path: Path) -> None:
+    """`fcq metrics`: behind its password; hosts alive, VMs by state; tasks queued for a
+    stopped worker pile up and drain when it is back."""
+    port = free_port()
+    auth = write_secret(tmp_path / "cluster-metrics.auth", CREDS.decode() + "\n")
+    c: Cluster = make_cluster(("alpha",), metrics_port=port, metrics_auth_file=str(auth))
+    c.hosts["alpha"].write_vm("vm01")
+    worker = c.worker("alpha")
+    orch = c.orchestrator()
+    # Host gamma was down before `fcq metrics` started: only its queue tells of it.
+    orch.app.send_task("fcq.ping", queue="host.gamma")
+    c.spawn("metrics")
+    wait_for(lambda: fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 401, 30,
+             "fcq metrics to answer")
+    first = scrape(port, CREDS)
+    assert value(first, "fcq_cluster_up") == 1 and value(first, "fcq_hosts_alive") == 1
+    assert value(first, "fcq_queue_length", host="alpha") == 0
+    assert value(first, "fcq_queue_length", host="gamma") == 1
+    assert value(first, "fcq_cluster_vms", host="alpha", state="stopped", wanted="running") == 1
+    os.killpg(worker.proc.pid, signal.SIGTERM)  # a clean stop: it withdraws its heartbeat
+    worker.proc.wait(30)
+    # Sent as beat sends (the orchestrator refuses a host without a heartbeat).
+    pings = [orch.app.send_task("fcq.ping", queue="host.alpha") for _ in range(3)]
+    queued = scrape(port, CREDS)
+    assert value(queued, "fcq_hosts_alive") == 0
+    assert value(queued, "fcq_queue_length", host="alpha") == 3
+    assert value(queued, "fcq_cluster_vms", host="alpha", state="stopped",
+                 wanted="running") == 0  # no heartbeat, no VMs to tell
+    c.worker("alpha")
+    for ping in pings:
+        assert ping.get(timeout=60)["host"] == "alpha"
+    drained = scrape(port, CREDS)
+    assert value(drained, "fcq_queue_length", host="alpha") == 0
+    assert value(drained, "fcq_hosts_alive") == 1
+
+
+def test_lock_conflicts_are_counted(make_cluster: ClusterFactory) -> None:
+    """A VM held busy: each try is a conflict, the retry and the refusal are counted; a
+    volume locked by another host is a volume conflict."""
+    c: Cluster = make_cluster(("alpha",), task_busy_wait=0.5, busy_retries=1,
+                              busy_retry_delay=1)
+    alpha = c.hosts["alpha"]
+    alpha.write_vm("vm01")
+    c.worker("alpha")
+    port = alpha.settings.metrics_port
+    orch = c.orchestrator()
+    # The test holds vm01's operation lock, as a long operation of another process would.
+    with operation_lock(alpha.settings.run_dir, "vm01"), \
+            pytest.raises(RemoteError, match="busy"):
+        orch.wait(orch.submit("stop", "vm01"), timeout=60)
+    busy = scrape(port)
+    assert value(busy, "fcq_lock_conflicts_total", host="alpha", lock="operation") == 2
+    assert ops(busy, "stop", "retry", "retry") == 1
+    assert ops(busy, "stop", "rejected", "VMBusy") == 1
+    assert value(busy, "fcq_lock_conflicts_total", host="alpha", lock="volume") == 0
+    # Host gamma (the same lock directory, as shared storage would be) holds vm02's root.
+    alpha.write_vm("vm02", id=1001, nics=[{"srv": "02-00-00-00-00-02"}])
+    assert open_storage(dataclasses.replace(alpha.settings, host="gamma")).lock("vm02", "root")
+    with pytest.raises(RemoteError, match="locked by host gamma"):
+        orch.wait(orch.submit("start", "vm02", host="alpha"), timeout=60)
+    locked = scrape(port)
+    assert value(locked, "fcq_lock_conflicts_total", host="alpha", lock="volume") == 1
+    assert ops(locked, "start", "rejected", "LockedByOtherHost") == 1
+
+
+def test_migration_and_fencing_metrics(make_cluster: ClusterFactory) -> None:
+    """A live migration: duration, downtime and bytes on the source, the outcome on the
+    destination; then beta dies and alpha's force-unlock fences it."""
+    c = shared_pair(make_cluster)
+    alpha, beta = c.hosts["alpha"], c.hosts["beta"]
+    orch = c.orchestrator()
+    result = orch.wait(orch.migrate("vm01", "beta"), timeout=180)
+    assert result["outcome"] == "migrated"
+    src, dst = scrape(alpha.settings.metrics_port), scrape(beta.settings.metrics_port)
+    assert value(src, "fcq_migration_duration_seconds_count", host="alpha") == 1
+    assert value(src, "fcq_migration_duration_seconds_sum", host="alpha") == \
+        pytest.approx(result["total_ms"] / 1000)
+    assert value(src, "fcq_migration_downtime_seconds_sum", host="alpha") == \
+        pytest.approx(result["downtime_ms"] / 1000)
+    assert value(src, "fcq_migration_transferred_bytes_total", host="alpha") == \
+        result["transferred"] > 0
+    assert value(src, "fcq_operation_duration_seconds_count", host="alpha",
+                 operation="outmigrate", result="success", outcome="handed-over") == 1
+    assert value(dst, "fcq_operation_duration_seconds_count", host="beta",
+                 operation="inmigrate", result="success", outcome="resumed") == 1
+    assert value(dst, "fcq_migrations_total", host="beta", outcome="migrated") == 1
+    assert value(dst, "fcq_migration_duration_seconds_count", host="beta") == 0
+    assert value(dst, "fcq_vms", host="beta", state="running", wanted="running") == 1
+
+    # beta dies; once its heartbeat is gone, alpha may break its locks, fencing it first.
+    c.kill9(next(s for s in c.services if s.name == "worker@beta"))
+    wait_for(lambda: "beta" not in orch.hosts(), 30, "beta's heartbeat to expire")
+    broken = orch.wait(orch.submit("force_unlock", "vm01", host="alpha"), timeout=60)
+    assert set(broken["broken"]) == set(VOLUMES)
+    fenced = scrape(alpha.settings.metrics_port)
+    assert value(fenced, "fcq_fencing_actions_total", host="alpha",
+                 action="break-lock") == len(VOLUMES)
+    # At least beta's QEMU (the images' writer) and beta's worker (the lock holder).
+    assert value(fenced, "fcq_fencing_actions_total", host="alpha", action="blocklist") >= 2
