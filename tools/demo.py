@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,9 @@ def prepare() -> dict[str, Any]:
     cluster = {"broker_url": f"redis://127.0.0.1:{port}/0",
                "password_file": str(BASE / "redis.password"),
                "sweep_interval": 5, "registry_ttl": 10, "visibility_timeout": 120,
-               "flower_port": flower_port, "flower_auth_file": str(BASE / "flower.auth")}
+               "flower_port": flower_port, "flower_auth_file": str(BASE / "flower.auth"),
+               "metrics_port": free_port()}
+    worker_metrics = {}
     for host in HOSTS:
         d = BASE / host
         (d / "vm").mkdir(parents=True)
@@ -124,7 +127,7 @@ def prepare() -> dict[str, Any]:
             "state_dir": str(d / "state"), "log_file": str(d / "fcq.log"),
             "nic_mode": "user", "shutdown_grace": 20, "vm_max_total_memory": 2048,
             # Two workers on one machine: each its own /metrics port.
-            "metrics_port": free_port(),
+            "metrics_port": worker_metrics.setdefault(host, free_port()),
             "direct_boot": {"kernel": str(GUEST / "vmlinuz"), "initrd": str(GUEST / "initrd.gz"),
                             "append": (GUEST / "cmdline").read_text().strip()},
             "cluster": cluster,
@@ -145,7 +148,8 @@ def prepare() -> dict[str, Any]:
         for host in HOSTS if vm in EVERYWHERE else (kvm_host,):
             (BASE / host / "vm" / f"{vm}.cfg").write_text(text)
     return {"port": port, "password": password, "flower_port": flower_port,
-            "flower_pw": flower_pw}
+            "flower_pw": flower_pw, "metrics": worker_metrics,
+            "cluster_metrics": cluster["metrics_port"]}
 
 
 def start_services(info: dict[str, Any]) -> None:
@@ -166,12 +170,30 @@ def start_services(info: dict[str, Any]) -> None:
     spawn([*FCQ, "beat"], BASE / "beat.log", env_for("alpha"))
     beat.append(processes.pop())
     spawn([*FCQ, "flower"], BASE / "flower.log", env_for("alpha"))
+    spawn([*FCQ, "metrics"], BASE / "metrics.log", env_for("alpha"))
     for _ in range(100):
         out = fcq("--json", "hosts", show=False, check=False)
         if '"alpha"' in out and '"beta"' in out:
             return
         time.sleep(0.2)
     raise SystemExit("demo: workers did not come up; see /tmp/fcq-demo/*/worker.log")
+
+
+def show_metrics(port: int, prefixes: tuple[str, ...]) -> None:
+    """A few lines of an endpoint, as `curl -s URL | grep` would show them."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    print(f"$ curl -s {url} | grep -E '{'|'.join(p.rstrip('{') for p in prefixes)}'")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as err:
+        print(f"  (not answering: {err})")
+        return
+    for prefix in prefixes:  # a few of each: the counts that moved first
+        lines = sorted((line for line in text.splitlines() if line.startswith(prefix)),
+                       key=lambda line: line.endswith(" 0.0"))
+        for line in lines[:4]:
+            print(f"  {line}")
 
 
 def stop_beat() -> None:
@@ -278,8 +300,15 @@ def main() -> None:
     fcq("start", "old01", check=False)  # refused: beta is drained
     fcq("undrain", "beta")
 
-    step("Flower")
-    print(f"  http://127.0.0.1:{info['flower_port']}/  user admin, password {info['flower_pw']}")
+    step("Where to look: Flower, and fcq's own metrics (Prometheus text format)")
+    print(f"  Flower: http://127.0.0.1:{info['flower_port']}/  user admin, password "
+          f"{info['flower_pw']} (its /metrics too)")
+    for host, port in info["metrics"].items():
+        print(f"  worker {host}: http://127.0.0.1:{port}/metrics")
+    print(f"  cluster (fcq metrics): http://127.0.0.1:{info['cluster_metrics']}/metrics")
+    show_metrics(info["metrics"]["alpha"], ("fcq_vms{", "fcq_migrations_total",
+                                            "fcq_operation_duration_seconds_count{"))
+    show_metrics(info["cluster_metrics"], ("fcq_hosts_alive", "fcq_queue_length"))
     print(f"  logs: {BASE}/<host>/fcq.log (JSON lines), {BASE}/<host>/worker.log, "
           f"{BASE}/beat.log")
     if os.environ.get("KEEP"):
