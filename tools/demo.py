@@ -116,7 +116,7 @@ def prepare() -> dict[str, Any]:
                "sweep_interval": 5, "registry_ttl": 10, "visibility_timeout": 120,
                "flower_port": flower_port, "flower_auth_file": str(BASE / "flower.auth"),
                "metrics_port": free_port()}
-    worker_metrics = {}
+    worker_metrics: dict[str, int] = {}
     for host in HOSTS:
         d = BASE / host
         (d / "vm").mkdir(parents=True)
