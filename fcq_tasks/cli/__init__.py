@@ -17,8 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fcq_tasks import __version__, logs
-from fcq_tasks.cli import local
+from fcq_tasks import __version__
 from fcq_tasks.cli.output import Output, say
 from fcq_tasks.config.settings import DEFAULT_SETTINGS_FILE, load_host_settings
 from fcq_tasks.errors import FcqError
@@ -165,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Output(args.json)
     if args.command == "config":
+        from fcq_tasks.cli import local
         local.check_configs(args.files, args.strict, out)
         return out.finish()
     if args.local and args.command in CLUSTER_ONLY:
@@ -187,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends a command like an exception, so every `finally` runs: a
     # snapshot thaws its guest, a start gives back the locks it took.
     signal.signal(signal.SIGTERM, _terminated)
-    logs.configure(settings.log_file, settings.log_level,
-                   stream=None if args.quiet or args.json else sys.stderr)
     for warning in settings.warnings:
         say(f"fcq: warning: {warning}", err=True)
     try:
         if args.local or args.command in LOCAL_ONLY:
+            # Imported only where used: the host side (agent, storage, QMP,
+            # structlog) costs a cluster command ~150 ms it has no use for.
+            from fcq_tasks import logs
+            from fcq_tasks.cli import local
+            logs.configure(settings.log_file, settings.log_level,
+                           stream=None if args.quiet or args.json else sys.stderr)
             local.run(settings, args, out)
         else:
             from fcq_tasks.cli import remote

@@ -32,7 +32,6 @@ from fcq_tasks.cluster.celeryapp import client_app, host_queue
 from fcq_tasks.cluster.taskargs import kwargs_repr
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
-from fcq_tasks.config.vmspec import read_vm_file
 from fcq_tasks.errors import BadRequest, FcqError, Refused, RemoteError, SystemFailure, TaskError
 
 #: What talking to Redis can raise, through redis-py or through kombu.
@@ -237,6 +236,7 @@ class Orchestrator:
 
         Each host writes it unless its own file has a higher ``version``.
         """
+        from fcq_tasks.config.vmspec import read_vm_file
         # One read: refuse a broken file before anything is sent, and send
         # exactly the text that was checked.
         text, spec = read_vm_file(path)

@@ -19,12 +19,7 @@ from typing import Any, cast
 import redis
 
 from fcq_tasks.config.settings import HostSettings
-from fcq_tasks.config.vmspec import load_vm_spec
 from fcq_tasks.errors import ConfigError, FcqError
-from fcq_tasks.hazmat.qemu import read_identity_files
-from fcq_tasks.host import maintenance
-from fcq_tasks.host.admission import booked_memory
-from fcq_tasks.host.sweep import configured_vms
 
 HOST_KEY = "fcq:host:"
 JOBS_KEY = "fcq:jobs"
@@ -46,6 +41,13 @@ def _client(url: str) -> redis.Redis:
 
 def host_record(settings: HostSettings) -> dict[str, Any]:
     """This host's heartbeat: cheap (config files and the process table, no QMP)."""
+    # Imported here: only a worker writes its record, and an orchestrator
+    # (the fcq command) must not pay for the host side's modules.
+    from fcq_tasks.config.vmspec import load_vm_spec
+    from fcq_tasks.hazmat.qemu import read_identity_files
+    from fcq_tasks.host import maintenance
+    from fcq_tasks.host.admission import booked_memory
+    from fcq_tasks.host.sweep import configured_vms
     vms: dict[str, Any] = {}
     for name in configured_vms(settings):
         try:
