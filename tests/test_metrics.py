@@ -25,7 +25,18 @@ from fcq_tasks.metrics.endpoint import MetricsEndpoint, authorized, read_credent
 from fcq_tasks.storage import VOLUMES, open_storage
 from tests.cluster import Cluster, free_port
 from tests.conftest import HostFactory
-from tests.helpers import Samples, basic, fetch, scrape, value, wait_for
+from tests.helpers import (
+    Samples,
+    Series,
+    absent,
+    basic,
+    fetch,
+    scrape,
+    scrape_until,
+    series,
+    value,
+    wait_for,
+)
 from tests.test_cluster import SLOW_CREATE_VM
 from tests.test_migration import shared_pair
 
@@ -180,9 +191,24 @@ def test_endpoint_answers_500_when_a_collector_fails() -> None:
 
 # -- real workers -----------------------------------------------------------------
 
+OPS = "fcq_operation_duration_seconds"
+
+
+def op(operation: str, result: str, outcome: str, host: str = "alpha") -> Series:
+    """The count series of one (operation, result, outcome) of *host*."""
+    return series(f"{OPS}_count", host=host, operation=operation, result=result,
+                  outcome=outcome)
+
+
 def ops(samples: Samples, operation: str, result: str, outcome: str) -> float:
-    return value(samples, "fcq_operation_duration_seconds_count", host="alpha",
-                 operation=operation, result=result, outcome=outcome)
+    name, labels = op(operation, result, outcome)
+    return value(samples, name, **dict(labels))
+
+
+def no_ops(samples: Samples, operation: str, result: str, outcome: str) -> bool:
+    """Nothing counted yet for this triple (the family is there, the series not)."""
+    name, labels = op(operation, result, outcome)
+    return absent(samples, OPS, name, **dict(labels))
 
 
 def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
@@ -206,14 +232,16 @@ def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
     wait_for(lambda: orch.state(first)[0] == "PROGRESS", 30, "the start to be running")
     # Scraped while the start runs: answered, and the start not counted yet.
     running = scrape(port, CREDS)
-    assert ops(running, "start", "success", "changed") == 0
+    assert no_ops(running, "start", "success", "changed")
     orch.wait(first, timeout=120)
     with pytest.raises(RemoteError, match="vm_max_total_memory"):
         orch.wait(orch.submit("start", "vm02"), timeout=120)
     bad = orch.app.send_task("fcq.start", kwargs={"vm": "Not A Name"}, queue="host.alpha")
     bad.get(timeout=60, propagate=False)
-    started = scrape(port, CREDS)
-    assert ops(before, "start", "success", "changed") == 0
+    started = scrape_until(port, {op("start", "success", "changed"): 1,
+                                  op("start", "rejected", "MemoryLimitExceeded"): 1,
+                                  op("start", "rejected", "BadRequest"): 1}, CREDS)
+    assert no_ops(before, "start", "success", "changed")
     assert ops(started, "start", "success", "changed") == 1
     assert ops(started, "start", "rejected", "MemoryLimitExceeded") == 1
     assert ops(started, "start", "rejected", "BadRequest") == 1
@@ -229,7 +257,7 @@ def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
                  operation="start", result="success", outcome="changed", le="2.5") == 0
 
     orch.wait(orch.submit("stop", "vm01"), timeout=120)
-    stopped = scrape(port, CREDS)
+    stopped = scrape_until(port, {op("stop", "success", "changed"): 1}, CREDS)
     assert ops(stopped, "stop", "success", "changed") == 1
     assert value(stopped, "fcq_vms", host="alpha", state="running", wanted="running") == 0
     assert value(stopped, "fcq_vms", host="alpha", state="stopped", wanted="running") == 2
@@ -237,7 +265,9 @@ def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
     # The sweep starts vm01 again (online) and is refused memory for vm02.
     sweep = orch.app.send_task("fcq.ensure_host", kwargs={"host": "alpha"}, queue="host.alpha")
     assert sweep.get(timeout=120)["failed"] == 1
-    swept = scrape(port, CREDS)
+    swept = scrape_until(port, {op("ensure_host", "success", "changed"): 1,
+                                series("fcq_sweep_duration_seconds_count", host="alpha"): 1},
+                         CREDS)
     assert value(swept, "fcq_sweep_duration_seconds_count", host="alpha") == 1
     assert value(swept, "fcq_sweep_vms_changed_sum", host="alpha") == 1
     assert value(swept, "fcq_sweep_vms_changed_bucket", host="alpha", le="0.0") == 0
@@ -304,8 +334,9 @@ def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: Cluste
     queued = scrape(port, CREDS)
     assert value(queued, "fcq_hosts_alive") == 0
     assert value(queued, "fcq_queue_length", host="alpha") == 3
-    assert value(queued, "fcq_cluster_vms", host="alpha", state="stopped",
-                 wanted="running") == 0  # no heartbeat, no VMs to tell
+    # No heartbeat, no VMs to tell: alpha's series are gone, the family stays.
+    assert absent(queued, "fcq_cluster_vms", "fcq_cluster_vms", host="alpha",
+                  state="stopped", wanted="running")
     c.worker("alpha")
     for ping in pings:
         assert ping.get(timeout=60)["host"] == "alpha"
@@ -328,17 +359,19 @@ def test_lock_conflicts_are_counted(make_cluster: ClusterFactory) -> None:
     with operation_lock(alpha.settings.run_dir, "vm01"), \
             pytest.raises(RemoteError, match="busy"):
         orch.wait(orch.submit("stop", "vm01"), timeout=60)
-    busy = scrape(port)
+    busy = scrape_until(port, {op("stop", "retry", "retry"): 1,
+                               op("stop", "rejected", "VMBusy"): 1})
     assert value(busy, "fcq_lock_conflicts_total", host="alpha", lock="operation") == 2
     assert ops(busy, "stop", "retry", "retry") == 1
     assert ops(busy, "stop", "rejected", "VMBusy") == 1
+    # Exported at 0 from the start (known label values are), not merely missing.
     assert value(busy, "fcq_lock_conflicts_total", host="alpha", lock="volume") == 0
     # Host gamma (the same lock directory, as shared storage would be) holds vm02's root.
     alpha.write_vm("vm02", id=1001, nics=[{"srv": "02-00-00-00-00-02"}])
     assert open_storage(dataclasses.replace(alpha.settings, host="gamma")).lock("vm02", "root")
     with pytest.raises(RemoteError, match="locked by host gamma"):
         orch.wait(orch.submit("start", "vm02", host="alpha"), timeout=60)
-    locked = scrape(port)
+    locked = scrape_until(port, {op("start", "rejected", "LockedByOtherHost"): 1})
     assert value(locked, "fcq_lock_conflicts_total", host="alpha", lock="volume") == 1
     assert ops(locked, "start", "rejected", "LockedByOtherHost") == 1
 
@@ -351,7 +384,12 @@ def test_migration_and_fencing_metrics(make_cluster: ClusterFactory) -> None:
     orch = c.orchestrator()
     result = orch.wait(orch.migrate("vm01", "beta"), timeout=180)
     assert result["outcome"] == "migrated"
-    src, dst = scrape(alpha.settings.metrics_port), scrape(beta.settings.metrics_port)
+    src = scrape_until(alpha.settings.metrics_port, {
+        series("fcq_migration_duration_seconds_count", host="alpha"): 1,
+        op("outmigrate", "success", "handed-over"): 1})
+    dst = scrape_until(beta.settings.metrics_port, {
+        op("inmigrate", "success", "resumed", host="beta"): 1,
+        series("fcq_migrations_total", host="beta", outcome="migrated"): 1})
     assert value(src, "fcq_migration_duration_seconds_count", host="alpha") == 1
     assert value(src, "fcq_migration_duration_seconds_sum", host="alpha") == \
         pytest.approx(result["total_ms"] / 1000)
