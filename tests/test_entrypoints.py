@@ -67,6 +67,20 @@ def test_stock_celery_worker_inspect_and_beat(make_cluster: ClusterFactory) -> N
     wait_for(lambda: '"sweep-done"' in sweep_log.read_text(), 60, "a sweep sent by stock beat")
 
 
+def test_stock_celery_worker_refuses_a_readable_metrics_secret(
+        make_cluster: ClusterFactory) -> None:
+    """The stock worker's init hook exits 2 with the reason, not a worker without metrics."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    loose = alpha.base / "metrics.auth"
+    loose.write_text("prom:x\n")
+    loose.chmod(0o644)
+    alpha.update_settings(metrics_auth_file=str(loose))
+    refused = celery_run(c, "worker", "--loglevel", "INFO")
+    assert refused.returncode == 2, refused
+    assert "metrics_auth_file" in refused.stderr and "mode 0644" in refused.stderr, refused
+
+
 def test_stock_celery_flower_needs_the_password(make_cluster: ClusterFactory,
                                                 tmp_path: Path) -> None:
     port = free_port()

@@ -30,6 +30,7 @@ from tests.helpers import (
     Series,
     absent,
     basic,
+    events,
     fetch,
     scrape,
     scrape_until,
@@ -281,7 +282,7 @@ def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
 
 
 def test_worker_refuses_to_start_with_unsafe_metrics_settings(make_host: HostFactory) -> None:
-    """Open beyond loopback without a password, a readable secret, a taken port: no worker."""
+    """Open beyond loopback without a password, a readable or binary secret: no worker."""
     alpha = make_host("alpha")
     raw = yaml.safe_load(alpha.settings_file.read_text())
     # Written as is: loading these settings is what must fail.
@@ -294,17 +295,31 @@ def test_worker_refuses_to_start_with_unsafe_metrics_settings(make_host: HostFac
     alpha.settings_file.write_text(yaml.safe_dump({**raw, "metrics_auth_file": str(loose)}))
     readable = alpha.fcq("worker", local=False)
     assert readable.returncode == 2 and "mode 0644" in readable.stderr, readable.stderr
-    # A port someone else holds: said plainly, before the worker connects anywhere.
-    endpoint = MetricsEndpoint(REGISTRY, "127.0.0.1", 0, None, "t")
-    endpoint.open()
+    loose.write_bytes(b"prom:\xff\xfe\n")
+    loose.chmod(0o600)
+    binary = alpha.fcq("worker", local=False)
+    assert binary.returncode == 2 and "is not UTF-8 text" in binary.stderr, binary.stderr
+
+
+def test_worker_runs_without_metrics_when_its_port_is_taken(make_cluster: ClusterFactory) -> None:
+    """A port someone else holds costs the metrics, logged as an error, not the worker."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    holder = MetricsEndpoint(CollectorRegistry(auto_describe=False), "127.0.0.1", 0, None, "t")
+    holder.open()
+    holder.serve()
     try:
-        loose.chmod(0o600)
-        alpha.update_settings(metrics_port=endpoint.bound_port)
-        taken = alpha.fcq("worker", local=False)
-        assert taken.returncode == 2 and "metrics_port: cannot listen on 127.0.0.1:" \
-            in taken.stderr, taken.stderr
+        alpha.update_settings(metrics_port=holder.bound_port)
+        c.worker("alpha")  # waits for its heartbeat: it started
+        orch = c.orchestrator()
+        assert orch.app.send_task("fcq.ping", queue="host.alpha").get(timeout=60)["host"] \
+            == "alpha"
+        assert "metrics-endpoint-unavailable" in events(alpha)
+        # The port still answers for its holder, an empty registry: not fcq's metrics.
+        assert "fcq_operation_duration_seconds" not in \
+            fetch(f"http://127.0.0.1:{holder.bound_port}/metrics", None)[1]
     finally:
-        endpoint.close()
+        holder.close()
 
 
 def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: ClusterFactory,

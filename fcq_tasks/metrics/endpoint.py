@@ -10,8 +10,9 @@ module refuses a file that others can read or that holds no credentials.
 Passwords are compared in constant time.
 
 No I/O in the constructor: :meth:`MetricsEndpoint.open` binds (and raises
-a ConfigError naming the setting when it cannot), :meth:`serve` starts the
-thread, :meth:`close` stops it.
+a ConfigError naming the setting when it cannot: :class:`ListenError` when
+the address or port is the trouble, not the auth), :meth:`serve` starts
+the thread, :meth:`close` stops it.
 """
 
 from __future__ import annotations
@@ -34,13 +35,20 @@ from fcq_tasks.config.validate import is_loopback
 from fcq_tasks.errors import ConfigError
 
 
+class ListenError(ConfigError):
+    """The endpoint's address or port cannot be bound (taken, not this machine's)."""
+
+
 def read_credentials(source: str, field: str, path: Path) -> dict[str, str]:
     """user → password from *path*; refused unless it is 0600-like and holds user:password."""
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise ConfigError(source, field, f"{path} cannot be read: {err.strerror}") from err
+        raise ConfigError(source, field,
+                          f"{path} cannot be read: {err.strerror or err}") from err
+    except ValueError as err:  # UnicodeDecodeError: not a text file
+        raise ConfigError(source, field, f"{path} is not UTF-8 text: {err}") from err
     if mode & 0o077:
         raise ConfigError(source, field, f"{path} has mode {mode:04o}: a secret must not be "
                           "readable by group or others (chmod 0600)")
@@ -145,9 +153,9 @@ class MetricsEndpoint:
             server = (_Server6 if ":" in self.address else _Server)((self.address, self.port),
                                                                     _Handler)
         except OSError as err:
-            raise ConfigError(self.source, f"{p}metrics_port",
+            raise ListenError(self.source, f"{p}metrics_port",
                               f"cannot listen on {self.address}:{self.port}: "
-                              f"{err.strerror}") from err
+                              f"{err.strerror or err}") from err
         server.registry = self.registry
         server.creds = creds
         self._server = server
@@ -162,7 +170,8 @@ class MetricsEndpoint:
         return int(self._server.server_address[1])
 
     def serve(self) -> None:
-        assert self._server is not None, "open() first"
+        if self._server is None:  # not an assert: those vanish under python -O
+            raise RuntimeError("metrics endpoint: open() before serve()")
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="fcq-metrics", daemon=True)
         self._thread.start()
