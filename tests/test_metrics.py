@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -102,8 +104,15 @@ def test_basic_auth_check() -> None:
     creds = {"prom": "scrape-secret"}
     assert authorized(basic(CREDS), creds)
     for header in (None, "", basic(b"prom:wrong"), basic(b"other:scrape-secret"),
-                   basic(b"prom"), "Basic !!!", "Bearer x", basic(b"prom:scrape-secret:x")):
+                   basic(b"prom"), "Basic !!!", "Bearer x", basic(b"prom:scrape-secret:x"),
+                   basic(b"prom:scrape-secre"), basic(b"prom:scrape-secretX"),
+                   basic(b"prom:\xff"), basic(b":scrape-secret")):
         assert not authorized(header, creds), header
+    # Several users: each with its own password only; a colon in a password is its own.
+    many = {"prom": "scrape-secret", "ops": "a:b"}
+    assert authorized(basic(b"ops:a:b"), many) and authorized(basic(CREDS), many)
+    assert not authorized(basic(b"ops:scrape-secret"), many)
+    assert not authorized(basic(b"prom:a:b"), many)
 
 
 def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -164,6 +173,60 @@ def test_endpoint_answers_only_metrics_and_only_with_credentials(tmp_path: Path)
         assert fetch(url + "/", CREDS)[0] == 404
         status, body = fetch(url + "/metrics", CREDS)
         assert status == 200 and "# TYPE fcq_operation_duration_seconds histogram" in body
+    finally:
+        endpoint.close()
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the server closed *sock* (end of stream or a reset)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_endpoint_serves_four_at_once_and_closes_the_fifth() -> None:
+    """Four idle clients take every slot: a fifth is closed at once; freed, it answers."""
+    endpoint = MetricsEndpoint(REGISTRY, "127.0.0.1", 0, None, "test")
+    endpoint.open()
+    endpoint.serve()
+    idle = [socket.create_connection(("127.0.0.1", endpoint.bound_port)) for _ in range(4)]
+    try:
+        time.sleep(0.5)  # the server thread accepts them in order, each takes a slot
+        with socket.create_connection(("127.0.0.1", endpoint.bound_port)) as fifth:
+            fifth.settimeout(3)  # a timeout here: left waiting for a slot, the failure
+            assert closed(fifth)
+    finally:
+        for sock in idle:
+            sock.close()
+    try:
+        url = f"http://127.0.0.1:{endpoint.bound_port}/metrics"
+        wait_for(lambda: fetch(url, None)[0] == 200, 10, "a slot to be free again")
+    finally:
+        endpoint.close()
+
+
+def test_endpoint_cuts_a_slow_client_at_its_deadline() -> None:
+    """A client trickling a byte a second (under the per-read timeout) is cut at the deadline."""
+    endpoint = MetricsEndpoint(REGISTRY, "127.0.0.1", 0, None, "test", deadline=2.0)
+    endpoint.open()
+    endpoint.serve()
+    try:
+        with socket.create_connection(("127.0.0.1", endpoint.bound_port)) as slow:
+            began = time.monotonic()
+            slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+            slow.settimeout(1.0)
+            cut = None
+            while cut is None and time.monotonic() - began < 12:
+                try:
+                    slow.sendall(b"X")
+                    if slow.recv(1) == b"":
+                        cut = time.monotonic() - began
+                except TimeoutError:
+                    continue  # still open: one more byte
+                except OSError:
+                    cut = time.monotonic() - began
+        assert cut is not None and 1.5 <= cut < 5, cut
     finally:
         endpoint.close()
 
