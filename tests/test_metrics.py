@@ -385,6 +385,27 @@ def test_worker_runs_without_metrics_when_its_port_is_taken(make_cluster: Cluste
         holder.close()
 
 
+def test_worker_metrics_port_from_the_command_line(make_cluster: ClusterFactory) -> None:
+    """--metrics-port overrides the settings (two workers, one file), under the same rule."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    raw = yaml.safe_load(alpha.settings_file.read_text())
+    # Off in the file, so the file needs no auth; a port from the command line does.
+    alpha.settings_file.write_text(yaml.safe_dump({**raw, "metrics_address": "0.0.0.0",
+                                                   "metrics_port": 0}))
+    port = free_port()
+    refused = alpha.fcq("worker", "--metrics-port", str(port), local=False)
+    assert refused.returncode == 2 and "--metrics-port: metrics_auth_file: is required" \
+        in refused.stderr, refused.stderr
+    alpha.settings_file.write_text(yaml.safe_dump(raw))
+    c.spawn("worker", "alpha", "--metrics-port", str(port))
+    c.wait_registered("alpha")
+    samples = wait_for(lambda: fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 200
+                       and scrape(port), 30, "the worker's metrics on the port given")
+    assert value(samples, "fcq_vms", host="alpha", state="running", wanted="running") == 0
+    assert fetch(f"http://127.0.0.1:{raw['metrics_port']}/metrics", None)[0] == 0
+
+
 def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: ClusterFactory,
                                                             tmp_path: Path) -> None:
     """`fcq metrics`: behind its password; hosts alive, VMs by state; tasks queued for a
