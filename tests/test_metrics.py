@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -442,6 +443,52 @@ def test_cluster_metrics_show_the_queue_of_a_stopped_worker(make_cluster: Cluste
     drained = scrape(port, CREDS)
     assert value(drained, "fcq_queue_length", host="alpha") == 0
     assert value(drained, "fcq_hosts_alive") == 1
+
+
+def test_malformed_heartbeats_cost_their_hosts_samples_only(make_cluster: ClusterFactory,
+                                                            tmp_path: Path) -> None:
+    """A heartbeat that is not JSON, one with a broken field: those two hosts are left out
+    and counted; the good host and every queue still come out, and so do the worker's
+    counters when its VM directory cannot be read."""
+    c: Cluster = make_cluster(("alpha",), metrics_port=free_port())
+    alpha = c.hosts["alpha"]
+    c.worker("alpha")
+    client = c.redis.client()
+    client.set("fcq:host:junk", "not json", ex=300)
+    client.set("fcq:host:delta", json.dumps({"host": "delta", "seen": "soon"}), ex=300)
+    port = alpha.settings.cluster.metrics_port
+    c.spawn("metrics")
+    wait_for(lambda: fetch(f"http://127.0.0.1:{port}/metrics", None)[0] == 200, 30,
+             "fcq metrics to answer")
+    seen = scrape(port)
+    assert value(seen, "fcq_cluster_up") == 1
+    assert value(seen, "fcq_host_records_unreadable") == 2
+    assert value(seen, "fcq_hosts_alive") == 1
+    assert value(seen, "fcq_host_heartbeat_age_seconds", host="alpha") >= 0
+    assert absent(seen, "fcq_host_heartbeat_age_seconds", "fcq_host_heartbeat_age_seconds",
+                  host="delta")
+    assert value(seen, "fcq_queue_length", host="alpha") == 0
+    assert value(seen, "fcq_queue_length", host="delta") == 0
+
+    # The worker's side: its VM directory replaced by a file (listing it fails).
+    worker_port = alpha.settings.metrics_port
+    config_dir = alpha.settings.vm_config_dir
+    aside = config_dir.with_name(config_dir.name + ".aside")
+    config_dir.rename(aside)
+    config_dir.write_text("not a directory\n")
+    try:
+        broken = scrape(worker_port)
+        assert value(broken, "fcq_vms_unreadable", host="alpha") == 1
+        assert absent(broken, "fcq_vms", "fcq_vms", host="alpha", state="stopped",
+                      wanted="running")
+        assert value(broken, "process_resident_memory_bytes", host="alpha") > 0
+        assert "fcq_operation_duration_seconds" in broken.families
+    finally:
+        config_dir.unlink()
+        aside.rename(config_dir)
+    healed = scrape(worker_port)
+    assert value(healed, "fcq_vms_unreadable", host="alpha") == 0
+    assert value(healed, "fcq_vms", host="alpha", state="stopped", wanted="running") == 0
 
 
 def test_lock_conflicts_are_counted(make_cluster: ClusterFactory) -> None:

@@ -189,7 +189,17 @@ class VMStates(Collector):
         self.settings = settings
 
     def collect(self) -> Iterable[Metric]:
-        counts = vm_states(registry.host_record(self.settings), self.settings.host)
+        # Caught here, not left to the endpoint's 500: the counters and the
+        # process metrics of this scrape do not depend on the VM directories.
+        try:
+            counts = vm_states(registry.host_record(self.settings), self.settings.host)
+        except Exception as err:
+            log.warning("metrics-vms-unreadable", host=self.settings.host, error=str(err))
+            counts = {}
+        unreadable = GaugeMetricFamily(
+            "fcq_vms_unreadable", "1 when this scrape could not count the VMs (fcq_vms left out)")
+        unreadable.add_metric([], 0 if counts else 1)
+        yield unreadable
         yield vm_gauge("fcq_vms", "VMs this host knows, by state and what their config wants",
                        ("state", "wanted"), counts.items())
 
