@@ -108,8 +108,6 @@ def record(task_name: str, state: str, retval: object, seconds: float) -> None:
         metrics.MIGRATION_BYTES.inc(int(retval.get("transferred") or 0))
     elif operation == "finish_migration":
         metrics.MIGRATIONS.labels(outcome="migrated").inc()
-    elif operation == "migration_failed":
-        metrics.MIGRATIONS.labels(outcome="failed").inc()
     if operation in ("inmigrate", "outmigrate") and retval.get("rescue"):
         metrics.MIGRATION_RESCUES.labels(side=operation.removesuffix("migrate"),
                                          kind=str(retval["rescue"])).inc()
@@ -132,9 +130,17 @@ class TaskTimer:
         # on another thread under the same id.
         return str(task_id), threading.get_ident()
 
-    def _prerun(self, task_id: str | None = None, **_: Any) -> None:
+    def _prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         with self._lock:
             self._started[self._key(task_id)] = time.monotonic()
+        # The migration failed once its errback runs, whatever becomes of the
+        # errback itself (its clean-up may fail or be retried): counted at
+        # its start, not only when it succeeds.
+        if getattr(task, "name", "") == TASK_PREFIX + "migration_failed":
+            try:
+                metrics.MIGRATIONS.labels(outcome="failed").inc()
+            except Exception as err:  # a metric must never fail a task
+                log.warning("metrics-record-failed", task=task.name, error=str(err))
 
     def _postrun(self, task_id: str | None = None, task: Any = None, retval: object = None,
                  state: str | None = None, **_: Any) -> None:

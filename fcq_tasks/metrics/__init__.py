@@ -56,7 +56,8 @@ MIGRATION_BYTES = Counter(
     registry=REGISTRY)
 MIGRATIONS = Counter(
     "fcq_migrations",
-    "Whole live migrations as their chord ended on this host (the destination)",
+    "Whole live migrations: migrated where the chord ended (the destination), "
+    "failed where its errback started (the source)",
     ("outcome",), registry=REGISTRY)
 MIGRATION_RESCUES = Counter(
     "fcq_migration_rescues",
