@@ -15,10 +15,13 @@ queue empties after its heartbeat stopped stays listed with 0 as long as
 this process runs, so a graph drops to zero instead of ending.
 
 Which hosts have a queue is learnt from the heartbeats at every scrape and
-from a SCAN for ``host.*`` keys every ``QUEUE_SCAN_EVERY`` seconds only: a
-SCAN walks the whole keyspace (task results included), and a host whose
-worker is down was almost always seen alive first. The scan finds the
-queues of hosts that were down before this process started.
+from a SCAN for ``host.*`` keys every ``QUEUE_SCAN_EVERY`` seconds: a host
+whose worker is down was almost always seen alive first, and that scan
+finds the queues of hosts that were down before this process started.
+Reading the heartbeats is itself a SCAN (``registry.hosts``, as the
+orchestrator reads them), and a SCAN walks the whole keyspace whatever its
+pattern: a scrape costs Redis O(keys), task results included
+(docs/operations.md says so, with the scrape interval to use).
 """
 
 from __future__ import annotations
