@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcq_tasks.errors import FcqError
@@ -138,6 +139,17 @@ class Samples(dict[Series, float]):
 
 def series(name: str, **labels: str) -> Series:
     return name, frozenset(labels.items())
+
+
+#: The credentials the metrics tests scrape with.
+CREDS = b"prom:scrape-secret"
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    """A secret file of *text* with *mode* (0600: as fcq demands)."""
+    path.write_text(text)
+    path.chmod(mode)
+    return path
 
 
 def basic(creds: bytes) -> str:
