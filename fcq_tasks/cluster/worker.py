@@ -85,7 +85,9 @@ def prepare_worker(settings: HostSettings) -> Celery:
     TaskTimer().connect()
 
     def on_init(**_: Any) -> None:
-        if endpoint is None or endpoint.is_open:
+        # Tried already in run_worker (`fcq worker`): a port found taken
+        # there is not logged a second time.
+        if endpoint is None or endpoint.tried:
             return
         # Celery logs and swallows what a signal handler raises, and the
         # worker would run on without metrics nobody asked to lose: a
@@ -100,13 +102,12 @@ def prepare_worker(settings: HostSettings) -> Celery:
 
     def on_ready(**_: Any) -> None:
         heartbeat.start()
-        serving = endpoint is not None and endpoint.is_open
-        if endpoint is not None and serving:
+        metrics = None
+        if endpoint is not None and endpoint.is_open:  # not when its port was taken
             endpoint.serve()
+            metrics = f"{settings.metrics_address}:{endpoint.bound_port}"
         log.info("worker-ready", host=settings.host, queue=host_queue(settings.host),
-                 broker=sanitized(app.conf.broker_url),
-                 metrics=f"{settings.metrics_address}:{endpoint.bound_port}"
-                 if endpoint is not None and serving else None)
+                 broker=sanitized(app.conf.broker_url), metrics=metrics)
 
     def on_shutdown(**_: Any) -> None:
         heartbeat.stop()

@@ -208,9 +208,12 @@ class MetricsEndpoint:
         self.prefix = prefix
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        #: Whether open() was called, whatever came of it.
+        self.tried = False
 
     def open(self) -> None:
         """Read the credentials and bind; a ConfigError names the setting that is wrong."""
+        self.tried = True
         p = self.prefix
         if self.auth_file is None and not is_loopback(self.address):
             raise ConfigError(self.source, f"{p}metrics_auth_file",
