@@ -197,14 +197,16 @@ class VMStates(Collector):
     def collect(self) -> Iterable[Metric]:
         # Caught here, not left to the endpoint's 500: the counters and the
         # process metrics of this scrape do not depend on the VM directories.
+        counts: dict[tuple[str, str], int] = {}
+        failed = False
         try:
             counts = vm_states(registry.host_record(self.settings), self.settings.host)
         except Exception as err:
             log.warning("metrics-vms-unreadable", host=self.settings.host, error=str(err))
-            counts = {}
+            failed = True
         unreadable = GaugeMetricFamily(
             "fcq_vms_unreadable", "1 when this scrape could not count the VMs (fcq_vms left out)")
-        unreadable.add_metric([], 0 if counts else 1)
+        unreadable.add_metric([], int(failed))
         yield unreadable
         yield vm_gauge("fcq_vms", "VMs this host knows, by state and what their config wants",
                        ("state", "wanted"), counts.items())

@@ -100,7 +100,7 @@ def authorized(header: str | None, creds: dict[str, str]) -> bool:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 5  # connections the kernel holds before accept; more are refused
+    request_queue_size = 5  # connections the kernel holds before accept; more wait or fail
     registry: Collector
     creds: dict[str, str] | None
     deadline: float = REQUEST_DEADLINE
