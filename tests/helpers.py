@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcq_tasks.errors import FcqError
@@ -117,8 +118,38 @@ def stopped_with_volumes(host: Host, vm: str, **params: Any) -> VMAgent:
 
 # -- fcq's /metrics -----------------------------------------------------------
 
-#: (sample name, its labels) → value, as one scrape read them.
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+#: A series: its sample name and its labels.
+Series = tuple[str, frozenset[tuple[str, str]]]
+
+#: Seconds a counter may lag behind the task it counts: Celery stores a
+#: task's result before ``task_postrun`` (where the worker counts) fires,
+#: so a scrape right after ``.get()`` may come a moment too early.
+COUNTED_TIMEOUT = 30.0
+
+
+class Samples(dict[Series, float]):
+    """Series → value, as one scrape read them, and the names of the families it had.
+
+    A family is listed even without a sample (a labelled counter nothing has
+    counted yet): that tells "exported, none yet" from "not exported at all".
+    """
+
+    families: frozenset[str] = frozenset()
+
+
+def series(name: str, **labels: str) -> Series:
+    return name, frozenset(labels.items())
+
+
+#: The credentials the metrics tests scrape with.
+CREDS = b"prom:scrape-secret"
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    """A secret file of *text* with *mode* (0600: as fcq demands)."""
+    path.write_text(text)
+    path.chmod(mode)
+    return path
 
 
 def basic(creds: bytes) -> str:
@@ -143,10 +174,31 @@ def scrape(port: int, credentials: bytes | None = None) -> Samples:
     from prometheus_client.parser import text_string_to_metric_families
     status, body = fetch(f"http://127.0.0.1:{port}/metrics", credentials)
     assert status == 200, status
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
+    families = list(text_string_to_metric_families(body))
+    samples = Samples({series(s.name, **s.labels): s.value
+                       for family in families for s in family.samples})
+    samples.families = frozenset(family.name for family in families)
+    return samples
+
+
+def scrape_until(port: int, expected: dict[Series, float], credentials: bytes | None = None,
+                 timeout: float = COUNTED_TIMEOUT) -> Samples:
+    """The first scrape in which every series of *expected* has its value (see COUNTED_TIMEOUT)."""
+    def ready() -> Samples | None:
+        samples = scrape(port, credentials)
+        return samples if all(samples.get(k) == v for k, v in expected.items()) else None
+    found: Samples = wait_for(ready, timeout, f"series {expected} on port {port}", interval=0.2)
+    return found
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value; 0 for a labelled series not created yet."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """One series' value; the series must be in the scrape (a missing one is no zero)."""
+    key = series(name, **labels)
+    assert key in samples, f"no series {name}{labels} in the scrape"
+    return samples[key]
+
+
+def absent(samples: Samples, family: str, name: str, **labels: str) -> bool:
+    """Whether series *name*{*labels*} is missing while its *family* is exported."""
+    assert family in samples.families, f"no family {family} in the scrape"
+    return series(name, **labels) not in samples

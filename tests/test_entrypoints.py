@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster import Cluster, Service, free_port
-from tests.helpers import wait_for
+from tests.helpers import scrape_until, series, value, wait_for
 
 ClusterFactory = Any
 
@@ -48,11 +48,12 @@ def test_stock_celery_worker_inspect_and_beat(make_cluster: ClusterFactory) -> N
     result = orch.wait(orch.submit("start", "vm01"), timeout=120)
     assert result["status"] == "running" and result["host"] == "alpha"
     # The stock worker serves fcq's metrics too, with the start counted.
-    port = alpha.settings.metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    assert 'fcq_operation_duration_seconds_count{host="alpha",operation="start",' \
-        'outcome="changed",result="success"} 1.0' in text, text[:2000]
+    # Polled: Celery stores the result before task_postrun, where it is counted.
+    counted = scrape_until(alpha.settings.metrics_port, {series(
+        "fcq_operation_duration_seconds_count", host="alpha", operation="start",
+        result="success", outcome="changed"): 1})
+    assert value(counted, "fcq_operation_duration_seconds_count", host="alpha",
+                 operation="start", result="success", outcome="changed") == 1
     # It consumes this host's queue, not Celery's default one.
     log = worker.log.read_text()
     assert "host.alpha" in log and "fcq.ping" in log, log[-2000:]
@@ -64,6 +65,20 @@ def test_stock_celery_worker_inspect_and_beat(make_cluster: ClusterFactory) -> N
     celery(c, "beat", "--loglevel", "INFO")
     sweep_log = alpha.base / "fcq.log"
     wait_for(lambda: '"sweep-done"' in sweep_log.read_text(), 60, "a sweep sent by stock beat")
+
+
+def test_stock_celery_worker_refuses_a_readable_metrics_secret(
+        make_cluster: ClusterFactory) -> None:
+    """The stock worker's init hook exits 2 with the reason, not a worker without metrics."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    loose = alpha.base / "metrics.auth"
+    loose.write_text("prom:x\n")
+    loose.chmod(0o644)
+    alpha.update_settings(metrics_auth_file=str(loose))
+    refused = celery_run(c, "worker", "--loglevel", "INFO")
+    assert refused.returncode == 2, refused
+    assert "metrics_auth_file" in refused.stderr and "mode 0644" in refused.stderr, refused
 
 
 def test_stock_celery_flower_needs_the_password(make_cluster: ClusterFactory,

@@ -27,7 +27,7 @@ from fcq_tasks.host.migration.slots import slots_in_use
 from fcq_tasks.storage import VOLUMES
 from tests.ceph import CephCluster
 from tests.cluster import Cluster, Service
-from tests.helpers import guest_answers, scrape, value, wait_for
+from tests.helpers import guest_answers, scrape_until, series, value, wait_for
 from tests.invariants import GuestSampler, observer_socket
 from tests.test_migration import SLOW, ClusterFactory, converged, shared_pair, where
 
@@ -177,7 +177,9 @@ def test_source_stopped_after_copy_completed_is_fenced_and_rescued(
     assert "-incoming" in proc.cmdline()  # the received copy, resumed: no reboot
     assert set(ceph.blocklist()) - fenced_before  # alpha's clients were fenced
     # beta's metrics tell the rescue apart from a handover, and count the fencing.
-    counted = scrape(c.hosts["beta"].settings.metrics_port)
+    # Polled: the rescue is counted at task_postrun, after the result is stored.
+    counted = scrape_until(c.hosts["beta"].settings.metrics_port, {series(
+        "fcq_migration_rescues_total", host="beta", side="in", kind="fenced-source"): 1})
     assert value(counted, "fcq_migration_rescues_total", host="beta", side="in",
                  kind="fenced-source") == 1
     assert value(counted, "fcq_fencing_actions_total", host="beta",

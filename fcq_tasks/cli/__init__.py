@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="unknown keys are errors too")
     sp = sub.add_parser("worker", help="run this host's Celery worker")
     sp.add_argument("--host", help="host name (default: the settings' host)")
+    sp.add_argument("--metrics-port", type=int, metavar="PORT",
+                    help="port of its /metrics (default: the settings' metrics_port); "
+                    "two workers sharing one machine and one settings file need two")
     sub.add_parser("beat", help="run Celery beat: ensure sweeps for every live host")
     sub.add_parser("metrics", help="serve the cluster's metrics (hosts, queues, VMs) for "
                    "Prometheus")

@@ -10,7 +10,7 @@ import sys
 from fcq_tasks import logs
 from fcq_tasks.cluster.celeryapp import configure
 from fcq_tasks.config.settings import HostSettings
-from fcq_tasks.config.validate import check_name
+from fcq_tasks.config.validate import check_endpoint, check_name
 from fcq_tasks.errors import ConfigError
 
 
@@ -20,6 +20,14 @@ def run(settings: HostSettings, args: argparse.Namespace) -> int:
         from fcq_tasks.cluster.worker import run_worker
         if args.host:
             settings = dataclasses.replace(settings, host=check_name("--host", "host", args.host))
+        if args.metrics_port is not None:
+            # The whole endpoint rule again: a port on an address that was
+            # off (0) needs the auth file as much as one set in the file.
+            _, port, _ = check_endpoint("--metrics-port", "", settings.metrics_address,
+                                        args.metrics_port,
+                                        None if settings.metrics_auth_file is None
+                                        else str(settings.metrics_auth_file))
+            settings = dataclasses.replace(settings, metrics_port=port)
         run_worker(settings)
     elif args.command == "beat":
         from fcq_beat import run_beat

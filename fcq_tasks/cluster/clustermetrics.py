@@ -15,10 +15,13 @@ queue empties after its heartbeat stopped stays listed with 0 as long as
 this process runs, so a graph drops to zero instead of ending.
 
 Which hosts have a queue is learnt from the heartbeats at every scrape and
-from a SCAN for ``host.*`` keys every ``QUEUE_SCAN_EVERY`` seconds only: a
-SCAN walks the whole keyspace (task results included), and a host whose
-worker is down was almost always seen alive first. The scan finds the
-queues of hosts that were down before this process started.
+from a SCAN for ``host.*`` keys every ``QUEUE_SCAN_EVERY`` seconds: a host
+whose worker is down was almost always seen alive first, and that scan
+finds the queues of hosts that were down before this process started.
+Reading the heartbeats is itself a SCAN (``registry.hosts``, as the
+orchestrator reads them), and a SCAN walks the whole keyspace whatever its
+pattern: a scrape costs Redis O(keys), task results included
+(docs/operations.md says so, with the scrape interval to use).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class ClusterState(Collector):
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("fcq_cluster_up", "1 when Redis answered this scrape")
         try:
-            hosts, queues = self._read()
+            hosts, queues, unreadable = self._read()
         except (redis.RedisError, ValueError, KeyError, TypeError) as err:
             log.warning("cluster-metrics-unreadable", error=str(err))
             up.add_metric([], 0)
@@ -86,9 +89,7 @@ class ClusterState(Collector):
         up.add_metric([], 1)
         yield up
         now = time.time()
-        alive = GaugeMetricFamily("fcq_hosts_alive", "Hosts with a fresh heartbeat")
-        alive.add_metric([], len(hosts))
-        yield alive
+        alive = GaugeMetricFamily("fcq_hosts_alive", "Hosts with a fresh, readable heartbeat")
         age = GaugeMetricFamily("fcq_host_heartbeat_age_seconds",
                                 "Seconds since each live host's last heartbeat", labels=["host"])
         booked = GaugeMetricFamily("fcq_host_memory_booked_bytes",
@@ -97,12 +98,31 @@ class ClusterState(Collector):
         limit = GaugeMetricFamily("fcq_host_memory_limit_bytes",
                                   "Each live host's vm_max_total_memory", labels=["host"])
         vms: dict[tuple[str, ...], int] = {}
+        live = 0
         for name, rec in sorted(hosts.items()):
-            age.add_metric([name], max(0.0, now - float(rec.get("seen", now))))
-            booked.add_metric([name], int(rec.get("booked_mb", 0)) * 2**20)
-            limit.add_metric([name], int(rec.get("limit_mb", 0)) * 2**20)
-            for (state, wanted), count in vm_states(rec, name).items():
+            # One malformed heartbeat (an older fcq, a hand-written key) costs
+            # that host's samples, not the scrape: queues still come out.
+            try:
+                values = (max(0.0, now - float(rec.get("seen", now))),
+                          int(rec.get("booked_mb", 0)) * 2**20,
+                          int(rec.get("limit_mb", 0)) * 2**20,
+                          vm_states(rec, name))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                log.warning("cluster-metrics-bad-heartbeat", host=name, error=str(err))
+                unreadable.append(name)
+                continue
+            live += 1
+            age.add_metric([name], values[0])
+            booked.add_metric([name], values[1])
+            limit.add_metric([name], values[2])
+            for (state, wanted), count in values[3].items():
                 vms[(name, state, wanted)] = count
+        alive.add_metric([], live)
+        yield alive
+        bad = GaugeMetricFamily("fcq_host_records_unreadable",
+                                "Heartbeat records this scrape could not read (left out)")
+        bad.add_metric([], len(unreadable))
+        yield bad
         yield from (age, booked, limit)
         yield vm_gauge("fcq_cluster_vms", "VMs of every live host, by state and what their "
                        "config wants (from the heartbeats)", ("host", "state", "wanted"),
@@ -114,8 +134,9 @@ class ClusterState(Collector):
             queue.add_metric([name], length)
         yield queue
 
-    def _read(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-        hosts = registry.hosts(self.client)
+    def _read(self) -> tuple[dict[str, dict[str, Any]], dict[str, int], list[str]]:
+        unreadable: list[str] = []
+        hosts = registry.hosts(self.client, unreadable)
         found: set[str] = set()
         now = time.monotonic()
         if self._scanned is None or now - self._scanned >= QUEUE_SCAN_EVERY:
@@ -132,7 +153,7 @@ class ClusterState(Collector):
         lengths = pipe.execute()
         steps = len(PRIORITY_STEPS)
         return hosts, {name: sum(int(n) for n in lengths[i * steps:(i + 1) * steps])
-                       for i, name in enumerate(names)}
+                       for i, name in enumerate(names)}, unreadable
 
 
 def cluster_endpoint(settings: HostSettings) -> MetricsEndpoint:

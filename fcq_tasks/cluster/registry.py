@@ -80,14 +80,23 @@ def withdraw_host(client: redis.Redis, host: str) -> None:
     client.delete(HOST_KEY + host)
 
 
-def hosts(client: redis.Redis) -> dict[str, dict[str, Any]]:
-    """name → last heartbeat of every host alive within its ttl."""
+def hosts(client: redis.Redis, unreadable: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """name → last heartbeat of every host alive within its ttl.
+
+    A record that is not a heartbeat (not JSON, no ``host``) raises, unless
+    *unreadable* is given: then its key is appended there and it is skipped.
+    """
     out = {}
     for key in sorted(client.scan_iter(HOST_KEY + "*", count=1000)):
         raw = client.get(key)
         if raw:
-            record = json.loads(raw)
-            out[record["host"]] = record
+            try:
+                record = json.loads(raw)
+                out[str(record["host"])] = record
+            except (ValueError, KeyError, TypeError):
+                if unreadable is None:
+                    raise
+                unreadable.append(str(key))
     return out
 
 

@@ -7,12 +7,14 @@ so every wait inside the agent has its own named timeout.
 While the worker runs, a heartbeat thread publishes this host to the
 registry so beat sweeps it and the orchestrator can find its VMs, and
 (unless ``metrics_port`` is 0) a thread serves its ``/metrics``
-(:mod:`fcq_tasks.cluster.workermetrics`).
+(:mod:`fcq_tasks.cluster.workermetrics`); a port that cannot be bound is
+logged (``metrics-endpoint-unavailable``) and the worker runs without it.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -27,6 +29,7 @@ from fcq_tasks.cluster.workermetrics import TaskTimer, worker_endpoint
 from fcq_tasks.config.clustersettings import sanitized
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import ConfigError
+from fcq_tasks.metrics.endpoint import ListenError, MetricsEndpoint
 
 log = structlog.get_logger()
 
@@ -82,24 +85,29 @@ def prepare_worker(settings: HostSettings) -> Celery:
     TaskTimer().connect()
 
     def on_init(**_: Any) -> None:
-        if endpoint is None or endpoint.is_open:
+        # Tried already in run_worker (`fcq worker`): a port found taken
+        # there is not logged a second time.
+        if endpoint is None or endpoint.tried:
             return
+        # Celery logs and swallows what a signal handler raises, and the
+        # worker would run on without metrics nobody asked to lose: a
+        # worker whose settings are wrong must not start at all.
         try:
-            endpoint.open()
-        except ConfigError as err:
-            log.error("metrics-endpoint-refused", error=err.message)
-            # Celery logs and swallows what a signal handler raises; a
-            # worker whose settings are wrong must not start at all.
+            open_metrics(endpoint)
+        except Exception as err:
+            message = err.message if isinstance(err, ConfigError) else repr(err)
+            log.error("metrics-endpoint-refused", error=message)
+            print(f"fcq: error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(2) from err
 
     def on_ready(**_: Any) -> None:
         heartbeat.start()
-        if endpoint is not None:
+        metrics = None
+        if endpoint is not None and endpoint.is_open:  # not when its port was taken
             endpoint.serve()
+            metrics = f"{settings.metrics_address}:{endpoint.bound_port}"
         log.info("worker-ready", host=settings.host, queue=host_queue(settings.host),
-                 broker=sanitized(app.conf.broker_url),
-                 metrics=None if endpoint is None
-                 else f"{settings.metrics_address}:{endpoint.bound_port}")
+                 broker=sanitized(app.conf.broker_url), metrics=metrics)
 
     def on_shutdown(**_: Any) -> None:
         heartbeat.stop()
@@ -112,11 +120,26 @@ def prepare_worker(settings: HostSettings) -> Celery:
     return app
 
 
+def open_metrics(endpoint: MetricsEndpoint) -> None:
+    """Open the worker's endpoint; a port that cannot be bound costs the metrics only.
+
+    The endpoint is a side channel: a port some other program took must not
+    keep a hypervisor's control plane down. Refusals for safety (an open
+    address without auth, a readable or broken secret) are still raised:
+    those are settings to fix, not a clash of the moment.
+    """
+    try:
+        endpoint.open()
+    except ListenError as err:
+        log.error("metrics-endpoint-unavailable", error=err.message,
+                  detail="the worker runs without /metrics")
+
+
 def run_worker(settings: HostSettings, loglevel: str = "INFO") -> None:
     app = prepare_worker(settings)
     endpoint = app.conf.fcq_metrics_endpoint
     if endpoint is not None:
-        endpoint.open()  # a ConfigError here reaches the command line, said plainly
+        open_metrics(endpoint)  # a ConfigError here reaches the command line, said plainly
     app.worker_main([
         "worker", "--queues", host_queue(settings.host),
         "--hostname", f"{settings.host}@{socket.gethostname()}",

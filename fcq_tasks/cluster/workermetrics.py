@@ -108,8 +108,6 @@ def record(task_name: str, state: str, retval: object, seconds: float) -> None:
         metrics.MIGRATION_BYTES.inc(int(retval.get("transferred") or 0))
     elif operation == "finish_migration":
         metrics.MIGRATIONS.labels(outcome="migrated").inc()
-    elif operation == "migration_failed":
-        metrics.MIGRATIONS.labels(outcome="failed").inc()
     if operation in ("inmigrate", "outmigrate") and retval.get("rescue"):
         metrics.MIGRATION_RESCUES.labels(side=operation.removesuffix("migrate"),
                                          kind=str(retval["rescue"])).inc()
@@ -132,9 +130,17 @@ class TaskTimer:
         # on another thread under the same id.
         return str(task_id), threading.get_ident()
 
-    def _prerun(self, task_id: str | None = None, **_: Any) -> None:
+    def _prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         with self._lock:
             self._started[self._key(task_id)] = time.monotonic()
+        # The migration failed once its errback runs, whatever becomes of the
+        # errback itself (its clean-up may fail or be retried): counted at
+        # its start, not only when it succeeds.
+        if getattr(task, "name", "") == TASK_PREFIX + "migration_failed":
+            try:
+                metrics.MIGRATIONS.labels(outcome="failed").inc()
+            except Exception as err:  # a metric must never fail a task
+                log.warning("metrics-record-failed", task=task.name, error=str(err))
 
     def _postrun(self, task_id: str | None = None, task: Any = None, retval: object = None,
                  state: str | None = None, **_: Any) -> None:
@@ -189,7 +195,19 @@ class VMStates(Collector):
         self.settings = settings
 
     def collect(self) -> Iterable[Metric]:
-        counts = vm_states(registry.host_record(self.settings), self.settings.host)
+        # Caught here, not left to the endpoint's 500: the counters and the
+        # process metrics of this scrape do not depend on the VM directories.
+        counts: dict[tuple[str, str], int] = {}
+        failed = False
+        try:
+            counts = vm_states(registry.host_record(self.settings), self.settings.host)
+        except Exception as err:
+            log.warning("metrics-vms-unreadable", host=self.settings.host, error=str(err))
+            failed = True
+        unreadable = GaugeMetricFamily(
+            "fcq_vms_unreadable", "1 when this scrape could not count the VMs (fcq_vms left out)")
+        unreadable.add_metric([], int(failed))
+        yield unreadable
         yield vm_gauge("fcq_vms", "VMs this host knows, by state and what their config wants",
                        ("state", "wanted"), counts.items())
 

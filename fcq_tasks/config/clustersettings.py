@@ -38,7 +38,7 @@ CLUSTER_DEFAULTS: dict[str, object] = {
     "flower_auth_file": None,
     # `fcq metrics`, the cluster's own endpoint (docs/operations.md).
     "metrics_address": "127.0.0.1",
-    "metrics_port": 9188,
+    "metrics_port": 9742,
     "metrics_auth_file": None,
 }
 
@@ -61,7 +61,7 @@ class ClusterSettings:
     flower_port: int
     flower_auth_file: Path | None
     metrics_address: str = "127.0.0.1"
-    metrics_port: int = 9188
+    metrics_port: int = 9742
     metrics_auth_file: Path | None = None
 
     @property

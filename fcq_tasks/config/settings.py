@@ -77,7 +77,9 @@ DEFAULTS: dict[str, Any] = {
     "migration_peer_grace": 60.0,
     "max_migrations": 1,
     "metrics_address": "127.0.0.1",     # the worker's /metrics (docs/operations.md)
-    "metrics_port": 9187,               # 0: no endpoint
+    # 9741/9742: outside the ports of the common exporters (9100 node, 9187
+    # postgres_exporter, ...), so a hypervisor already monitored does not clash.
+    "metrics_port": 9741,               # 0: no endpoint
     "metrics_auth_file": None,          # user:password lines, 0600; required beyond loopback
     "cluster": None,                    # see clustersettings.CLUSTER_DEFAULTS
     "ceph": None,                       # see cephsettings (storage: rbd)
@@ -135,7 +137,7 @@ class HostSettings:
     qemu_generation: int = 0                # generation of the installed QEMU binary
     upgrade_on_ensure: bool = False         # ensure moves VMs of older generations to it
     metrics_address: str = "127.0.0.1"      # where the worker serves /metrics
-    metrics_port: int = 9187                # 0: no endpoint
+    metrics_port: int = 9741                # 0: no endpoint
     metrics_auth_file: Path | None = None   # basic auth credentials (user:password, 0600)
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))

@@ -56,7 +56,8 @@ MIGRATION_BYTES = Counter(
     registry=REGISTRY)
 MIGRATIONS = Counter(
     "fcq_migrations",
-    "Whole live migrations as their chord ended on this host (the destination)",
+    "Whole live migrations: migrated where the chord ended (the destination), "
+    "failed where its errback started (the source)",
     ("outcome",), registry=REGISTRY)
 MIGRATION_RESCUES = Counter(
     "fcq_migration_rescues",
@@ -88,6 +89,18 @@ ADMISSION_REFUSALS = Counter(
 
 #: What a sweep may do to a VM (fcq_sweep_last_vms' result label).
 SWEEP_RESULTS = ("changed", "unchanged", "skipped", "error")
+
+# Every label value known in advance is exported from the start, at 0: a
+# series that first appears at 1 hides its first increase from rate() and
+# increase(), and a missing series reads as "no data", not as "none".
+for _outcome in ("migrated", "failed"):
+    MIGRATIONS.labels(outcome=_outcome)
+for _lock in ("operation", "volume"):
+    LOCK_CONFLICTS.labels(lock=_lock)
+for _action in ("blocklist", "break-lock", "take-over"):
+    FENCING.labels(action=_action)
+for _reason in ("memory", "lock-timeout"):
+    ADMISSION_REFUSALS.labels(reason=_reason)
 
 
 def lock_conflict(lock: str) -> None:
