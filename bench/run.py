@@ -13,7 +13,9 @@ Prints ratios, not adjectives:
 4. live migration on RBD versus a bare QMP migration of the same two QEMUs;
 5. memory: RSS of the worker, and of a QEMU started by fcq versus by hand;
 6. snapshot: how long the guest stays frozen, versus the bare agent calls and
-   storage snapshots (bench/snapshot.py).
+   storage snapshots (bench/snapshot.py);
+7. fan-out: how long beat takes to enqueue a sweep for 100 and 1,000
+   simulated hosts, versus the same sends in a loop (bench/fanout.py).
 
 Run with `make bench` (N defaults to 60; BENCH_VMS=200 make bench for more: the
 2-core, 24 GiB machine holds 200 idle VMs).
@@ -306,6 +308,8 @@ def main() -> None:
     report("local", snap_local)
     print(f"  memory: worker RSS {worker_rss:.0f} MB; QEMU RSS fcq {start['fcq_rss']:.0f} MB"
           f" vs raw {start['raw_rss']:.0f} MB (ratio {start['fcq_rss'] / start['raw_rss']:.2f})")
+    sys.stdout.flush()
+    subprocess.run([sys.executable, "-m", "bench.fanout", "100", "1000"], cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":
