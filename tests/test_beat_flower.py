@@ -168,7 +168,9 @@ def test_expired_sweeps_do_not_run_when_a_host_comes_back(make_cluster: ClusterF
     c: Cluster = make_cluster(("alpha",))
     c.hosts["alpha"].write_vm("vm01")
     orch = c.orchestrator()
-    # As beat sends them: explicit queue, expiring after one (here: 1 s) interval.
+    # As beat sends them (explicit queue, expiring after one interval, here
+    # 1 s), except that beat does not keep results: kept here, so that the
+    # REVOKED each discarded sweep leaves can be read.
     stale = [orch.app.send_task("fcq.ensure_host", kwargs={"host": "alpha"},
                                 queue="host.alpha", expires=1.0) for _ in range(3)]
     time.sleep(2)

@@ -56,7 +56,7 @@ class DrainView:
                 self._last_plain[vm] = now
                 self._line(f"  {vm} -> {details.get('to')}: copying {fraction * 100:.0f}%")
             return
-        if event in ("planned", "evacuating") and details.get("to"):
+        if event == "planned" and details.get("to"):
             self.planned += 1
         if event in ("moved", "evacuated", "failed", "not-started", "in-flight"):
             self.copies.pop(vm, None)
@@ -110,7 +110,8 @@ def run(orch: Orchestrator, args: argparse.Namespace, out: Output, quiet: bool) 
         show.close()
     if cmd == "drain":
         left = summary["still_running"]
-        text = (f"{host}: drained; {summary['moved']} VM(s) moved, "
+        state = "drained" if summary.get("drained") else "NOT drained any more"
+        text = (f"{host}: {state}; {summary['moved']} VM(s) moved, "
                 f"{summary['not_moved']} not moved"
                 + (f"; still running there: {', '.join(left)}" if left else "; empty"))
     else:

@@ -223,7 +223,10 @@ def _halt(orch: Orchestrator, host: str, deadline: float, timeout: float) -> str
     if time.monotonic() >= deadline:
         return f"the drain's {timeout:.0f} s are up"
     try:
-        if not orch.hosts().get(host, {}).get("drained"):
+        record = orch.hosts().get(host)
+        if record is None:
+            return f"{host} has no heartbeat any more"
+        if not record.get("drained"):
             return f"{host} was undrained meanwhile"
     except FcqError:
         pass  # Redis away: the mark is on the host itself and stays
@@ -231,7 +234,10 @@ def _halt(orch: Orchestrator, host: str, deadline: float, timeout: float) -> str
 
 
 def _copy_progress(orch: Orchestrator, vm: str, m: Move, emit: OnEvent) -> None:
-    copy = orch.migration_progress(vm)
+    try:
+        copy = orch.migration_progress(vm)
+    except FcqError:
+        return  # progress is a nicety; a Redis blip must not end the drain
     if copy is not None and copy[0] == "PROGRESS" and isinstance(copy[1], dict):
         emit(vm, "copying", {"to": m.dst, **{k: copy[1].get(k) for k in (
             "transferred", "remaining", "mbps")}})
@@ -246,17 +252,22 @@ def evacuate_plan(orch: Orchestrator, host: str) -> list[Move]:
                       f"dead host (its VMs are booted elsewhere): use fcq drain {host}",
                       host=host, rule="evacuate only a host without a heartbeat")
     vms: dict[str, int] = {}
-    taken: dict[str, str] = {}  # VMs a live host runs or claims already: not the dead one's
+    taken: dict[str, str] = {}  # VMs a live host runs already: not the dead one's
+    claimed: dict[str, str] = {}  # a live host's config puts it there: go there
     for name, record in hosts.items():
         for vm in record.get("running", []):
             taken[vm] = f"runs on {name}"
+    for name, record in hosts.items():
         for vm, conf in record.get("vms", {}).items():
-            if conf.get("kvm_host") == name:
-                taken.setdefault(vm, f"{name}'s config puts it there")
+            if conf.get("kvm_host") == name and vm not in taken:
+                # Moved there, but not running: the dead host may still hold
+                # its locks; evacuated there like the dead host's own.
+                claimed[vm] = name
+                vms[vm] = max(vms.get(vm, 0), int(conf.get("memory_mb") or 0))
             if conf.get("kvm_host") == host and conf.get("online"):
                 vms[vm] = max(vms.get(vm, 0), int(conf.get("memory_mb") or 0))
     moves = place(sorted((v, m) for v, m in vms.items() if v not in taken), host, hosts,
-                  fencing=True)
+                  fencing=True, preferred=claimed)
     moves += [Move(vm, vms[vm], host, outcome="elsewhere", reason=taken[vm])
               for vm in vms if vm in taken]
     return sorted(moves, key=lambda m: m.vm)

@@ -31,7 +31,7 @@ from fcq_tasks.cluster.tasks import (
 )
 from fcq_tasks.config.vmspec import VMSpec, spec_path, update_vm_file
 from fcq_tasks.errors import BadRequest, FcqError, MemoryLimitExceeded, Refused, ShrinkRefused
-from fcq_tasks.host import handtools, maintenance
+from fcq_tasks.host import handtools, maintenance, oplock
 from fcq_tasks.host.admission import booked_memory
 from fcq_tasks.host.agent import VMAgent
 
@@ -84,24 +84,39 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
     """
     settings = agent.settings
     me = settings.host
-    with agent.locked():
+    # One evacuation at a time on this host: the memory check below is made
+    # before fencing, and must see the VMs evacuated just before as booked.
+    with agent.locked(), oplock.operation_lock(settings.run_dir, "evacuations",
+                                               settings.cluster.task_busy_wait):
         spec = agent.spec()
-        if spec.kvm_host == me:
+        volumes = agent.storage.volumes(agent.name)
+        dead_holds = any(v.lock_owner == dead for v in volumes)
+        if spec.kvm_host == me and not dead_holds:
             # Done before (a redelivered message, or a second evacuate):
             # converge, which starts it if it is still down.
             result = agent.ensure()
             result.update(operation="evacuate", outcome="here", fenced={})
             return result
-        if spec.kvm_host != dead:
+        if spec.kvm_host not in (me, dead):
             raise Refused(f"{agent.name}: config puts it on {spec.kvm_host}, not on {dead}: "
                           "not evacuated", vm=agent.name, kvm_host=spec.kvm_host)
-        _check_can_boot(agent, spec)
         if not agent.storage.fences:
             raise Refused(f"{agent.name}: storage {settings.storage} cannot fence host {dead}: "
                           f"its disks are {dead}'s own, and nothing here can stop {dead} "
                           "from writing them; bring the host back, or recover the VM by hand",
                           vm=agent.name, host=dead,
                           rule="a dead host's VMs start elsewhere only after fencing")
+        missing = [v.name for v in volumes if v.size is None]
+        if missing:
+            raise Refused(f"{agent.name}: this host finds no volume {', '.join(missing)}: its "
+                          "config may name another pool than the dead host's, or the VM never "
+                          "ran; evacuating would boot empty disks: not evacuated",
+                          vm=agent.name, volumes=missing)
+        others = sorted({str(v.lock_owner) for v in volumes} - {"None", dead, me})
+        if others:
+            raise Refused(f"{agent.name}: volumes locked by {others[0]}, not by {dead}: "
+                          "not evacuated", vm=agent.name, host=others[0])
+        _check_can_boot(agent, spec)
         client = registry.connect(settings)
         # Read now, under the VM's lock: the dead host may have come back
         # since the orchestrator looked.
@@ -124,8 +139,9 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
         # Came back while we fenced? Its guest has lost its disks; booting
         # here too would put a second copy on the network.
         _refuse_alive(agent, client, dead, fenced=True)
-        update_vm_file(spec_path(settings.vm_config_dir, agent.name), {"kvm_host": me},
-                       bump_version=True)
+        if spec.kvm_host != me:
+            update_vm_file(spec_path(settings.vm_config_dir, agent.name), {"kvm_host": me},
+                           bump_version=True)
         agent.log.warning("evacuated", action="evacuate", dead=dead, broken=broken)
         result = agent.ensure()
     result.update(operation="evacuate", outcome="evacuated", fenced=broken, dead=dead)
@@ -155,8 +171,11 @@ def _refuse_alive(agent: VMAgent, client: Any, dead: str, fenced: bool = False) 
         raise Refused(f"{agent.name}: cannot read the host registry ({err}): not evacuated",
                       vm=agent.name) from err
     if dead in live:
-        after = (" It came back while its writers were being fenced: its guest has lost "
-                 f"its disks; restart it there (fcq restart {agent.name})") if fenced else ""
+        me = agent.settings.host
+        after = (" It came back while its writers were being fenced: its guest there has "
+                 f"lost its disks, and its locks are broken. To run the VM there again: "
+                 f"`fcq force-unlock {agent.name} --host {me}`, then `fcq restart "
+                 f"{agent.name}`") if fenced else ""
         raise Refused(f"{agent.name}: host {dead} has a fresh heartbeat: it is alive; use "
                       f"`fcq drain {dead}`.{after}", vm=agent.name, host=dead)
 

@@ -295,9 +295,15 @@ class RbdStorage:
         """
         def brk(conn: Any, img: Any) -> str | None:
             holder = self._holder(img)
-            if only_from is not None and holder is not None and holder[0] != only_from:
-                raise LockedByOtherHost(vm, volume, holder[0])
             note = img.note()
+            if only_from is not None:
+                if holder is not None and holder[0] != only_from:
+                    raise LockedByOtherHost(vm, volume, holder[0])
+                # A lock handed to another host and not yet claimed is that
+                # host's (a migration or a rescue in progress).
+                if holder is None and note and "to" in note and "fenced" not in note \
+                        and note.get("to") != only_from:
+                    raise LockedByOtherHost(vm, volume, str(note["to"]))
             fence.fence(self.ceph, conn, img, vm, volume, keep)
             if holder is not None:
                 if holder[0] != self.host:
@@ -305,7 +311,9 @@ class RbdStorage:
                 with contextlib.suppress(rbd.ImageNotFound):  # released meanwhile
                     img.break_lock(holder[1], holder[2])
                 return holder[0]
-            if note:
+            # A repeated break on behalf of the same dead host keeps the mark:
+            # removed, the fenced host could lock its images again on waking.
+            if note and not (only_from is not None and "fenced" in note):
                 img.remove_note()
             if note and "fenced" not in note:
                 return str(note.get("to"))
