@@ -13,6 +13,8 @@ measurements with Celery 5 and Redis 7 on the development machines:
   unacknowledged tasks is made frequent (``restore_interval``, a
   throttle of 1) so that redelivery after ``kill -9`` takes seconds, not the
   ~105 s of the defaults.
+* kombu's Redis transport with one fix (cluster/transport.py): without it a
+  worker that loses Redis while a task runs exits instead of reconnecting.
 * Sent and task events on, so Flower sees tasks queued for a host whose
   worker is down.
 * Nothing is routed by default: sending a task without an explicit queue
@@ -27,6 +29,7 @@ from typing import Any
 
 from celery import Celery
 
+from fcq_tasks.cluster.transport import transport_for
 from fcq_tasks.config.settings import HostSettings
 
 #: The queue a host's worker consumes.
@@ -52,10 +55,15 @@ def celery_config(settings: HostSettings) -> dict[str, Any]:
     }
     return {
         "broker_url": url,
+        "broker_transport": transport_for(url),
         "result_backend": url,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": c.visibility_timeout},
         "broker_connection_retry_on_startup": True,
+        # Never give up on the broker (Celery's default: exit after 100
+        # attempts): a worker or beat that exits during a long outage needs
+        # someone to start it again; one that waits comes back by itself.
+        "broker_connection_max_retries": None,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
