@@ -29,6 +29,7 @@ from typing import Any
 
 from celery import Celery
 
+from fcq_tasks.cluster.results import CLIENT_RETRY_POLICY
 from fcq_tasks.cluster.transport import transport_for
 from fcq_tasks.config.settings import HostSettings
 
@@ -98,7 +99,12 @@ def client_app(settings: HostSettings) -> Celery:
     clusters, and Celery caches connections per app.
     """
     client = Celery("fcq-client", set_as_current=False)
-    client.conf.update(celery_config(settings))
+    config = celery_config(settings)
+    # Short reconnect retries for its result consumer: Orchestrator.wait()
+    # rides through outages itself, with its own deadline (cluster/results.py).
+    config["result_backend_transport_options"] = {
+        **config["result_backend_transport_options"], "retry_policy": CLIENT_RETRY_POLICY}
+    client.conf.update(config)
     return client
 
 
