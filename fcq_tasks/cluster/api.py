@@ -28,7 +28,7 @@ from celery.result import AsyncResult
 
 from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import client_app, host_queue
-from fcq_tasks.cluster.results import BROKER_ERRORS, follow, lost_result_store, resubscribe
+from fcq_tasks.cluster.results import BROKER_ERRORS, follow, lost_result_store, renew_backend
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.config.vmspec import read_vm_file
@@ -351,7 +351,7 @@ class Orchestrator:
             # gave its result consumer up: rebuild it for the next call.
             if not lost_result_store(err):
                 raise
-            resubscribe(self.app)
+            renew_backend(self.app)
             raise SystemFailure(f"Redis unreachable: {err.__cause__}") from err
         return str(result.id)
 

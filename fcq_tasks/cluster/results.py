@@ -16,9 +16,9 @@ So an orchestrator does not rely on the consumer alone:
 * :func:`follow` reads the task's state itself at least every POLL_EVERY
   seconds (each ``AsyncResult.get`` starts with one read), so a lost
   pub/sub message costs at most that long;
-* after any broker error it rebuilds the consumer (:func:`resubscribe`: a
-  fresh pub/sub connection subscribed to every task still followed, with
-  their states read again first), once Redis answers again.
+* after any broker error it replaces its thread's result backend with a
+  fresh one (:func:`renew_backend`) and reads the task's state until Redis
+  answers again.
 
 While Redis is away, :func:`follow` keeps trying until its timeout: an
 outage is not the task's failure, and the task may well finish meanwhile.
@@ -26,6 +26,7 @@ outage is not the task's failure, and the task may well finish meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,21 +61,30 @@ def lost_result_store(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and isinstance(err.__cause__, BROKER_ERRORS)
 
 
-def resubscribe(app: Celery) -> bool:
-    """Give this thread's result consumer a fresh pub/sub connection; False if Redis is away.
+def renew_backend(app: Celery) -> None:
+    """Give this thread a fresh result backend in place of one that went through an outage.
 
-    Celery's own reconnect step, run once, without its retries: it reads the
-    state of every followed task again (results that arrived meanwhile are
-    delivered) and subscribes to all of them on a new connection.
+    Rebuilding the old one's consumer in place (Celery's own reconnect step,
+    run again once Redis answered) was tried first: in one run of three, a
+    wait() then hung for the backend's whole socket timeout (120 s), on a
+    connection left over from before the outage. A new backend has a new
+    pool and a new pub/sub connection; the old one is closed first, without
+    network traffic, so that nothing it kept can reach Redis later.
     """
-    consumer: Any = getattr(app.backend, "result_consumer", None)
-    if consumer is None:
-        return True
-    try:
-        consumer._reconnect_pubsub()  # private: Celery has no public way back
-        return True
-    except BROKER_ERRORS:
-        return False
+    a: Any = app  # Celery's stubs do not know the backend slot (per thread unless thread-safe)
+    old = a._backend
+    if old is not None:
+        consumer = getattr(old, "result_consumer", None)
+        if consumer is not None:
+            consumer.subscribed_to.clear()  # nothing left to unsubscribe through it
+            with contextlib.suppress(Exception):  # closing a dead socket may complain
+                consumer.stop()
+            consumer._pubsub = None
+        client = old.__dict__.get("client")  # a cached_property: never create it here
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.connection_pool.disconnect()
+    a._backend = a._get_backend()
 
 
 def follow(app: Celery, task_id: str, timeout: float | None,
@@ -96,10 +106,8 @@ def follow(app: Celery, task_id: str, timeout: float | None,
             raise SystemFailure(f"task {task_id} not finished after {timeout} s "
                                 f"(state {res.state})", task_id=task_id, state=res.state)
         try:
-            if broken is not None and not resubscribe(app):
-                time.sleep(min(OUTAGE_RETRY, left))
-                continue
             if broken is not None:
+                res.backend.get_task_meta(task_id, cache=False)  # raises while Redis is away
                 log.info("result-store-back", task_id=task_id)
                 broken = None
             res.get(timeout=min(left, POLL_EVERY), propagate=False, on_message=on_message,
@@ -112,5 +120,7 @@ def follow(app: Celery, task_id: str, timeout: float | None,
                 raise
             if broken is None:
                 log.warning("result-store-lost", task_id=task_id, error=str(err))
+                renew_backend(app)
+                res = AsyncResult(task_id, app=app)  # bound to the backend it was made with
             broken = err
             time.sleep(min(OUTAGE_RETRY, max(0.0, left)))
