@@ -30,6 +30,8 @@ from typing import Any
 import structlog
 from kombu.transport import redis as kombu_redis
 
+from fcq_tasks.cluster.sentinel import MasterConnection
+
 log = structlog.get_logger()
 
 
@@ -53,6 +55,7 @@ class Channel(kombu_redis.Channel):
 
 class SentinelChannel(kombu_redis.SentinelChannel):
     QoS = QoS
+    connection_class = MasterConnection  # follows a failover (cluster/sentinel.py)
 
 
 class Transport(kombu_redis.Transport):
