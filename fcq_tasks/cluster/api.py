@@ -13,6 +13,7 @@ is down is refused at once instead of waiting silently in its queue.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import time
@@ -21,21 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import kombu.exceptions
 import kombu.pools
 import redis
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import client_app, host_queue
+from fcq_tasks.cluster.results import BROKER_ERRORS, follow, lost_result_store, renew_backend
 from fcq_tasks.cluster.taskargs import kwargs_repr
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.errors import BadRequest, FcqError, Refused, RemoteError, SystemFailure, TaskError
-
-#: What talking to Redis can raise, through redis-py or through kombu.
-BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
 
 VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock", "lock",
                  "unlock")
@@ -49,9 +46,6 @@ EXPIRING_TASKS = frozenset({"fcq.start", "fcq.stop", "fcq.restart", "fcq.kill",
                             "fcq.force_unlock", "fcq.snapshot", "fcq.remove_snapshot",
                             "fcq.resize", "fcq.upgrade", "fcq.evacuate", "fcq.lock",
                             "fcq.unlock", "fcq.set_drained"})
-
-#: How often wait() polls the result backend.
-POLL_INTERVAL = 0.2
 
 
 class Orchestrator:
@@ -359,6 +353,13 @@ class Orchestrator:
                                 self.settings.cluster.result_expires)
         except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
+        except RuntimeError as err:
+            # Subscribing to the new task's result found Redis gone and Celery
+            # gave its result consumer up: rebuild it for the next call.
+            if not lost_result_store(err):
+                raise
+            renew_backend(self.app)
+            raise SystemFailure(f"Redis unreachable: {err.__cause__}") from err
         return str(result.id)
 
     def state(self, task_id: str) -> tuple[str, Any]:
@@ -374,31 +375,29 @@ class Orchestrator:
         try:
             attempt = self.client.get(current_key(vm))
             return None if attempt is None else self.state(f"{attempt!s}-out")
-        except BROKER_ERRORS:
+        except (SystemFailure, *BROKER_ERRORS):
             return None  # progress is a nicety; the wait itself reports Redis trouble
 
     def wait(self, task_id: str, timeout: float | None = None,
              on_progress: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
-        """Wait for a task; return its result or raise the host's error as RemoteError."""
-        res: AsyncResult[Any] = AsyncResult(task_id, app=self.app)
+        """Wait for a task; return its result or raise the host's error as RemoteError.
+
+        A Redis outage meanwhile is waited out (until *timeout*), and this
+        orchestrator keeps working afterwards: see cluster/results.py.
+        """
         if on_progress is not None:
-            on_progress(res.state, res.info)
+            # Redis away: follow() waits for it
+            with contextlib.suppress(SystemFailure, *BROKER_ERRORS):
+                on_progress(*self.state(task_id))
 
         def on_message(meta: dict[str, Any]) -> None:
             if on_progress is not None and meta.get("status") not in ("SUCCESS", "FAILURE"):
                 on_progress(str(meta.get("status")), meta.get("result"))
 
-        # The Redis result backend pushes state changes (pub/sub): no polling
-        # delay, and PROGRESS updates arrive as they are published.
-        try:
-            res.get(timeout=timeout, propagate=False, on_message=on_message,
-                    interval=POLL_INTERVAL)
-        except CeleryTimeoutError as err:
-            raise SystemFailure(f"task {task_id} not finished after {timeout} s "
-                                f"(state {res.state})", task_id=task_id,
-                                state=res.state) from err
-        except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable while waiting: {err}") from err
+        # The Redis result backend pushes state changes (pub/sub), so PROGRESS
+        # updates arrive as they are published; follow() also reads the state
+        # itself now and then, and rides through Redis outages until timeout.
+        res = follow(self.app, task_id, timeout, on_message)
         state, info = res.state, res.info
         if on_progress is not None:
             on_progress(state, info if state != "SUCCESS" else None)

@@ -13,6 +13,8 @@ measurements with Celery 5 and Redis 7 on the development machines:
   unacknowledged tasks is made frequent (``restore_interval``, a
   throttle of 1) so that redelivery after ``kill -9`` takes seconds, not the
   ~105 s of the defaults.
+* kombu's Redis transport with one fix (cluster/transport.py): without it a
+  worker that loses Redis while a task runs exits instead of reconnecting.
 * Sent and task events on, so Flower sees tasks queued for a host whose
   worker is down.
 * Nothing is routed by default: sending a task without an explicit queue
@@ -27,6 +29,9 @@ from typing import Any
 
 from celery import Celery
 
+from fcq_tasks.cluster.results import CLIENT_RETRY_POLICY
+from fcq_tasks.cluster.sentinel import result_backend_url
+from fcq_tasks.cluster.transport import transport_for
 from fcq_tasks.config.settings import HostSettings
 
 #: The queue a host's worker consumes.
@@ -34,6 +39,10 @@ QUEUE_PREFIX = "host."
 
 #: Celery's default queue. Nobody consumes it; nothing may be sent there.
 UNROUTED = "fcq.unrouted"
+
+#: Seconds any socket to Redis (or a sentinel) may stay silent before the
+#: client gives it up and reconnects (to the new primary, after a failover).
+SOCKET_TIMEOUT = 10
 
 app = Celery("fcq", include=["fcq_tasks.cluster.tasks", "fcq_tasks.cluster.daytwo",
                             "fcq_tasks.cluster.draintasks"])
@@ -46,17 +55,48 @@ def host_queue(host: str) -> str:
 def celery_config(settings: HostSettings) -> dict[str, Any]:
     c = settings.cluster
     url = c.url_with_password()
-    transport = {
+    transport: dict[str, Any] = {
         "visibility_timeout": c.visibility_timeout,
         "unacked_restore_interval": c.restore_interval,
         "unacked_restore_throttle": 1,
+        # celery#6348: a Redis that stops answering without closing its
+        # connections (host frozen or cut off, as opposed to a crash or a
+        # restart) leaves a client without socket timeouts waiting forever,
+        # deaf to a Sentinel failover. Every socket gets a deadline.
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
     }
+    backend_transport: dict[str, Any] = {"visibility_timeout": c.visibility_timeout}
+    if c.sentinel_master is not None:
+        # kombu and Celery's result backend both ask the sentinels for the
+        # master by this name; the sentinels' own password (if any) travels
+        # in sentinel_kwargs, the Redis servers' in the URL.
+        # Retrying a command after a timeout is what moves a connection left
+        # open to a frozen master over to the new one (cluster/sentinel.py);
+        # the old master's copy of the command is lost with it anyway.
+        sentinel: dict[str, Any] = {"master_name": c.sentinel_master, "retry_on_timeout": True}
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": SOCKET_TIMEOUT,
+                                           "socket_connect_timeout": SOCKET_TIMEOUT}
+        sentinel_password = c.sentinel_password()
+        if sentinel_password is not None:
+            sentinel_kwargs["password"] = sentinel_password
+        sentinel["sentinel_kwargs"] = sentinel_kwargs
+        transport.update(sentinel)
+        backend_transport.update(sentinel)
     return {
         "broker_url": url,
-        "result_backend": url,
+        "broker_transport": transport_for(url),
+        "result_backend": result_backend_url(url),
         "broker_transport_options": transport,
-        "result_backend_transport_options": {"visibility_timeout": c.visibility_timeout},
+        "result_backend_transport_options": backend_transport,
+        "redis_socket_timeout": SOCKET_TIMEOUT,
+        "redis_socket_connect_timeout": SOCKET_TIMEOUT,
+        "redis_retry_on_timeout": c.sentinel_master is not None,
         "broker_connection_retry_on_startup": True,
+        # Never give up on the broker (Celery's default: exit after 100
+        # attempts): a worker or beat that exits during a long outage needs
+        # someone to start it again; one that waits comes back by itself.
+        "broker_connection_max_retries": None,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -91,7 +131,12 @@ def client_app(settings: HostSettings) -> Celery:
     clusters, and Celery caches connections per app.
     """
     client = Celery("fcq-client", set_as_current=False)
-    client.conf.update(celery_config(settings))
+    config = celery_config(settings)
+    # Short reconnect retries for its result consumer: Orchestrator.wait()
+    # rides through outages itself, with its own deadline (cluster/results.py).
+    config["result_backend_transport_options"] = {
+        **config["result_backend_transport_options"], "retry_policy": CLIENT_RETRY_POLICY}
+    client.conf.update(config)
     return client
 
 

@@ -17,7 +17,11 @@ import time
 from typing import Any, cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 
+from fcq_tasks.cluster.sentinel import MasterConnection
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import ConfigError, FcqError
 
@@ -29,14 +33,50 @@ JOBS_KEPT = 1000
 
 
 def connect(settings: HostSettings) -> redis.Redis:
-    """A client for the cluster's Redis, one per URL and process (it pools connections)."""
-    return _client(settings.cluster.url_with_password())
+    """A client for the cluster's Redis, one per URL and process (it pools connections).
+
+    With Redis Sentinel, a client of the current master: redis-py asks the
+    sentinels for it on every new connection, so after a failover the next
+    command (redis-py retries it) reaches the new master.
+    """
+    c = settings.cluster
+    if c.sentinel_master is not None:
+        return _sentinel_client(tuple(c.sentinels), c.sentinel_master, c.db, c.password(),
+                                c.sentinel_password())
+    return _client(c.url_with_password())
+
+
+#: Seconds any registry command may take (a Redis that stopped answering).
+TIMEOUT = 10
 
 
 @functools.lru_cache(maxsize=8)
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10,
+    return redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
                                 decode_responses=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _sentinel_client(sentinels: tuple[tuple[str, int], ...], master: str, db: int,
+                     password: str | None, sentinel_password: str | None) -> redis.Redis:
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": TIMEOUT,
+                                       "socket_connect_timeout": TIMEOUT}
+    if sentinel_password is not None:
+        sentinel_kwargs["password"] = sentinel_password
+    sentinel = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    # A master that froze (celery#6348's case) leaves idle pooled
+    # connections that only time out when used: retry such a command on a
+    # fresh connection, which asks the sentinels for the master again.
+    # Retrying after a timeout is safe here: a command the old master may
+    # have received is gone anyway (the new master never had it, and the
+    # old one resyncs from it when it returns as a replica).
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master, db=db, password=password, socket_timeout=TIMEOUT,
+        socket_connect_timeout=TIMEOUT, decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 3),
+        retry_on_error=[redis.TimeoutError, redis.ConnectionError],
+        connection_class=MasterConnection)
+    return client
 
 
 def host_record(settings: HostSettings) -> dict[str, Any]:

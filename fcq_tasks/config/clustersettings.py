@@ -9,6 +9,7 @@ logs (URLs are logged sanitised).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -16,9 +17,19 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from fcq_tasks.config import validate as v
 from fcq_tasks.errors import ConfigError
 
+#: Redis Sentinel's default port, for a sentinel:// part that names none.
+SENTINEL_PORT = 26379
+MASTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
 CLUSTER_DEFAULTS: dict[str, object] = {
     "broker_url": "redis://127.0.0.1:6379/0",
     "password_file": None,
+    # Redis Sentinel: broker_url lists the sentinels
+    # (sentinel://h1:26379;sentinel://h2:26379/0) and this names the master
+    # they watch; password_file is then the Redis servers' password, and
+    # sentinel_password_file the sentinels' own (if they require one).
+    "sentinel_master": None,
+    "sentinel_password_file": None,
     "result_expires": 86400,
     "visibility_timeout": 1800,
     "restore_interval": 5,
@@ -47,6 +58,8 @@ CLUSTER_DEFAULTS: dict[str, object] = {
 class ClusterSettings:
     broker_url: str                  # without password; see url_with_password()
     password_file: Path | None
+    sentinel_master: str | None      # set exactly when broker_url lists sentinels
+    sentinel_password_file: Path | None
     result_expires: int              # s a task result is kept
     visibility_timeout: int          # s before an unacknowledged task is delivered again
     restore_interval: int            # s between scans for such tasks
@@ -70,20 +83,57 @@ class ClusterSettings:
         return self.task_busy_wait + self.busy_retries * (self.busy_retry_delay
                                                           + self.task_busy_wait)
 
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """(host, port) of every sentinel broker_url lists; empty without Sentinel."""
+        if self.sentinel_master is None:
+            return []
+        out = []
+        for part in self.broker_url.split(";"):
+            parts = urlsplit(part)
+            out.append((parts.hostname or "127.0.0.1", parts.port or SENTINEL_PORT))
+        return out
+
+    @property
+    def db(self) -> int:
+        """The Redis database number the URL names (0 if none)."""
+        path = urlsplit(self.broker_url.split(";")[0]).path.strip("/")
+        return int(path) if path else 0
+
+    def password(self) -> str | None:
+        """The Redis servers' password, from password_file (None without one)."""
+        return _read_secret(self.password_file, "cluster.password_file")
+
+    def sentinel_password(self) -> str | None:
+        return _read_secret(self.sentinel_password_file, "cluster.sentinel_password_file")
+
     def url_with_password(self) -> str:
-        """The broker URL with the password from password_file filled in."""
-        if self.password_file is None:
+        """The broker URL with the password from password_file filled in.
+
+        A Sentinel URL gets it in each of its sentinel://… parts: kombu and
+        Celery's result backend take the Redis servers' password from there.
+        """
+        password = self.password()
+        if password is None:
             return self.broker_url
-        try:
-            password = self.password_file.read_text().strip()
-        except OSError as err:
-            raise ConfigError(str(self.password_file), "cluster.password_file",
-                              f"cannot be read: {err.strerror}") from err
-        parts = urlsplit(self.broker_url)
-        host = parts.netloc.rsplit("@", 1)[-1]
-        user = parts.username or ""
-        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return ";".join(_with_password(part, password) for part in self.broker_url.split(";"))
+
+
+def _read_secret(path: Path | None, field: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(str(path), field, f"cannot be read: {err.strerror}") from err
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
@@ -96,11 +146,20 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
                               + ", ".join(sorted(CLUSTER_DEFAULTS)))
         raw.update(given)
     url = v.check_str(f, "cluster.broker_url", raw["broker_url"])
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps"):
-        raise ConfigError(f, "cluster.broker_url",
-                          "must be a redis://, rediss://, sentinel:// or amqp:// URL")
-    if parts.password and raw["password_file"] is not None:
+    master = raw["sentinel_master"]
+    check_broker_url(f, url, master is not None)
+    if master is not None:
+        master = v.check_str(f, "cluster.sentinel_master", master)
+        if not MASTER_RE.match(master):
+            raise ConfigError(f, "cluster.sentinel_master", "must be the master's name as the "
+                              "sentinels know it: letters, digits, '.', '_', '-' "
+                              f"(got {master!r})")
+    elif raw["sentinel_password_file"] is not None:
+        raise ConfigError(f, "cluster.sentinel_password_file",
+                          "is only for Redis Sentinel: set cluster.sentinel_master and list "
+                          "the sentinels in cluster.broker_url")
+    if raw["password_file"] is not None and any(
+            urlsplit(p).password for p in url.split(";")):
         raise ConfigError(f, "cluster.broker_url",
                           "has a password and password_file is set too: keep only the file")
 
@@ -116,6 +175,8 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
     settings = ClusterSettings(
         broker_url=url,
         password_file=opt_path("password_file"),
+        sentinel_master=master,
+        sentinel_password_file=opt_path("sentinel_password_file"),
         result_expires=num("result_expires", 60, 30 * 86400),
         visibility_timeout=num("visibility_timeout", 5, 86400),
         restore_interval=num("restore_interval", 1, 3600),
@@ -145,13 +206,53 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
     return settings
 
 
+def check_broker_url(f: str, url: str, sentinel: bool) -> None:
+    """broker_url's scheme, and for Sentinel the list of sentinels, or a ConfigError."""
+    field = "cluster.broker_url"
+    parts = [urlsplit(p) for p in url.split(";")]
+    schemes = {p.scheme for p in parts}
+    if not schemes <= {"redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps"}:
+        raise ConfigError(f, field, "must be a redis://, rediss://, sentinel:// or amqp:// URL")
+    if "sentinel" in schemes or sentinel:
+        if schemes != {"sentinel"}:
+            raise ConfigError(f, field, "with cluster.sentinel_master set, must list the "
+                              "sentinels only: sentinel://HOST:PORT;sentinel://HOST:PORT[/DB]"
+                              if sentinel else "lists sentinels: name the master they "
+                              "watch in cluster.sentinel_master")
+        if not sentinel:
+            raise ConfigError(f, "cluster.sentinel_master", "must be set when "
+                              "cluster.broker_url lists sentinels (the name of the master "
+                              "they watch)")
+        dbs = set()
+        for p in parts:
+            try:
+                p.port  # noqa: B018  # raises on a bad port
+            except ValueError as err:
+                raise ConfigError(f, field, f"sentinel {p.netloc!r}: {err}") from err
+            if not p.hostname:
+                raise ConfigError(f, field, f"every sentinel:// part needs a host "
+                                  f"(got {urlsplit(url).geturl()!r})")
+            db = p.path.strip("/")
+            if db and not db.isdigit():
+                raise ConfigError(f, field, f"the database must be a number (got {db!r})")
+            dbs.add(int(db) if db else 0)
+        if len(dbs) > 1:
+            raise ConfigError(f, field, "every sentinel:// part must name the same database "
+                              "(one without a database means 0)")
+    elif len(parts) > 1:
+        raise ConfigError(f, field, "lists several URLs: only sentinels can be listed "
+                          "(sentinel://…;sentinel://…)")
+
+
 def sanitized(url: str) -> str:
-    """*url* with any password replaced, for logs and output."""
+    """*url* with any password replaced, for logs and output (each part of a Sentinel URL)."""
+    return ";".join(_sanitized(part) for part in url.split(";"))
+
+
+def _sanitized(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
     host = parts.netloc.rsplit("@", 1)[-1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-

@@ -1,0 +1,126 @@
+"""Following a task's result through Redis outages, for a long-lived orchestrator.
+
+Celery's Redis result backend pushes state changes over pub/sub. When the
+pub/sub connection breaks, its consumer retries the reconnect
+(``retry_policy``, 20 × 1 s by default) and then gives up for good: "Retry
+limit exceeded while trying to reconnect to the Celery result store backend.
+The Celery application must be restarted." (a RuntimeError). Measured: an
+orchestrator waiting through a 20 s Redis outage was left that way, and
+every later wait() hung until its timeout, because the consumer's
+subscriptions were gone while it still listed them.
+
+So an orchestrator does not rely on the consumer alone:
+
+* its backend retries only briefly (CLIENT_RETRY_POLICY), so a wait() keeps
+  control of its own deadline instead of sitting in Celery's retry loop;
+* :func:`follow` reads the task's state itself at least every POLL_EVERY
+  seconds (each ``AsyncResult.get`` starts with one read), so a lost
+  pub/sub message costs at most that long;
+* after any broker error it replaces its thread's result backend with a
+  fresh one (:func:`renew_backend`) and reads the task's state until Redis
+  answers again.
+
+While Redis is away, :func:`follow` keeps trying until its timeout: an
+outage is not the task's failure, and the task may well finish meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kombu.exceptions
+import redis
+import structlog
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+
+from fcq_tasks.errors import SystemFailure
+
+log = structlog.get_logger()
+
+#: What talking to Redis can raise, through redis-py or through kombu.
+BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
+
+#: The result backend's own reconnect retries in an orchestrator: short, so
+#: that an outage comes back to :func:`follow` (which has a deadline) at once.
+CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                       "interval_max": 0.5}
+
+#: The longest follow() goes without reading the task's state itself.
+POLL_EVERY = 2.0
+#: Pause between two attempts while Redis does not answer.
+OUTAGE_RETRY = 0.5
+
+
+def lost_result_store(err: BaseException) -> bool:
+    """Whether *err* is Celery's "retry limit exceeded" (a RuntimeError) after a Redis error."""
+    return isinstance(err, RuntimeError) and isinstance(err.__cause__, BROKER_ERRORS)
+
+
+def renew_backend(app: Celery) -> None:
+    """Give this thread a fresh result backend in place of one that went through an outage.
+
+    Rebuilding the old one's consumer in place (Celery's own reconnect step,
+    run again once Redis answered) was tried first: in one run of three, a
+    wait() then hung for the backend's whole socket timeout (120 s), on a
+    connection left over from before the outage. A new backend has a new
+    pool and a new pub/sub connection; the old one is closed first, without
+    network traffic, so that nothing it kept can reach Redis later.
+    """
+    a: Any = app  # Celery's stubs do not know the backend slot (per thread unless thread-safe)
+    old = a._backend
+    if old is not None:
+        consumer = getattr(old, "result_consumer", None)
+        if consumer is not None:
+            consumer.subscribed_to.clear()  # nothing left to unsubscribe through it
+            with contextlib.suppress(Exception):  # closing a dead socket may complain
+                consumer.stop()
+            consumer._pubsub = None
+        client = old.__dict__.get("client")  # a cached_property: never create it here
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.connection_pool.disconnect()
+    a._backend = a._get_backend()
+
+
+def follow(app: Celery, task_id: str, timeout: float | None,
+           on_message: Callable[[dict[str, Any]], None]) -> AsyncResult[Any]:
+    """Wait until task *task_id* is ready, through Redis outages, for at most *timeout* s.
+
+    Raises SystemFailure when the timeout passes (saying whether Redis was
+    reachable at the end).
+    """
+    res: AsyncResult[Any] = AsyncResult(task_id, app=app)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    broken: BaseException | None = None  # the last broker error, while it lasts
+    while True:
+        left = POLL_EVERY if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            if broken is not None:
+                raise SystemFailure(f"Redis unreachable while waiting for task {task_id} "
+                                    f"({timeout} s): {broken}", task_id=task_id) from broken
+            raise SystemFailure(f"task {task_id} not finished after {timeout} s "
+                                f"(state {res.state})", task_id=task_id, state=res.state)
+        try:
+            if broken is not None:
+                res.backend.get_task_meta(task_id, cache=False)  # raises while Redis is away
+                log.info("result-store-back", task_id=task_id)
+                broken = None
+            res.get(timeout=min(left, POLL_EVERY), propagate=False, on_message=on_message,
+                    interval=POLL_EVERY)
+            return res
+        except CeleryTimeoutError:
+            continue  # not ready yet: the next get() reads its state again
+        except (*BROKER_ERRORS, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not lost_result_store(err):
+                raise
+            if broken is None:
+                log.warning("result-store-lost", task_id=task_id, error=str(err))
+                renew_backend(app)
+                res = AsyncResult(task_id, app=app)  # bound to the backend it was made with
+            broken = err
+            time.sleep(min(OUTAGE_RETRY, max(0.0, left)))
