@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 from fcq_tasks.cluster.sentinel import MasterConnection
 
@@ -36,9 +37,12 @@ log = structlog.get_logger()
 
 
 class QoS(kombu_redis.QoS):
-    def restore_unacked(self, client: Any = None) -> Any:
+    def _detached(self) -> bool:
         transport = self.channel.connection
-        if client is None and (transport is None or transport.client is None):
+        return transport is None or transport.client is None
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        if client is None and self._detached():
             delivered = self._delivered
             log.warning("broker-restore-skipped", messages=len(delivered or ()),
                         reason="connection lost; Redis redelivers them after "
@@ -47,6 +51,34 @@ class QoS(kombu_redis.QoS):
                 delivered.clear()
             return None
         return super().restore_unacked(client)
+
+    # The same trap at the other end of a task: a task that was running when
+    # Redis went away finishes after its channel was detached, and its
+    # acknowledgement (acks_late) needs the detached transport too
+    # ("AttributeError: 'NoneType' object has no attribute 'client'", the
+    # worker exits; seen in `make chaos` with a Redis restart during a
+    # migration). The acknowledgement cannot reach Redis from this channel:
+    # the message stays in the unacknowledged index and is delivered again
+    # after visibility_timeout, as after a worker crash; every fcq task is
+    # idempotent there (a migration half runs once per attempt, imperative
+    # requests expire).
+    def ack(self, delivery_tag: Any) -> None:
+        if self._detached():
+            log.warning("broker-ack-lost", delivery_tag=str(delivery_tag),
+                        reason="connection lost; Redis redelivers the task after "
+                               "visibility_timeout")
+            kombu_virtual.QoS.ack(self, delivery_tag)  # local bookkeeping only
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self._detached():
+            log.warning("broker-reject-lost", delivery_tag=str(delivery_tag),
+                        reason="connection lost; Redis redelivers the task after "
+                               "visibility_timeout")
+            kombu_virtual.QoS.ack(self, delivery_tag)
+            return
+        super().reject(delivery_tag, requeue=requeue)
 
 
 class Channel(kombu_redis.Channel):
