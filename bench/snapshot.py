@@ -10,11 +10,11 @@ create_snap), guest-fsfreeze-thaw. Pairs run interleaved (fcq, bare, ...).
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import time
 from typing import Any
 
+from bench.stats import Pairs, line, spread
 from fcq_tasks.hazmat.guestagent import GuestAgent
 from fcq_tasks.host.agent import VMAgent
 from tests.conftest import Host
@@ -64,21 +64,13 @@ def bench_snapshot(host: Host, pairs: int = 5) -> dict[str, Any]:
                 bare_ms.append((time.monotonic() - t1) * 1000)
     finally:
         agent.kill()
-    ratios = [f / b for f, b in zip(fcq_ms, bare_ms, strict=True)]
-    return {"fcq": fcq_ms, "bare": bare_ms, "ratio": ratios, "total": total_ms}
+    return {"fcq": fcq_ms, "bare": bare_ms, "total": total_ms}
 
 
-def spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):.1f} (min {min(values):.1f}, max {max(values):.1f})"
-
-
-def report(label: str, r: dict[str, Any]) -> None:
-    gap = statistics.median(r["fcq"]) - statistics.median(r["bare"])
-    width = max(r["ratio"]) - min(r["ratio"])
-    note = "" if abs(statistics.median(r["ratio"]) - 1) > width / 2 else \
-        "  (spread wider than the gap: no difference shown)"
-    print(f"  snapshot on {label}, guest frozen (freeze request → thaw answered), "
-          f"{len(r['fcq'])} pairs: fcq {spread(r['fcq'])} ms vs bare agent calls + storage "
-          f"snapshot {spread(r['bare'])} ms; ratio {spread(r['ratio'])}x, "
-          f"gap {gap:.1f} ms{note}")
-    print(f"    whole fcq snapshot call (guard start, checks, listing): {spread(r['total'])} ms")
+def report(label: str, r: dict[str, Any]) -> list[str]:
+    return [line(f"snapshot on {label}, guest frozen (freeze request → thaw answered; bare: "
+                 "the agent calls and storage snapshots)",
+                 Pairs([ms / 1000 for ms in r["fcq"]], [ms / 1000 for ms in r["bare"]]),
+                 fmt=".1f"),
+            f"      whole fcq snapshot call (guard start, checks, listing): "
+            f"{spread([ms / 1000 for ms in r['total']], 1000)} ms"]

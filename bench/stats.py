@@ -63,11 +63,13 @@ def verdict(values: list[float], limit: float) -> str:
 
 
 def line(label: str, p: Pairs, *, unit: str = "ms", scale: float = 1000.0, fmt: str = ".0f",
-         ratio_limit: float | None = None, gap_limit: float | None = None) -> str:
+         ratio_limit: float | None = None, gap_limit: float | None = None,
+         abs_limit: float | None = None) -> str:
     """One report line: both sides, the ratio, and a verdict against the target.
 
     *ratio_limit* is a target such as "fcq <= 1.2x bare"; *gap_limit* (in the
-    measurement's own unit, seconds) one such as "fcq <= bare + 50 ms".
+    measurement's own unit, seconds) one such as "fcq <= bare + 50 ms";
+    *abs_limit* (seconds too) one for fcq alone, such as "fcq <= 1 s".
     """
     out = (f"  {label}: fcq {spread(p.fcq, scale, fmt)} {unit} vs bare "
            f"{spread(p.bare, scale, fmt)} {unit}; ratio {spread(p.ratios, 1.0, '.2f')}x"
@@ -77,4 +79,7 @@ def line(label: str, p: Pairs, *, unit: str = "ms", scale: float = 1000.0, fmt: 
     if gap_limit is not None:
         out += (f"\n      target <= bare + {gap_limit * scale:{fmt}} {unit} (gap "
                 f"{spread(p.gaps, scale, fmt)} {unit}): {verdict(p.gaps, gap_limit)}")
+    if abs_limit is not None:
+        out += (f"\n      target fcq <= {abs_limit * scale:{fmt}} {unit}: "
+                f"{verdict(p.fcq, abs_limit)}")
     return out

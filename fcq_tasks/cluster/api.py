@@ -154,7 +154,12 @@ class Orchestrator:
     def _check_host(self, host: str) -> None:
         if not NAME_RE.match(host):
             raise BadRequest("host", f"{NAME_RULE} (got {host!r})")
-        if host not in self._registry():
+        try:
+            # One GET: a start must not scan every host's record on the way.
+            alive = registry.host(self.client, host) is not None
+        except BROKER_ERRORS as err:
+            raise SystemFailure(f"Redis unreachable: {err}") from err
+        if not alive:
             raise BadRequest("host", f"host {host!r} has no live worker (no heartbeat within "
                              f"{self.settings.cluster.registry_ttl} s)")
 
@@ -309,7 +314,10 @@ class Orchestrator:
             self.app.signature("fcq.outmigrate", kwargs=halves["outmigrate"],
                                kwargsrepr=kwargs_repr(halves["outmigrate"]),
                                queue=host_queue(src), task_id=f"{attempt}-out"))
-        body = self.app.signature("fcq.finish_migration", kwargs=common, queue=host_queue(dst))
+        # Wall clock: the callback, on another host, measures the queueing from it.
+        body = self.app.signature("fcq.finish_migration",
+                                  kwargs={**common, "sent_at": time.time()},
+                                  queue=host_queue(dst))
         body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
                                            queue=host_queue(src)))
         try:

@@ -30,6 +30,8 @@ JOBS_KEY = "fcq:jobs"
 JOB_KEY = "fcq:job:"
 #: How many submitted jobs `fcq jobs` can look back on.
 JOBS_KEPT = 1000
+#: Heartbeats read by one MGET (a reply of a few hundred KB at most).
+HOSTS_PER_MGET = 500
 
 
 def connect(settings: HostSettings) -> redis.Redis:
@@ -96,9 +98,9 @@ def host_record(settings: HostSettings) -> dict[str, Any]:
                          "memory_mb": spec.memory_mb}
         except (ConfigError, FcqError) as err:
             vms[name] = {"error": err.message}
-    booked = booked_memory(settings.run_dir, settings.qmp_timeout)
-    running = sorted(n for n in booked if not n.endswith("+upgrade"))  # not a second VM
     idents = read_identity_files(settings.run_dir)
+    booked = booked_memory(settings.run_dir, settings.qmp_timeout, identities=idents)
+    running = sorted(n for n in booked if not n.endswith("+upgrade"))  # not a second VM
     return {"host": settings.host, "queue": f"host.{settings.host}", "seen": time.time(),
             "booked_mb": sum(booked.values()), "limit_mb": settings.vm_max_total_memory,
             "running": running, "vms": vms, "qemu_generation": settings.qemu_generation,
@@ -120,6 +122,18 @@ def withdraw_host(client: redis.Redis, host: str) -> None:
     client.delete(HOST_KEY + host)
 
 
+def host(client: redis.Redis, name: str) -> dict[str, Any] | None:
+    """The last heartbeat of host *name* if it is alive within its ttl (one GET, no scan)."""
+    raw = client.get(HOST_KEY + name)
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("host") == name else None
+
+
 def hosts(client: redis.Redis, unreadable: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """name → last heartbeat of every host alive within its ttl.
 
@@ -127,9 +141,16 @@ def hosts(client: redis.Redis, unreadable: list[str] | None = None) -> dict[str,
     *unreadable* is given: then its key is appended there and it is skipped.
     """
     out = {}
-    for key in sorted(client.scan_iter(HOST_KEY + "*", count=1000)):
-        raw = client.get(key)
-        if raw:
+    # SCAN may return a key twice; one GET per key was one round trip per
+    # host (measured: 0.2 s of beat's refresh at 1,000 hosts), MGET reads
+    # HOSTS_PER_MGET at once. A key that expired since the SCAN reads None.
+    keys = sorted(set(client.scan_iter(HOST_KEY + "*", count=1000)))
+    for start in range(0, len(keys), HOSTS_PER_MGET):
+        chunk = keys[start:start + HOSTS_PER_MGET]
+        raws = cast(list[str | None], client.mget(chunk))
+        for key, raw in zip(chunk, raws, strict=True):
+            if not raw:
+                continue
             try:
                 record = json.loads(raw)
                 out[str(record["host"])] = record

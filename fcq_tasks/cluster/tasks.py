@@ -385,14 +385,27 @@ def outmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = No
 
 @app.task(bind=True, base=FcqTask, name="fcq.finish_migration")
 def finish_migration(self: FcqTask, /, results: Any = None, vm: str | None = None,
-                     attempt: str | None = None, **_: Any) -> dict[str, Any]:
-    """Chord body: both halves succeeded; record and return the outcome."""
+                     attempt: str | None = None, sent_at: float | None = None,
+                     **_: Any) -> dict[str, Any]:
+    """Chord body: both halves succeeded; record and return the outcome.
+
+    *sent_at*: when the orchestrator sent the chord (wall clock), for the phases.
+    """
+    from fcq_tasks.host.migration.phases import migration_phases
+    callback_at = time.time()
     halves = {r.get("operation"): r for r in results or [] if isinstance(r, dict)}
     out, inn = halves.get("outmigrate", {}), halves.get("inmigrate", {})
+    phases = migration_phases(out, inn, sent_at if isinstance(sent_at, float) else None,
+                              callback_at)
     outcome = {"vm": vm, "operation": "migrate", "attempt": attempt, "outcome": "migrated",
                "from": out.get("host"), "to": inn.get("host"), "status": inn.get("status"),
                "total_ms": out.get("total_ms"), "downtime_ms": out.get("downtime_ms"),
-               "handover_ms": inn.get("handover_ms"), "transferred": out.get("transferred")}
+               # The guest's pause beyond QEMU's downtime: source saw the copy
+               # completed → destination's `cont` (the resume alone without marks).
+               "handover_ms": phases.get("handover", inn.get("resume_ms")),
+               "transferred": out.get("transferred"), "phases": phases,
+               "callback_at": callback_at}
+    log.info("migrated", vm=vm, attempt=attempt, phases=phases)
     heartbeat(current_settings())
     return outcome
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from fcq_tasks.config import validate as v
 from fcq_tasks.config.cephsettings import CephSettings, parse_ceph_settings
 from fcq_tasks.config.clustersettings import ClusterSettings, parse_cluster_settings
@@ -294,7 +292,9 @@ def _run_dir(f: str, value: object) -> Path:
 
 def _memory_limit(f: str, value: object) -> int:
     if value == "auto":
-        total_mb = psutil.virtual_memory().total // 2**20
+        # What psutil.virtual_memory().total reads, without importing psutil
+        # into every fcq command (~30 ms).
+        total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
         return max(0, total_mb - HOST_RESERVED_MB)
     return v.check_int(f, "vm_max_total_memory", value, 0, 2**30)
 

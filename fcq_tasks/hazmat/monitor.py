@@ -23,6 +23,17 @@ _THROTTLE_ZERO = {"bps_rd": 0, "bps_wr": 0, "iops_rd": 0, "iops_wr": 0}
 #: QEMU's "unlimited": its own default would be 128 MiB/s.
 UNLIMITED_BANDWIDTH = 2**40
 
+#: What an outgoing migration runs with: auto-converge, no compression, and
+#: QEMU's MIGRATION events (state changes; they do not change the copy).
+MIGRATION_CAPABILITIES = [
+    {"capability": "auto-converge", "state": True},
+    {"capability": "xbzrle", "state": False},
+    {"capability": "compress", "state": False},
+    {"capability": "events", "state": True}]
+
+#: The events that end a wait for the migration: its state changed, the guest stopped.
+MIGRATION_EVENTS = frozenset({"MIGRATION", "STOP"})
+
 
 @dataclass(frozen=True)
 class BlockInfo:
@@ -145,19 +156,24 @@ class Monitor:
     # -- migration --------------------------------------------------------
 
     def listen_for_migration(self, uri: str) -> None:
-        """On a QEMU started with ``-incoming defer``: accept the stream on *uri*."""
+        """On a QEMU started with ``-incoming defer``: accept the stream on *uri*.
+
+        With migration events on, so that :meth:`migration_event` on this
+        side wakes as the copy completes instead of waiting for a poll.
+        """
+        self._do("migrate-set-capabilities", capabilities=[
+            {"capability": "events", "state": True}])
         self._do("migrate-incoming", uri=uri)
 
     def migrate_to(self, uri: str, downtime_ms: int, bandwidth_bytes: int) -> None:
         """Start sending this guest to *uri*: no compression, auto-converge.
 
         Returns once the copy has started; the guest runs here until
-        QEMU's final pause, after which it never runs here again.
+        QEMU's final pause, after which it never runs here again. Migration
+        events on: they change nothing in the copy, and :meth:`migration_event`
+        wakes on them.
         """
-        self._do("migrate-set-capabilities", capabilities=[
-            {"capability": "auto-converge", "state": True},
-            {"capability": "xbzrle", "state": False},
-            {"capability": "compress", "state": False}])
+        self._do("migrate-set-capabilities", capabilities=MIGRATION_CAPABILITIES)
         self._do("migrate-set-parameters", **{
             "downtime-limit": downtime_ms, "max-bandwidth": bandwidth_bytes})
         self._do("migrate", uri=uri)
@@ -171,6 +187,15 @@ class Monitor:
             total_ms=info.get("total-time"), downtime_ms=info.get("downtime"),
             expected_downtime_ms=info.get("expected-downtime"),
             error=str(info.get("error-desc", "")))
+
+    def migration_event(self, timeout: float) -> dict[str, Any] | None:
+        """Wait up to *timeout* s for the migration's next state change (or the guest's STOP).
+
+        Only on a connection held across the wait: QEMU sends events to the
+        client connected when they happen. The caller reads the state itself
+        afterwards (:meth:`poll_migration`); the event only ends the wait early.
+        """
+        return self._session.next_event(MIGRATION_EVENTS, timeout)
 
     def cancel_migration(self) -> None:
         """Ask QEMU to cancel the outgoing copy.

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import select
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,11 +96,16 @@ class VMRunPaths:
         """What the guest was last told about QEMU generations."""
         return self._p("generation")
 
+    @property
+    def checked(self) -> Path:
+        """What the last full look at the running QEMU found (its drives, its agent's port)."""
+        return self._p("checked")
+
     def leftovers(self) -> list[Path]:
         """Run files that exist although no process may be running."""
         return [p for p in (self.pidfile, self.identity, self.qmp, self.ga, self.observer,
                           self.silent_mark, self.seed, self.agent_silent_mark,
-                          self.generation_told)
+                          self.generation_told, self.checked)
                 if p.exists()]
 
 
@@ -122,12 +129,22 @@ class Identity:
     generation: int = 0          # the host's qemu_generation when it started (older fcq: 0)
 
 
+_boot_id = ""
+
+
 def boot_id() -> str:
-    """This boot's random id: a pid and start ticks from another boot mean nothing."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    """This boot's random id: a pid and start ticks from another boot mean nothing.
+
+    Read once per process (a process never outlives its boot); an empty
+    answer (no /proc) is asked again.
+    """
+    global _boot_id
+    if not _boot_id:
+        try:
+            _boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            return ""
+    return _boot_id
 
 
 def start_ticks(pid: int) -> int | None:
@@ -163,21 +180,41 @@ class QemuProcess:
     def __init__(self, paths: VMRunPaths, qmp_timeout: float) -> None:
         self.paths = paths
         self.qmp_timeout = qmp_timeout
+        #: What the monitor said when start() first reached it ("" before).
+        self.started_runstate = ""
+        self._identity: tuple[tuple[int, ...], Identity] | None = None
 
     # -- identification -------------------------------------------------
 
     def identity(self) -> Identity | None:
+        # One ensure asks this three to five times; the record is parsed
+        # again only when the file changed. Every write of it replaces the
+        # file (write_atomically: a new inode), and a file written within
+        # the last two seconds is always read again: a freed inode may be
+        # reused within one coarse time stamp tick.
+        try:
+            st = os.stat(self.paths.identity)
+        except OSError:
+            self._identity = None
+            return None
+        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if self._identity is not None and self._identity[0] == version:
+            return self._identity[1]
         try:
             data = json.loads(self.paths.identity.read_text())
             ticks = data.get("start_ticks")
-            return Identity(pid=int(data["pid"]),
-                            start_ticks=None if ticks is None else int(ticks),
-                            boot_id=str(data.get("boot_id", "")),
-                            memory_mb=int(data["memory_mb"]), argv=tuple(data["argv"]),
-                            incoming=data.get("incoming"),
-                            generation=int(data.get("generation") or 0))
+            ident = Identity(pid=int(data["pid"]),
+                             start_ticks=None if ticks is None else int(ticks),
+                             boot_id=str(data.get("boot_id", "")),
+                             memory_mb=int(data["memory_mb"]), argv=tuple(data["argv"]),
+                             incoming=data.get("incoming"),
+                             generation=int(data.get("generation") or 0))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._identity = None
             return None
+        self._identity = (version, ident) \
+            if time.time() - max(st.st_mtime, st.st_ctime) > 2.0 else None
+        return ident
 
     def _pid_from_pidfile(self) -> int | None:
         try:
@@ -252,15 +289,16 @@ class QemuProcess:
                             vm=self.paths.name)
         ident = self._write_identity(Identity(pid, ticks, boot_id(), memory_mb, tuple(argv),
                                               incoming, generation))
-        self.wait_for_monitor(Deadline.after(timeout, "QEMU's monitor"))
+        self.started_runstate = self.wait_for_monitor(Deadline.after(timeout, "QEMU's monitor"))
         return ident
 
     def _write_identity(self, ident: Identity) -> Identity:
+        self._identity = None
         write_atomically(self.paths.identity, json.dumps({
             "pid": ident.pid, "start_ticks": ident.start_ticks, "boot_id": ident.boot_id,
             "memory_mb": ident.memory_mb, "argv": list(ident.argv),
             "incoming": ident.incoming, "generation": ident.generation,
-            "vm": self.paths.vm or self.paths.name}))
+            "vm": self.paths.vm or self.paths.name}), durable=False)
         return ident
 
     def record_identity(self, proc: psutil.Process, memory_mb: int) -> Identity:
@@ -277,31 +315,32 @@ class QemuProcess:
         if ident is not None and ident.incoming is not None:
             self._write_identity(dataclasses.replace(ident, incoming=None))
 
-    def wait_for_monitor(self, deadline: Deadline) -> None:
+    def wait_for_monitor(self, deadline: Deadline) -> str:
+        """The runstate QEMU's monitor reports once it first answers."""
         last: list[Exception] = []
 
-        def answers() -> bool:
+        def answers() -> str | None:
             if self.find() is None:
                 raise QemuError(f"{self.paths.name}: QEMU exited while starting; see "
                                 f"{self.paths.serial_log}", vm=self.paths.name)
             try:
                 with self.monitor() as mon:
-                    mon.runstate()
-                return True
+                    return mon.runstate()
             except QemuError as err:
                 last[:] = [err]
-                return False
-        if not poll_until(answers, deadline, POLL_INTERVAL):
+                return None
+        state = poll_until(answers, deadline, POLL_INTERVAL)
+        if state is None:
             raise QemuError(f"{self.paths.name}: QMP did not answer after start: "
                             f"{last[0] if last else ''}", vm=self.paths.name)
+        return state
 
     def monitor(self, timeout: float | None = None) -> Monitor:
         """fcq's monitor of this QEMU (one client at a time: hold it briefly)."""
         return Monitor(str(self.paths.qmp), timeout or self.qmp_timeout, self.paths.name)
 
     def wait_gone(self, proc: psutil.Process, timeout: float) -> bool:
-        return bool(poll_until(lambda: not _alive(proc), Deadline.after(timeout),
-                               POLL_INTERVAL))
+        return wait_exit(proc, timeout)
 
     def kill(self, proc: psutil.Process) -> None:
         """SIGKILL *proc* (which find() returned) and wait until it is gone."""
@@ -322,17 +361,53 @@ class QemuProcess:
         return removed
 
 
-def read_identity_files(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """name → recorded identity for every VM that has one in *run_dir*."""
-    out: dict[str, dict[str, Any]] = {}
+def wait_exit(proc: psutil.Process, timeout: float) -> bool:
+    """Whether *proc* is gone (or a zombie) within *timeout* s.
+
+    QEMU daemonizes, so it is not our child and waitpid() cannot wait for
+    it; a pidfd can: poll() on it returns the moment the process exits,
+    where a polling loop would add up to its interval to every stop and
+    kill. Polling stays as the fallback where pidfds are unavailable.
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfd_open (kernel < 5.3, seccomp): poll instead
+        return bool(poll_until(lambda: not _alive(proc), Deadline.after(timeout),
+                               POLL_INTERVAL))
+    try:
+        # The pid may have been reused between find() and pidfd_open(): the
+        # fd names *proc* only if proc (same start time) still runs now.
+        if not proc.is_running() or not _alive(proc):
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000)) or not _alive(proc)
+    finally:
+        os.close(fd)
+
+
+def identity_names(run_dir: Path) -> list[str]:
+    """The names with an identity file in *run_dir* (one listing, no file read).
+
+    ``<name>.json``; not ``<name>.seed.json`` (what the guest reads) nor a
+    temporary file of write_atomically (``.<name>.json.…``).
+    """
     try:
         entries = os.listdir(run_dir)
     except FileNotFoundError:
-        return out
-    for entry in entries:
-        if entry.endswith(".json") and not entry.startswith("."):
-            try:
-                out[entry[:-5]] = json.loads((run_dir / entry).read_text())
-            except (OSError, ValueError):
-                continue
+        return []
+    return [e[:-5] for e in entries
+            if e.endswith(".json") and not e.startswith(".") and "." not in e[:-5]]
+
+
+def read_identity_files(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """name → recorded identity for every VM that has one in *run_dir*."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in identity_names(run_dir):
+        try:
+            out[name] = json.loads((run_dir / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            continue
     return out

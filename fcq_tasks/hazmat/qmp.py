@@ -13,11 +13,27 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.qmp_client import NegotiationError
 
 from fcq_tasks.errors import QemuRefused, QmpError
 
 T = TypeVar("T")
+
+#: Connects tried when the handshake lost a race with an event (below).
+CONNECT_TRIES = 3
+
+
+def _lost_to_an_event(err: QmpError) -> bool:
+    """Whether a connect failed because an event came before qmp_capabilities' answer.
+
+    QEMU may send an event (a migration's state change, the guest's STOP)
+    right after it left negotiation mode and before it answers; the
+    library expects the answer first and gives the handshake up. Nothing
+    happened on QEMU's side: connecting again is safe.
+    """
+    cause = err.__cause__
+    return isinstance(cause, ConnectError) and isinstance(cause.exc, NegotiationError)
 
 
 class QmpSession:
@@ -46,14 +62,20 @@ class QmpSession:
                            command=what) from err
 
     def __enter__(self) -> QmpSession:
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(f"fcq.{self.vm}")
-        try:
-            self._run(self._client.connect(self.socket_path), "connect")
-        except BaseException:
-            self._close()
-            raise
-        return self
+        for attempt in range(1, CONNECT_TRIES + 1):
+            self._loop = asyncio.new_event_loop()
+            self._client = QMPClient(f"fcq.{self.vm}")
+            try:
+                self._run(self._client.connect(self.socket_path), "connect")
+                return self
+            except QmpError as err:
+                self._close()
+                if attempt == CONNECT_TRIES or not _lost_to_an_event(err):
+                    raise
+            except BaseException:
+                self._close()
+                raise
+        raise AssertionError("unreachable")
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -77,6 +99,30 @@ class QmpSession:
         """Run one QMP command and return its ``return`` value."""
         assert self._client is not None, "use QmpSession as a context manager"
         return self._run(self._client.execute(command, arguments or None), command)
+
+    def next_event(self, names: frozenset[str], timeout: float) -> dict[str, Any] | None:
+        """The next event named in *names* QEMU sent on this connection, or None after *timeout*.
+
+        Events QEMU sent since the connection opened wait in its queue, so
+        one that came between two calls is not lost; other events are
+        dropped.
+        """
+        assert self._client is not None and self._loop is not None, \
+            "use QmpSession as a context manager"
+        events = self._client.events
+
+        async def wait() -> dict[str, Any]:
+            while True:
+                event = await events.get()
+                if str(event.get("event")) in names:
+                    return dict(event)
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(wait(), max(0.0, timeout)))
+        except TimeoutError:
+            return None
+        except (QMPError, OSError) as err:
+            raise QmpError(f"{self.vm}: QMP waiting for {sorted(names)} failed: {err}",
+                           vm=self.vm, command="event") from err
 
     def runstate(self) -> str:
         status = self.execute("query-status")

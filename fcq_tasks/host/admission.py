@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from fcq_tasks import metrics
 from fcq_tasks.errors import MemoryLimitExceeded, QemuError
@@ -28,14 +29,19 @@ RETRY_INTERVAL = 0.05
 UPGRADE_DIR = "u"
 
 
-def booked_memory(run_dir: Path, qmp_timeout: float, exclude: str = "") -> dict[str, int]:
+def booked_memory(run_dir: Path, qmp_timeout: float, exclude: str = "",
+                  identities: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
     """name → MB for every VM whose QEMU runs on this host (but *exclude*).
 
     The second QEMU of an upgrade in flight counts too, as ``<vm>+upgrade``.
+    *identities*: what read_identity_files(run_dir) just returned, if the
+    caller has it (the heartbeat), so the files are not read twice.
     """
     out = {}
     for directory, suffix in ((run_dir, ""), (run_dir / UPGRADE_DIR, "+upgrade")):
-        for name, ident in read_identity_files(directory).items():
+        records = identities if identities is not None and not suffix \
+            else read_identity_files(directory)
+        for name, ident in records.items():
             vm = str(ident.get("vm", name)) if suffix else name
             if vm == exclude and not suffix:
                 continue

@@ -116,5 +116,7 @@ def human_monitor(agent: VMAgent, line: str) -> str:
     with agent.locked():
         if agent.process() is None:
             raise Refused(f"{agent.name}: no QEMU runs on this host", vm=agent.name)
+        # sendkey, system_reset, ...: what QEMU or its guest report may change.
+        agent.forget_check()
         with agent.qemu.monitor() as mon:
             return mon.human(line)

@@ -83,6 +83,9 @@ class Observed:
     handed_away_to: str = ""       # every lock was handed by this host to that host
     impostor_pid: int = 0          # IMPOSTOR: the pid
     agent_open: bool = False       # RUNNING: qemu-ga holds its port open in the guest
+    # RUNNING: root_bytes, iops, bps and agent_open were asked of QEMU now;
+    # False: they are what the last full look found (VMSteps.observe says when).
+    fresh: bool = True
 
 
 @dataclass(frozen=True)

@@ -83,10 +83,14 @@ def take(steps: VMSteps, name: str | None = None) -> dict[str, Any]:
         # What a process killed from here on leaves is settled by the next
         # operation on the VM (settle_interrupted).
         _write_marker(steps, snap, paused=False)
+        # A freeze (or a pause) ends in a thaw, but should it not, the next
+        # sweep must ask the guest instead of trusting an earlier full look.
+        steps.forget_check()
         try:
             return {**result, **_take(steps, snap, run)}
         finally:
             _marker(steps).unlink(missing_ok=True)
+            steps.forget_check()
 
 
 def _take(steps: VMSteps, snap: str, run: Run) -> dict[str, Any]:

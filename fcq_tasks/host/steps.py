@@ -10,8 +10,10 @@ runs the plan; the migration phases call the same steps. Each step logs
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import structlog
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import (
     VMSpec,
+    file_version,
     load_vm_spec,
     rewrite_vm_parameters,
     spec_path,
@@ -63,6 +66,12 @@ POWERDOWN_REPEAT = 3.0
 #: Seconds a kill gives QMP `quit` (connect, answer, exit) before SIGKILL.
 QUIT_TIMEOUT = 2.0
 
+#: Seconds a full look's findings about a running QEMU's drives and guest agent
+#: stand in for new ones at later sweeps (VMSteps._last_check). The guest
+#: agent is asked (a frozen guest thawed, QEMU generations told) at each
+#: full look, so also this often when nothing else changes.
+FULL_CHECK_AFTER = 300.0
+
 _RUNSTATES = {"running": Run.RUNNING, "inmigrate": Run.INMIGRATE,
               "postmigrate": Run.POSTMIGRATE}
 
@@ -79,6 +88,9 @@ class VMSteps:
         self.qemu = QemuProcess(self.paths, settings.qmp_timeout)
         self.storage = storage if storage is not None else open_storage(settings)
         self.log = structlog.get_logger().bind(vm=name, host=settings.host)
+        #: What start_qemu() knows at its end (the monitor's first answer, our
+        #: locks): a start need not observe the VM again to report it.
+        self.started: Observed | None = None
 
     # -- observing --------------------------------------------------------
 
@@ -96,7 +108,16 @@ class VMSteps:
     def process(self) -> psutil.Process | None:
         return self.qemu.find()
 
-    def observe(self) -> Observed:
+    def observe(self, reuse: bool = False) -> Observed:
+        """What runs here and who holds which lock, looked at now.
+
+        Locks, the process and QEMU's run state are read at every call:
+        every safety rule of the planner rests on them. *reuse* (the sweep's
+        ensure): a running QEMU's drives (size, I/O limits) and whether its
+        guest agent holds its port are taken from the last full look when
+        that is recent, so that a converged VM costs one ``query-status``
+        (see :meth:`_last_check`).
+        """
         vols = self.storage.volumes(self.name)
         owners = {v.name: v.lock_owner for v in vols}
         me = self.settings.host
@@ -116,18 +137,25 @@ class VMSteps:
             return _with(base, run=Run.IMPOSTOR, impostor_pid=found.impostor)
         if found.proc is None:
             return _with(base, run=Run.CRASHED if self.paths.leftovers() else Run.STOPPED)
+        key = self._check_key(found.proc) if reuse else None
+        last = self._last_check(key) if key is not None else None
+        refused = False
         try:
             with self.qemu.monitor() as mon:
                 state = mon.runstate()
-                try:
-                    blocks = mon.blocks()
-                except QemuRefused as err:
-                    # A fenced QEMU (blocklisted RBD client) answers but
-                    # cannot describe its disks: what runs is still known.
-                    self.log.warning("query-block-refused", error=str(err))
-                    blocks = {}
-                # In the same session: ensure asks the guest agent only when it runs.
-                agent = state == "running" and mon.guest_agent_open()
+                if last is not None and state == "running":
+                    blocks = None
+                else:
+                    try:
+                        blocks = mon.blocks()
+                    except QemuRefused as err:
+                        # A fenced QEMU (blocklisted RBD client) answers but
+                        # cannot describe its disks: what runs is still known.
+                        self.log.warning("query-block-refused", error=str(err))
+                        blocks = {}
+                        refused = True
+                    # In the same session: ensure asks the guest agent only when it runs.
+                    agent = state == "running" and mon.guest_agent_open()
         except QmpError as err:
             silent_for = self._silent_for()
             self.log.warning("qmp-unreachable", error=str(err), silent_for=round(silent_for, 1))
@@ -138,10 +166,78 @@ class VMSteps:
             ident = self.qemu.identity()
             if ident is not None and ident.incoming is not None:
                 run = Run.RECEIVED
+        if blocks is None:
+            assert last is not None
+            return _with(base, run=run, root_bytes=last["root"], iops=last["iops"],
+                         bps=last["bps"], agent_open=bool(last["agent_open"]), fresh=False)
         root = blocks.get("root")
+        if key is not None and run is Run.RUNNING and root is not None and not refused:
+            write_atomically(self.paths.checked, json.dumps({
+                **key, "since": time.monotonic(), "root": root.size, "iops": root.iops,
+                "bps": root.bps, "agent_open": agent}))
         return _with(base, run=run, root_bytes=root.size if root else base.root_bytes,
                      iops=root.iops if root else 0, bps=root.bps if root else 0,
                      agent_open=agent)
+
+    def glance(self) -> Observed:
+        """What observe() finds without asking the monitor: locks, and whether our QEMU lives.
+
+        Enough to kill a VM or to report one killed, and a hung monitor (the
+        usual reason for a kill) cannot delay it. A live QEMU counts as
+        running whatever its runstate.
+        """
+        vols = self.storage.volumes(self.name)
+        base = Observed(Run.STOPPED, {v.name: v.lock_owner for v in vols})
+        found = self.qemu.examine()
+        if found.impostor is not None:
+            return _with(base, run=Run.IMPOSTOR, impostor_pid=found.impostor)
+        if found.proc is None:
+            return _with(base, run=Run.CRASHED if self.paths.leftovers() else Run.STOPPED)
+        return _with(base, run=Run.RUNNING)
+
+    def _check_key(self, proc: psutil.Process) -> dict[str, Any] | None:
+        """What a full look's findings hold for: this very QEMU, this config file, this boot."""
+        ident = self.qemu.identity()
+        if ident is None or ident.start_ticks is None or ident.pid != proc.pid:
+            return None  # a QEMU not started (or adopted) by this fcq: always looked at in full
+        try:
+            config = list(file_version(os.stat(spec_path(self.settings.vm_config_dir,
+                                                         self.name))))
+        except OSError:
+            return None
+        return {"boot_id": boot_id(), "pid": proc.pid, "start_ticks": ident.start_ticks,
+                "config": config, "generation": self.settings.qemu_generation}
+
+    def _last_check(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The findings of the last full look at this QEMU, if they may stand in for a new one.
+
+        Why reusing them is safe: they are facts of one QEMU instance that
+        only an order to that QEMU changes (a block resize, a throttle, a
+        guest agent starting or stopping, a freeze), and they feed no
+        safety rule (those rest on locks, the process and the run state,
+        read at every look). Every fcq step that gives such an order
+        forgets them first (:meth:`forget_check`: throttle, grow_root,
+        pause, resume, snapshot, ``fcq monitor``), whichever process runs
+        it; a new QEMU (start, migration, upgrade), another config file
+        version, boot or qemu_generation does not match their key; and
+        after :data:`FULL_CHECK_AFTER` seconds they are looked at anew,
+        which is also how an order given behind fcq's back (a throttle by
+        hand, a guest frozen from inside) is noticed.
+        """
+        try:
+            data = json.loads(self.paths.checked.read_text())
+            if not isinstance(data, dict) or any(data.get(k) != v for k, v in key.items()):
+                return None
+            age = time.monotonic() - float(data["since"])
+            facts = {"root": int(data["root"]), "iops": int(data["iops"]),
+                     "bps": int(data["bps"]), "agent_open": bool(data["agent_open"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return facts if 0 <= age < FULL_CHECK_AFTER else None
+
+    def forget_check(self) -> None:
+        """The next look at this VM asks QEMU everything (an order may change what it said)."""
+        self.paths.checked.unlink(missing_ok=True)
 
     def _silent_for(self) -> float:
         """Seconds since QMP was first seen silent; the mark survives across sweeps.
@@ -197,11 +293,14 @@ class VMSteps:
                 self.log.info("unlocked", action="release-lock", volume=volume)
 
     def hand_over_locks(self, to_host: str) -> None:
-        """Give every lock to *to_host* (only once this host's QEMU is gone)."""
+        """Give every lock to *to_host* (only once this host's QEMU is gone).
+
+        The volumes at once: each handover is one image's own step, and the
+        receiver resumes only once it sees all of them handed.
+        """
         if self.process() is not None:
             raise Inconsistent(self.name, "running", "locks handed over while QEMU runs here")
-        for volume in VOLUMES:
-            self.storage.hand_over(self.name, volume, to_host)
+        _each_volume(lambda volume: self.storage.hand_over(self.name, volume, to_host))
         self.log.info("locks-handed-over", action="hand-over", to=to_host)
 
     def locks_handed_to_us(self) -> bool:
@@ -212,8 +311,7 @@ class VMSteps:
         return all(v.lock_owner == self.settings.host for v in self.storage.volumes(self.name))
 
     def claim_locks(self) -> None:
-        for volume in VOLUMES:
-            self.storage.claim(self.name, volume)
+        _each_volume(lambda volume: self.storage.claim(self.name, volume))
 
     # -- config -------------------------------------------------------------
 
@@ -253,6 +351,7 @@ class VMSteps:
     def start_qemu(self, spec: VMSpec, incoming: str | None = None) -> None:
         """Start QEMU; *incoming* (an attempt id): paused, waiting for a migration, no locks."""
         s = self.settings
+        self.started = None
         s.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         accel = detect_accelerator(s.accelerator)
         drives = [self.storage.drive(self.name, v) for v in VOLUMES]
@@ -278,8 +377,9 @@ class VMSteps:
             instance = secrets.token_hex(6)
             taken = [] if incoming else self.take_locks(instance)
             try:
-                write_atomically(self.paths.config, config)
-                write_atomically(self.paths.seed, self.seed_data(spec))
+                # Not durable: a power loss ends this QEMU too (fileio).
+                write_atomically(self.paths.config, config, durable=False)
+                write_atomically(self.paths.seed, self.seed_data(spec), durable=False)
                 self.progress("qemu-start")
                 self.log.info("qemu-start", action="start", argv=" ".join(argv),
                               accel=accel, memory_mb=spec.memory_mb, incoming=incoming,
@@ -296,6 +396,10 @@ class VMSteps:
                 self._undo_start(taken)
                 raise
         self.log.info("started", action="start", seconds=round(time.monotonic() - t0, 3))
+        if not incoming:
+            self.started = Observed(_RUNSTATES.get(self.qemu.started_runstate, Run.PAUSED),
+                                    {v: s.host for v in VOLUMES}, iops=spec.iops or 0,
+                                    bps=spec.bps or 0)
 
     def seed_data(self, spec: VMSpec) -> str:
         """What the guest reads at boot: its configuration as JSON (docs/guest.md)."""
@@ -328,22 +432,27 @@ class VMSteps:
         self.log.warning("start-undone", action="start", released=taken)
 
     def throttle(self, iops: int, bps: int = 0) -> None:
+        self.forget_check()
         with self.qemu.monitor() as mon:
             mon.throttle(list(VOLUMES), iops, bps)
         self.log.info("limits-set", action="set-iops", iops=iops, bps=bps)
 
     def grow_root(self, size: int) -> None:
+        self.forget_check()
         with self.qemu.monitor() as mon:
             mon.resize_disk("root", size)
         self.log.info("grown", action="grow-root", size=size)
 
     def pause(self) -> None:
+        self.forget_check()
         with self.qemu.monitor() as mon:
             mon.pause()
         self.log.warning("paused", action="pause")
 
-    def resume_received(self) -> None:
+    def resume_received(self, resumed: Callable[[], None] | None = None) -> None:
         """Run the received copy: only with every lock ours, checked right before `cont`.
+
+        *resumed* is called right after `cont` (a migration marks the moment).
 
         A handed lock is taken for real here (RBD cannot move a lock, the
         source left a note and released it); a lock anyone else holds
@@ -351,14 +460,18 @@ class VMSteps:
         lock taken here is still this host's, released it would drop the
         handover.
         """
-        for volume in VOLUMES:
-            self.storage.lock(self.name, volume)
+        # The volumes at once (the guest is paused until `cont`); none is
+        # resumed on unless every lock turns out ours just below.
+        _each_volume(lambda volume: self.storage.lock(self.name, volume))
         if not self.holds_all_locks():
             raise Refused(f"{self.name}: not every lock is held by {self.settings.host}: "
                           "the received copy is not resumed", vm=self.name)
         self.set_kvm_host(self.settings.host)
+        self.forget_check()
         with self.qemu.monitor() as mon:
             mon.resume()
+        if resumed is not None:
+            resumed()
         self.log.info("resumed", action="resume", detail="received copy runs here")
         self.after_resume()
 
@@ -421,24 +534,45 @@ class VMSteps:
     def kill_qemu(self) -> None:
         """End the VM's QEMU now, without asking the guest.
 
-        QMP ``quit`` first, SIGKILL if QEMU does not go at once: a QEMU that
-        quits closes its images, and on RBD that unregisters its watches. A
+        On RBD, QMP ``quit`` first, SIGKILL if QEMU does not go at once: a
+        QEMU that quits closes its images, and that unregisters its watches. A
         SIGKILLed QEMU's watches linger for ~30 s, and every lock or note
         change on those images meanwhile waits 5 s for each dead watcher.
         """
         proc = self.process()
         if proc is None:
             return
+        # Only RBD (the storage that fences) keeps watches; local files have none.
         try:
-            with self.qemu.monitor(timeout=QUIT_TIMEOUT) as mon:
-                mon.quit()
-            if self.qemu.wait_gone(proc, QUIT_TIMEOUT):
-                self.log.warning("killed", action="kill", pid=proc.pid, how="quit")
-                return
+            if self.storage.fences:
+                with self.qemu.monitor(timeout=QUIT_TIMEOUT) as mon:
+                    mon.quit()
+                if self.qemu.wait_gone(proc, QUIT_TIMEOUT):
+                    self.log.warning("killed", action="kill", pid=proc.pid, how="quit")
+                    return
         except QemuError as err:
             self.log.info("quit-failed", action="kill", error=str(err))
         self.qemu.kill(proc)
         self.log.warning("killed", action="kill", pid=proc.pid, how="sigkill")
+
+
+#: Threads for steps on the volumes of one VM at once (a few round trips to
+#: the storage each, during which librados does not hold the GIL).
+_volume_steps = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(VOLUMES),
+                                                       thread_name_prefix="fcq-volume")
+
+
+def _each_volume(step: Callable[[str], object]) -> None:
+    """*step* for every volume at once; all of them end before this returns.
+
+    Every step runs; the first volume's error is raised once all ended (as
+    in a loop over the volumes, steps that succeeded stay done: each caller
+    checks the whole, e.g. the receiver resumes only with every lock).
+    """
+    futures = [_volume_steps.submit(step, volume) for volume in VOLUMES]
+    concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
 
 
 def _handed_to(vols: list[VolumeInfo], host: str) -> bool:

@@ -15,7 +15,8 @@ import structlog
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE
 from fcq_tasks.errors import FcqError, VMBusy
-from fcq_tasks.hazmat.qemu import read_identity_files
+from fcq_tasks.hazmat.qemu import identity_names
+from fcq_tasks.host import maintenance
 from fcq_tasks.host.admission import booked_memory
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.storage import open_storage
@@ -32,10 +33,10 @@ def configured_vms(settings: HostSettings) -> list[str]:
     return sorted(e[:-4] for e in entries if e.endswith(".cfg") and NAME_RE.match(e[:-4]))
 
 
-def known_vms(settings: HostSettings) -> list[str]:
-    """Configured VMs plus any that left run files here without a config."""
-    names = set(configured_vms(settings))
-    names.update(n for n in read_identity_files(settings.run_dir) if NAME_RE.match(n))
+def known_vms(settings: HostSettings, configured: list[str] | None = None) -> list[str]:
+    """Configured VMs (*configured*, if just listed) plus any that left run files here."""
+    names = set(configured_vms(settings) if configured is None else configured)
+    names.update(n for n in identity_names(settings.run_dir) if NAME_RE.match(n))
     return sorted(names)
 
 
@@ -56,9 +57,12 @@ def ensure_all(settings: HostSettings) -> dict[str, Any]:
     storage = open_storage(settings)
     results: dict[str, Any] = {}
     failed = 0
-    configured = set(configured_vms(settings))
-    for name in known_vms(settings):
+    listed = configured_vms(settings)
+    configured = set(listed)
+    drained = maintenance.drained(settings) is not None
+    for name in known_vms(settings, listed):
         agent = VMAgent(settings, name, storage)
+        agent.sweep_drained = drained
         try:
             results[name] = agent.ensure() if name in configured else agent.orphan()
         except VMBusy:

@@ -292,7 +292,7 @@ def _resume_new(agent: VMAgent, side: VMRunPaths) -> None:
 
 def _rename(agent: VMAgent, side: VMRunPaths) -> None:
     for leftover in (agent.paths.silent_mark, agent.paths.agent_silent_mark,
-                     agent.paths.generation_told):
+                     agent.paths.generation_told, agent.paths.checked):
         leftover.unlink(missing_ok=True)  # they described the old QEMU
     for attr in SWITCHED:
         src = getattr(side, attr)

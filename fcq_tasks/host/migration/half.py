@@ -7,6 +7,7 @@ host plans around it) and one of the host's migration slots.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 from fcq_tasks.deadline import Deadline
@@ -26,6 +27,12 @@ class Half:
         self.peer = peer
         self.deadline = deadline
         self.log = agent.log.bind(action=self.action, peer=peer, attempt=rdv.attempt)
+        #: Phase marks, wall-clock seconds: the result carries them so that
+        #: finish_migration can tell the phases apart across the two hosts.
+        self.marks: dict[str, float] = {"begin": rdv.began_at}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time()
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:

@@ -13,11 +13,15 @@ from typing import Any
 
 from fcq_tasks import metrics
 from fcq_tasks.config.vmspec import VMSpec
-from fcq_tasks.errors import BadRequest, FcqError, QemuError
+from fcq_tasks.deadline import Deadline
+from fcq_tasks.errors import BadRequest, FcqError, QemuError, QmpError
 from fcq_tasks.host.migration.half import Half
 from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted, PeerSilent
 from fcq_tasks.host.plan import Run
 from fcq_tasks.storage import VOLUMES
+
+#: The longest the incoming copy is watched on one monitor connection.
+HOLD = 1.0
 
 
 def free_port(address: str) -> int:
@@ -37,6 +41,7 @@ class Incoming(Half):
 
     def run(self) -> dict[str, Any]:
         with self.holding():
+            self.mark("held")
             try:
                 spec = self.check()
             except BaseException as err:
@@ -75,11 +80,13 @@ class Incoming(Half):
         self.source_locks = {v.name: v.cookie
                              for v in self.agent.storage.volumes(self.agent.name)}
         self.agent.start_qemu(spec, incoming=self.rdv.attempt)
+        self.mark("qemu_up")
         address = self.agent.settings.migration_address
         uri = f"tcp:{address}:{free_port(address)}"
         with self.agent.qemu.monitor() as mon:
             mon.listen_for_migration(uri)
         self.rdv.set("addr", uri)
+        self.mark("addr")
         self.agent.progress("waiting-for-memory", uri=uri)
 
     def receive(self) -> None:
@@ -90,25 +97,40 @@ class Incoming(Half):
         to ``migration_peer_grace`` more to complete.
         """
         silent_since: float | None = None
-        while True:
-            try:
-                self.rdv.check(self.deadline)
-            except PeerSilent:
-                if not self.agent.storage.fences:
-                    raise
-                silent_since = silent_since or time.monotonic()
-                if time.monotonic() - silent_since > self.agent.settings.migration_peer_grace:
-                    raise
-            if self.agent.process() is None:
-                raise QemuError(f"{self.agent.name}: incoming QEMU exited", vm=self.agent.name)
+        state = "inmigrate"
+        while state == "inmigrate":
+            # One connection for up to HOLD s (QEMU has one monitor client at
+            # a time): its migration event wakes the wait as the copy
+            # completes, where a poll would see it up to POLL later.
             with self.agent.qemu.monitor() as mon:
-                state = mon.runstate()
-            if state != "inmigrate":
-                break
-            self.deadline.sleep(POLL)
+                held = Deadline.after(HOLD)
+                while True:
+                    try:
+                        self.rdv.check(self.deadline)
+                    except PeerSilent:
+                        if not self.agent.storage.fences:
+                            raise
+                        silent_since = silent_since or time.monotonic()
+                        if time.monotonic() - silent_since > \
+                                self.agent.settings.migration_peer_grace:
+                            raise
+                    try:
+                        state = mon.runstate()
+                    except QmpError:
+                        if self.agent.process() is None:
+                            raise QemuError(f"{self.agent.name}: incoming QEMU exited",
+                                            vm=self.agent.name) from None
+                        raise
+                    if state != "inmigrate" or held.passed():
+                        break
+                    if self.agent.process() is None:
+                        raise QemuError(f"{self.agent.name}: incoming QEMU exited",
+                                        vm=self.agent.name)
+                    mon.migration_event(min(POLL, self.deadline.remaining()))
         if state != "paused":
             raise QemuError(f"{self.agent.name}: incoming QEMU is {state}, not paused",
                             vm=self.agent.name)
+        self.mark("received")
         self.agent.progress("received")
 
     def await_handover(self) -> None:
@@ -131,7 +153,10 @@ class Incoming(Half):
                 if self._handed_to_us():
                     break
                 raise
-            self.deadline.sleep(POLL)
+            # Woken as the source publishes src-done; the locks are read
+            # again then, and at least every POLL without it.
+            self.rdv.nap("src-done", min(POLL, self.deadline.remaining()))
+        self.mark("handed_seen")
 
     def rescue(self, err: PeerSilent) -> bool:
         """The source went silent after the copy completed: fence it, take the guest on.
@@ -172,7 +197,7 @@ class Incoming(Half):
         return True
 
     def _handed_to_us(self) -> bool:
-        # The locks alone (storage), polled every 0.1 s: no monitor round trip.
+        # The locks alone (storage): no monitor round trip.
         return self.agent.locks_handed_to_us()
 
     def give_up(self, err: BaseException) -> None:
@@ -197,14 +222,18 @@ class Incoming(Half):
         `cont`: the copy is received and the locks are ours, so ensure
         resumes it. Crash after: ensure claims it (config and locks).
         """
+        def resumed() -> None:
+            # At once: the source's report waits for it, not for our claims.
+            self.mark("resumed")
+            self.rdv.try_set("dst-running", "1")
         t0 = time.monotonic()
-        self.agent.resume_received()
-        handover_ms = round((time.monotonic() - t0) * 1000, 1)
-        self.rdv.try_set("dst-running", "1")
-        self.log.info("inmigrated", handover_ms=handover_ms)
+        self.agent.resume_received(resumed=resumed)
+        resume_ms = round((time.monotonic() - t0) * 1000, 1)
+        self.mark("end")
+        self.log.info("inmigrated", resume_ms=resume_ms, marks=self.marks)
         result = {"vm": self.agent.name, "host": self.agent.settings.host,
                   "operation": "inmigrate", "status": "running", "outcome": "resumed",
-                  "handover_ms": handover_ms}
+                  "resume_ms": resume_ms, "marks": self.marks}
         if self.rescued:
             result["rescue"] = self.rescued
         return result

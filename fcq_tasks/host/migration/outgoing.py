@@ -13,7 +13,7 @@ import structlog
 
 from fcq_tasks.deadline import Deadline
 from fcq_tasks.errors import BadRequest, FcqError, QemuError, Refused
-from fcq_tasks.hazmat.monitor import UNLIMITED_BANDWIDTH, MigrationStatus
+from fcq_tasks.hazmat.monitor import UNLIMITED_BANDWIDTH, MigrationStatus, Monitor
 from fcq_tasks.host.migration.half import Half
 from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted
 from fcq_tasks.host.plan import Run
@@ -23,6 +23,21 @@ log = structlog.get_logger()
 #: How long a cancelled copy may stay "cancelling".
 CANCEL_WAIT = 10.0
 
+#: The longest the copy is watched on one monitor connection. QEMU has one
+#: monitor client at a time; letting go now and then lets another one (an
+#: operator's status) in, and the first reading on the new connection
+#: catches whatever changed meanwhile.
+HOLD = 1.0
+
+#: Between "completed" and QEMU filling in the downtime (a moment later).
+SETTLE = 0.002
+
+
+def _stamp(event: dict[str, Any]) -> float:
+    """An event's own time (QEMU stamps it with the wall clock)."""
+    ts = event.get("timestamp") or {}
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+
 
 class Outgoing(Half):
     """Send VM *agent.name*, running here, to host *peer* (the destination)."""
@@ -31,10 +46,13 @@ class Outgoing(Half):
 
     def run(self) -> dict[str, Any]:
         with self.holding():
+            self.mark("held")
             try:
                 self.check()
                 uri = self.rdv.wait_for("addr", self.deadline)
+                self.mark("addr")
                 status = self.copy(uri)
+                self.mark("completed")
             except BaseException as err:
                 self.abort(err)
                 self.log.warning("outmigrate-failed", error=str(err), phase="copy")
@@ -72,28 +90,54 @@ class Outgoing(Half):
             else UNLIMITED_BANDWIDTH
         with self.agent.qemu.monitor() as mon:
             mon.migrate_to(uri, s.migration_downtime_ms, bandwidth)
-        self.agent.progress("copying", uri=uri)
+            self.mark("migrate")
+            self.agent.progress("copying", uri=uri)
+            outcome = self.watch(mon)
         while True:
-            try:
-                self.rdv.check(self.deadline)
-            except MigrationAborted:
+            if isinstance(outcome, MigrationAborted):
+                # Outside the watch's connection: the cancel opens its own.
                 completed = self.cancel()
                 if completed is not None:
                     self.log.warning("cancel-too-late", detail="copy had completed: handing over")
                     return completed
-                raise
+                raise outcome
+            if outcome is not None:
+                return outcome
             with self.agent.qemu.monitor() as mon:
-                status = mon.poll_migration()
+                outcome = self.watch(mon)
+
+    def watch(self, mon: Monitor) -> MigrationStatus | MigrationAborted | None:
+        """Follow the copy on *mon* for up to HOLD s: its final status, the abort, or None.
+
+        QEMU's migration events end each wait the moment the copy changes
+        state (a poll would find out up to POLL later, and the guest stays
+        paused until the handover is done); POLL bounds the wait for the
+        abort, heartbeat and deadline checks and the progress report.
+        """
+        held = Deadline.after(HOLD)
+        while True:
+            try:
+                self.rdv.check(self.deadline)
+            except MigrationAborted as err:
+                return err
+            status = mon.poll_migration()
             if status.completed:
                 return status
             if status.failed:
                 raise QemuError(f"{self.agent.name}: migration {status.status}: {status.error}",
                                 vm=self.agent.name)
+            if status.status == "completed" and not held.passed():
+                self.deadline.sleep(SETTLE)  # the downtime is filled in a moment later
+                continue
             if status.status == "active":
                 self.agent.progress("copying", transferred=status.transferred,
                                     remaining=status.remaining, mbps=status.mbps,
                                     expected_downtime=status.expected_downtime_ms)
-            self.deadline.sleep(POLL)
+            if held.passed():
+                return None
+            event = mon.migration_event(min(POLL, self.deadline.remaining()))
+            if event is not None and event.get("event") == "STOP":
+                self.marks["stopped"] = _stamp(event)  # the guest's pause begins
 
     def cancel(self) -> MigrationStatus | None:
         """Cancel the copy; the completed status if it had completed first, else None."""
@@ -128,13 +172,16 @@ class Outgoing(Half):
         """
         a = self.agent
         a.kill_qemu()
+        self.mark("qemu_gone")
         a.clean_up(keep_locks=True)
         a.hand_over_locks(self.peer)
+        self.mark("handed")
         try:
             a.set_kvm_host(self.peer)
         except (FcqError, OSError) as err:  # ensure follows the locks later
             self.log.warning("config-follow-deferred", error=str(err))
         self.rdv.try_set("src-done", "1")
+        self.mark("src_done")
         a.progress("handed-over")
 
     def finish(self, status: MigrationStatus) -> dict[str, Any]:
@@ -144,12 +191,15 @@ class Outgoing(Half):
         while not wait.passed():
             if self.rdv.try_get("dst-running") is not None:
                 dst_running = True
+                self.mark("dst_running")
                 break
-            wait.sleep(POLL)
+            self.rdv.nap("dst-running", min(POLL, wait.remaining()))
+        self.mark("end")
         result = {"vm": self.agent.name, "host": self.agent.settings.host,
                   "operation": "outmigrate", "to": self.peer, "outcome": "handed-over",
                   "dst_running": dst_running, "total_ms": status.total_ms,
-                  "downtime_ms": status.downtime_ms, "transferred": status.transferred}
+                  "downtime_ms": status.downtime_ms, "transferred": status.transferred,
+                  "marks": self.marks}
         self.log.info("outmigrated", total_ms=status.total_ms, downtime_ms=status.downtime_ms,
-                      dst_running=dst_running)
+                      dst_running=dst_running, marks=self.marks)
         return result

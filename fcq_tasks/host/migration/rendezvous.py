@@ -12,6 +12,8 @@ orchestrator, expiring). Under ``fcq:mig:<vm>:<attempt>:`` live:
 ``src-done``   the source's QEMU is gone and its locks were handed over
 ``dst-running`` the destination resumed the guest
 ``abort``      either half, or the operator, ended the attempt (first reason wins)
+``KEY:wake``   a list pushed to whenever KEY is set: a half waiting for KEY
+               blocks on it (BLPOP) instead of sleeping between two reads
 =============  ======================================================
 
 Redis is a meeting point, not the authority: the handover itself is
@@ -34,7 +36,9 @@ from fcq_tasks.errors import SystemFailure
 
 log = structlog.get_logger()
 
-#: Poll interval of keys and migration state.
+#: Poll interval of keys and migration state: how often a waiting half
+#: checks abort, its peer's heartbeat and its deadline. What it waits for
+#: wakes it at once (a key's wake list, a QMP event); this bounds the rest.
 POLL = 0.1
 
 
@@ -107,13 +111,37 @@ class Rendezvous:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
+        #: Wall clock when this half began (its phase marks are wall clock too:
+        #: the halves run on two hosts, whose monotonic clocks do not compare,
+        #: while their wall clocks are NTP-synced).
+        self.began_at = time.time()
         self._peer_seen = False
         self._redis_ok = time.monotonic()
 
     # -- keys ---------------------------------------------------------------
 
     def set(self, key: str, value: str) -> None:
-        self.client.set(self.prefix + key, value, ex=self.key_ttl)
+        """Set *key* and wake a half blocked on it (:meth:`nap`), in one transaction."""
+        wake = self.prefix + key + ":wake"
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.prefix + key, value, ex=self.key_ttl)
+        pipe.rpush(wake, "1")
+        pipe.expire(wake, self.key_ttl)
+        pipe.execute()
+
+    def nap(self, key: str, seconds: float) -> None:
+        """Sleep up to *seconds*, ended early once *key* is set.
+
+        The key itself stays the fact (the caller reads it again); the wake
+        list only ends the sleep, so a missed or stale wake costs at most
+        *seconds*. Redis away: a plain sleep.
+        """
+        if seconds <= 0:
+            return
+        try:
+            self.client.blpop([self.prefix + key + ":wake"], timeout=seconds)
+        except redis.RedisError:
+            time.sleep(seconds)
 
     def get(self, key: str) -> str | None:
         value = self.client.get(self.prefix + key)
@@ -232,4 +260,4 @@ class Rendezvous:
             value = self.try_get(key)
             if value is not None:
                 return value
-            time.sleep(POLL)
+            self.nap(key, min(POLL, deadline.remaining()))
