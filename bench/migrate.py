@@ -13,6 +13,9 @@ with nothing of fcq's (no queue, no locks, no Redis):
 3. wait for completion on QMP events (not a polling loop), ``quit`` the
    source and see it gone, ``cont`` on the destination.
 
+Its guest moves back and forth between two QEMUs as fcq's moves between the
+two hosts, so both sides migrate a guest that has idled since its last move.
+
 The guest's pause is compared with QEMU's downtime on the bare side: fcq's
 pause is QEMU's downtime plus its handover (source saw the copy completed →
 destination's ``cont`` returned).
@@ -44,6 +47,7 @@ from bench.stats import Pairs, interleave, line, spread  # noqa: E402
 from fcq_tasks.errors import FcqError  # noqa: E402
 from fcq_tasks.hazmat.guestagent import GuestAgent  # noqa: E402
 from fcq_tasks.hazmat.monitor import MIGRATION_CAPABILITIES, UNLIMITED_BANDWIDTH  # noqa: E402
+from fcq_tasks.hazmat.qemu import wait_exit  # noqa: E402
 from fcq_tasks.hazmat.qmp import QmpSession  # noqa: E402
 from fcq_tasks.storage import cephconn  # noqa: E402
 from tests.ceph import CephCluster  # noqa: E402
@@ -59,6 +63,11 @@ BARE_VM = "bare01"
 PHASES = ("queue_dst", "queue_src", "prepare", "qemu_start", "rendezvous", "addr_lag", "copy",
           "qemu_total", "copy_lag", "handover", "src_handover", "dst_notice", "dst_resume",
           "pause", "stopped", "finish", "src_report", "chord", "result")
+
+#: Seconds of quiet before each measured migration, on both sides: the
+#: previous one's after-work (fcq's clean-up, sweep and chord on 2 cores, a
+#: guest's catch-up after its move) would otherwise slow the next copy.
+SETTLE = 1.0
 
 
 def make_host(name: str, redis: RedisServer, **settings: Any) -> Host:
@@ -110,7 +119,7 @@ class MigrationBench:
         self.fcq = Side()
         self.bare = Side()
         self.where = host
-        self.bare_guest: BareGuest | None = None
+        self.bare_run: BareRun | None = None
 
     def start(self) -> None:
         for h in (self.host, self.peer):
@@ -122,7 +131,7 @@ class MigrationBench:
         # config and command line; then it is killed and run by hand only.
         proc = self.c.fcq("-q", "start", BARE_VM, "--host", self.host.name)
         assert proc.returncode == 0, proc.stderr
-        self.bare_guest = BareGuest.of(self.host, BARE_VM)
+        self.bare_run = BareRun(BareGuest.of(self.host, BARE_VM))
         self.c.fcq("-q", "--local", "kill", BARE_VM, host=self.host.name)
         proc = self.c.fcq("-q", "start", VM, "--host", self.host.name)
         assert proc.returncode == 0, proc.stderr
@@ -133,6 +142,7 @@ class MigrationBench:
         dst = self.peer if src is self.host else self.host
         wait_ga(src.agent(VM).paths.ga)
         wait_for_registry(self.orch, src.name)
+        time.sleep(SETTLE)
         t0 = time.monotonic()
         result = self.orch.wait(self.orch.migrate(VM, dst.name), timeout=300)
         wall = time.monotonic() - t0
@@ -149,8 +159,8 @@ class MigrationBench:
         return wall
 
     def bare_once(self) -> float:
-        assert self.bare_guest is not None
-        wall, pause, downtime, phases = bare_migration(self.bare_guest)
+        assert self.bare_run is not None
+        wall, pause, downtime, phases = bare_migration(self.bare_run)
         self.bare.walls.append(wall)
         self.bare.pauses.append(pause)
         self.bare.downtimes.append(downtime)
@@ -158,6 +168,8 @@ class MigrationBench:
         return wall
 
     def stop(self) -> None:
+        if self.bare_run is not None:
+            self.bare_run.end()
         self.c.fcq("-q", "--local", "kill", VM, host=self.where.name)
 
 
@@ -198,40 +210,94 @@ class BareGuest:
                                        "pid": str(p.pidfile)})
 
 
-def bare_migration(g: BareGuest) -> tuple[float, float, float, dict[str, float]]:
+def end_qemu(pid: int, qmp: Path) -> None:
+    """End a bare QEMU the way fcq ends one on RBD: ``quit``, SIGKILL only if it stays.
+
+    A SIGKILLed QEMU leaves its RBD watches behind for ~30 s, and librbd
+    calls that notify watchers wait for the dead one meanwhile. fcq's own
+    kill quits first for that reason; the bare side leaves the images as
+    clean as fcq does, so that no pair pays for the one before it.
+    """
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    with contextlib.suppress(FcqError), QmpSession(str(qmp), 5, "bare") as q:
+        q.execute("quit")
+    if wait_exit(proc, 5):
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        proc.kill()
+
+
+@dataclass
+class BareRun:
+    """The bare guest between migrations: it moves between QEMUs "a" and "b" like fcq's.
+
+    The first source is booted by hand, outside the timing; after that
+    each migration's destination is the next one's source, so both sides
+    migrate a guest that has run (idle) since its last move, not one still
+    busy booting (a fresh boot dirties memory and doubled the bare copy).
+    """
+
+    guest: BareGuest
+    args: dict[str, list[str]] = field(default_factory=dict)
+    side: str = ""
+    pid: int = 0
+
+    def command(self, side: str) -> list[str]:
+        if side not in self.args:
+            g, run = self.guest, self.guest.run
+            cfg = run / f"{side}.cfg"
+            cfg.write_text(g.config.replace(g.paths["qmp"], str(run / f"{side}.qmp"))
+                           .replace(g.paths["seed"], str(run / "seed.json"))
+                           .replace(g.paths["ga"], str(run / f"{side}.ga"))
+                           .replace(g.paths["obs"], str(run / f"{side}.obs")))
+            a = [str(cfg) if x == g.paths["config"] else x for x in g.argv]
+            a = [str(run / f"{side}.pid") if x == g.paths["pid"] else x for x in a]
+            self.args[side] = ["null" if x.startswith("file:") else x for x in a]  # no serial log
+        return self.args[side]
+
+    def launch(self, side: str, *extra: str) -> int:
+        pidfile = self.guest.run / f"{side}.pid"
+        pidfile.unlink(missing_ok=True)
+        subprocess.run(self.command(side) + list(extra), check=True, capture_output=True)
+        return int(pidfile.read_text())
+
+    def boot(self) -> None:
+        run = self.guest.run
+        run.mkdir(exist_ok=True)
+        (run / "seed.json").write_text(self.guest.seed)
+        self.side, self.pid = "a", self.launch("a")
+        wait_ga(run / "a.ga")
+
+    def end(self) -> None:
+        if self.side:
+            end_qemu(self.pid, self.guest.run / f"{self.side}.qmp")
+            self.side = ""
+
+
+def bare_migration(b: BareRun) -> tuple[float, float, float, dict[str, float]]:
     """The same migration by hand: (wall s, guest pause s, QEMU downtime s, phases ms).
 
-    The source QEMU is started by hand too (same command line), outside
-    the timing; the destination's start is inside it, as in fcq.
+    The destination's start is inside the timing, as in fcq.
     """
-    run = g.run
-    run.mkdir(exist_ok=True)
-    (run / "seed.json").write_text(g.seed)
-    args = {}
-    for side in ("src", "dst"):
-        cfg = run / f"{side}.cfg"
-        cfg.write_text(g.config.replace(g.paths["qmp"], str(run / f"{side}.qmp"))
-                       .replace(g.paths["seed"], str(run / "seed.json"))
-                       .replace(g.paths["ga"], str(run / f"{side}.ga"))
-                       .replace(g.paths["obs"], str(run / f"{side}.obs")))
-        a = [str(cfg) if x == g.paths["config"] else x for x in g.argv]
-        a = [str(run / f"{side}.pid") if x == g.paths["pid"] else x for x in a]
-        args[side] = ["null" if x.startswith("file:") else x for x in a]  # no serial log
-    for p in run.glob("*.pid"):
-        p.unlink()
-    subprocess.run(args["src"], check=True, capture_output=True)
-    src_pid = int((run / "src.pid").read_text())
-    wait_ga(run / "src.ga")
+    if not b.side:
+        b.boot()
+    run = b.guest.run
+    src_side, dst_side = b.side, ("b" if b.side == "a" else "a")
+    src_pid = b.pid
+    wait_ga(run / f"{src_side}.ga")
+    time.sleep(SETTLE)
     port = free_port()
     uri = f"tcp:127.0.0.1:{port}"
     marks: dict[str, float] = {}
     t0 = time.monotonic()
     marks["t0"] = time.time()
-    subprocess.run(args["dst"] + ["-incoming", "defer", "-S"], check=True, capture_output=True)
-    dst_pid = int((run / "dst.pid").read_text())
+    dst_pid = b.launch(dst_side, "-incoming", "defer", "-S")
     try:
-        with QmpSession(str(run / "dst.qmp"), 10, "bare") as dst, \
-                QmpSession(str(run / "src.qmp"), 10, "bare") as src:
+        with QmpSession(str(run / f"{dst_side}.qmp"), 10, "bare") as dst, \
+                QmpSession(str(run / f"{src_side}.qmp"), 10, "bare") as src:
             marks["qemu_up"] = time.time()
             dst.execute("migrate-set-capabilities", capabilities=[
                 {"capability": "events", "state": True}])
@@ -249,17 +315,23 @@ def bare_migration(g: BareGuest) -> tuple[float, float, float, dict[str, float]]
                 time.sleep(0.001)
                 info = src.execute("query-migrate")
             src.execute("quit")
-            src_proc = psutil.Process(src_pid)
-            src_proc.wait(10)
+            # Gone or a zombie, seen at once through a pidfd (as fcq sees it):
+            # psutil's wait() polls and counts a zombie as alive, and the
+            # daemonized QEMU's zombie waits for PID 1 to reap it (1.5-2 s
+            # in containers whose init reaps lazily).
+            if not wait_exit(psutil.Process(src_pid), 10):
+                raise RuntimeError("bare source QEMU did not exit after quit")
             marks["src_gone"] = time.time()
             _wait_event(dst, "MIGRATION", "completed")
             dst.execute("cont")
             marks["resumed"] = time.time()
         wall = time.monotonic() - t0
-    finally:
-        for pid in (src_pid, dst_pid):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
+        b.side, b.pid = dst_side, dst_pid
+    except BaseException:
+        for side, pid in ((src_side, src_pid), (dst_side, dst_pid)):
+            end_qemu(pid, run / f"{side}.qmp")
+        b.side = ""
+        raise
     downtime = float(info["downtime"])
     handover = (marks["resumed"] - _stamp(done)) * 1000
 
