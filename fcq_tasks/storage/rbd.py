@@ -27,7 +27,8 @@ import concurrent.futures
 import contextlib
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import rbd
 import structlog
@@ -42,6 +43,8 @@ from fcq_tasks.storage import cephconn, fence, rbdheader
 from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
 from fcq_tasks.storage.rbdcreate import VolumeMaker
 from fcq_tasks.storage.rbdimage import HeaderView, Img, cookie_host, make_cookie, qemu_uri
+
+T = TypeVar("T")
 
 #: Reads the volumes of one VM side by side (see RbdStorage.volumes).
 _readers = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix="rbd-read")
@@ -362,16 +365,28 @@ class RbdStorage:
             return True
         return bool(self._with_image(vm, volume, remove))
 
+    def _each_volume(self, step: Callable[[str], T]) -> dict[str, T]:
+        """``step(volume)`` for the three volumes at once; all end before this returns.
+
+        Each step opens its image (~8 ms of round trips, without the GIL):
+        side by side the three cost about one. A failing step's error is
+        raised once every step ended, the first volume's first.
+        """
+        futures = {volume: _readers.submit(step, volume) for volume in VOLUMES}
+        concurrent.futures.wait(futures.values())
+        return {volume: f.result() for volume, f in futures.items()}
+
+    def _watchers(self, vm: str, volume: str, fn: Callable[[Any, Any], T], missing: T) -> T:
+        try:
+            return cast(T, self._with_image(vm, volume, fn))
+        except rbd.ImageNotFound:
+            return missing
+
     def clients(self, vm: str) -> dict[str, set[str]]:
         """Per volume, the addresses of the clients watching it (QEMUs that opened it)."""
-        out: dict[str, set[str]] = {}
-        for volume in VOLUMES:
-            try:
-                out[volume] = set(self._with_image(vm, volume, lambda conn, img: {
-                    fence.client_addr(str(w["addr"])) for w in img.watchers_list()}))
-            except rbd.ImageNotFound:
-                out[volume] = set()
-        return out
+        def watching(conn: Any, img: Any) -> set[str]:
+            return {fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
+        return self._each_volume(lambda volume: self._watchers(vm, volume, watching, set()))
 
     def other_watchers(self, vm: str) -> dict[str, list[str]]:
         """Per volume, the clients other than this process that watch it.
@@ -380,31 +395,23 @@ class RbdStorage:
         answering the OSDs: one that is still there is a client alive and
         talking to Ceph, whoever it is (a QEMU, rbd-nbd, a rescue mount).
         """
-        out: dict[str, list[str]] = {}
-        for volume in VOLUMES:
-            def others(conn: Any, img: Any) -> list[str]:
-                own = fence.client_addr(str(conn.get_addrs()))
-                return sorted({fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
-                              - {own})
-            try:
-                found = self._with_image(vm, volume, others)
-            except rbd.ImageNotFound:
-                continue
-            if found:
-                out[volume] = found
-        return out
+        def others(conn: Any, img: Any) -> list[str]:
+            own = fence.client_addr(str(conn.get_addrs()))
+            return sorted({fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
+                          - {own})
+        none: list[str] = []
+        found = self._each_volume(lambda volume: self._watchers(vm, volume, others, none))
+        return {volume: clients for volume, clients in found.items() if clients}
 
     def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
-        for volume in VOLUMES:
-            def note(conn: Any, img: Any, volume: str = volume) -> None:
+        def note(volume: str) -> None:
+            def record(conn: Any, img: Any) -> None:
                 own = fence.client_addr(str(conn.get_addrs()))
                 now = {fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
                 fence.record(img.ioctx, img.name, self.host, instance,
                              sorted(now - before.get(volume, set()) - {own}))
-            try:
-                self._with_image(vm, volume, note)
-            except rbd.ImageNotFound:
-                continue
+            self._watchers(vm, volume, record, None)
+        self._each_volume(note)
 
     def take_over(self, vm: str, volume: str, from_host: str,
                   expect_cookie: str | None) -> list[str]:

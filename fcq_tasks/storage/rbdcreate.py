@@ -24,7 +24,7 @@ from fcq_tasks.config.cephsettings import CephSettings
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.errors import StorageError
-from fcq_tasks.storage import cephconn
+from fcq_tasks.storage import cephconn, rbdheader
 from fcq_tasks.storage.rbdimage import qemu_uri
 
 #: Longest a create-vm / mkfs / qemu-img command may run.
@@ -75,7 +75,20 @@ class VolumeMaker:
         return self._image_exists(pool, f"{vm}.{volume}")
 
     def _image_exists(self, pool: str, image: str) -> bool:
+        # Its id and header objects read (~1 ms) rather than the image
+        # opened (~8 ms); the open stays for what the shortcut cannot read.
+        def look(conn: Any, ioctx: Any) -> bool | None:
+            try:
+                rbdheader.Header(ioctx, image)
+                return True
+            except rbdheader.NoImage:
+                return False
+            except rbdheader.Unreadable:
+                return None
         try:
+            found = cephconn.with_pool(self.ceph, pool, look)
+            if found is not None:
+                return found
             cephconn.with_image(self.ceph, pool, image, lambda c, io, i: None)
             return True
         except rbd.ImageNotFound:
