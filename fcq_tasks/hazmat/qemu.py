@@ -75,6 +75,15 @@ class VMRunPaths:
         return self._p("obs.sock")
 
     @property
+    def sweep(self) -> Path:
+        """The monitor a worker keeps open between sweeps (hazmat/heldmonitors.py)."""
+        return self._p("swp.sock")  # no longer than "qmp.sock": see RUN_DIR_MAX
+
+    @property
+    def sockets(self) -> tuple[Path, Path, Path, Path]:
+        return (self.qmp, self.ga, self.observer, self.sweep)
+
+    @property
     def seed(self) -> Path:
         return self._p("seed.json")
 
@@ -103,9 +112,9 @@ class VMRunPaths:
 
     def leftovers(self) -> list[Path]:
         """Run files that exist although no process may be running."""
-        return [p for p in (self.pidfile, self.identity, self.qmp, self.ga, self.observer,
-                          self.silent_mark, self.seed, self.agent_silent_mark,
-                          self.generation_told, self.checked)
+        return [p for p in (self.pidfile, self.identity, *self.sockets, self.silent_mark,
+                            self.seed, self.agent_silent_mark, self.generation_told,
+                            self.checked)
                 if p.exists()]
 
 
@@ -262,7 +271,7 @@ class QemuProcess:
         *incoming*: the migration attempt this QEMU is to receive (recorded,
         so that a later look can tell an incoming copy from a paused VM).
         """
-        for stale in (self.paths.pidfile, self.paths.qmp, self.paths.ga, self.paths.observer):
+        for stale in (self.paths.pidfile, *self.paths.sockets):
             stale.unlink(missing_ok=True)
         try:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
@@ -280,7 +289,7 @@ class QemuProcess:
                             vm=self.paths.name)
         # -daemonize resets QEMU's umask to 027; the sockets exist once the
         # parent has exited, so tighten them to owner-only now.
-        for sock in (self.paths.qmp, self.paths.ga, self.paths.observer):
+        for sock in self.paths.sockets:
             if sock.exists():
                 os.chmod(sock, 0o600)
         ticks = start_ticks(pid)

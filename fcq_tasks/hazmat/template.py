@@ -18,6 +18,7 @@ import jinja2
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.errors import ConfigError
+from fcq_tasks.hazmat.qemu import VMRunPaths
 
 #: Linux interface names are at most 15 characters (IFNAMSIZ - 1).
 IFNAME_MAX = 15
@@ -38,7 +39,14 @@ class RunPaths:
     qmp: str           # fcq's own monitor: one client at a time, fcq's
     ga: str
     observer: str = ""  # a second monitor for read-only observers (tests, metrics)
+    sweep: str = ""     # a third, which the worker's sweep keeps open
     seed: str = ""      # the VM's configuration as JSON, for the guest (fw_cfg)
+
+
+def run_paths(paths: VMRunPaths) -> RunPaths:
+    """What a QEMU config names of a VM's run files (all of them: fcq's own QEMUs)."""
+    return RunPaths(qmp=str(paths.qmp), ga=str(paths.ga), observer=str(paths.observer),
+                    sweep=str(paths.sweep), seed=str(paths.seed))
 
 
 def _quote(value: object) -> str:

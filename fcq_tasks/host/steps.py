@@ -44,8 +44,9 @@ from fcq_tasks.errors import (
 from fcq_tasks.fileio import write_atomically
 from fcq_tasks.hazmat.accel import cpu_model, detect_accelerator
 from fcq_tasks.hazmat.guestagent import GuestAgent
+from fcq_tasks.hazmat.heldmonitors import HeldMonitors
 from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths, boot_id
-from fcq_tasks.hazmat.template import RunPaths, render_qemu_config
+from fcq_tasks.hazmat.template import render_qemu_config, run_paths
 from fcq_tasks.host import admission
 from fcq_tasks.host.oplock import operation_lock
 from fcq_tasks.host.plan import Observed, Run
@@ -91,6 +92,9 @@ class VMSteps:
         #: What start_qemu() knows at its end (the monitor's first answer, our
         #: locks): a start need not observe the VM again to report it.
         self.started: Observed | None = None
+        #: The worker's open sweep monitors, set by the sweep (ensure_all):
+        #: a converged VM's run state is asked there, see observe().
+        self.held_monitors: HeldMonitors | None = None
 
     # -- observing --------------------------------------------------------
 
@@ -139,6 +143,15 @@ class VMSteps:
             return _with(base, run=Run.CRASHED if self.paths.leftovers() else Run.STOPPED)
         key = self._check_key(found.proc) if reuse else None
         last = self._last_check(key) if key is not None else None
+        if last is not None and self.held_monitors is not None:
+            assert key is not None
+            # Only "running" is taken from the held connection; any other
+            # answer, or none, is asked anew below on fcq's own monitor.
+            held = self.held_monitors.runstate(self.name, str(self.paths.sweep),
+                                               (key["pid"], key["start_ticks"]))
+            if held == "running":
+                self.paths.silent_mark.unlink(missing_ok=True)
+                return _from_last(base, last)
         refused = False
         try:
             with self.qemu.monitor() as mon:
@@ -168,8 +181,7 @@ class VMSteps:
                 run = Run.RECEIVED
         if blocks is None:
             assert last is not None
-            return _with(base, run=run, root_bytes=last["root"], iops=last["iops"],
-                         bps=last["bps"], agent_open=bool(last["agent_open"]), fresh=False)
+            return _from_last(base, last)
         root = blocks.get("root")
         if key is not None and run is Run.RUNNING and root is not None and not refused:
             write_atomically(self.paths.checked, json.dumps({
@@ -376,9 +388,7 @@ class VMSteps:
         accel = detect_accelerator(s.accelerator)
         drives = [self.storage.drive(self.name, v) for v in VOLUMES]
         config = render_qemu_config(s, spec, accel, drives,
-                                    RunPaths(qmp=str(self.paths.qmp), ga=str(self.paths.ga),
-                                             observer=str(self.paths.observer),
-                                             seed=str(self.paths.seed)))
+                                    run_paths(self.paths))
         # -S: even when the migration completes, guest code waits for `cont`,
         # which comes only once the source's QEMU is gone and the locks moved.
         argv = self.argv(accel) + (["-incoming", "defer", "-S"] if incoming else [])
@@ -598,6 +608,12 @@ def _each_volume(step: Callable[[str], object]) -> None:
 def _handed_to(vols: list[VolumeInfo], host: str) -> bool:
     return all(v.lock_owner == host and v.handed_from is not None and not v.claimed
                for v in vols)
+
+
+def _from_last(base: Observed, last: dict[str, Any]) -> Observed:
+    """A running QEMU as the last full look described it (observe's *reuse*)."""
+    return _with(base, run=Run.RUNNING, root_bytes=last["root"], iops=last["iops"],
+                 bps=last["bps"], agent_open=bool(last["agent_open"]), fresh=False)
 
 
 def _with(observed: Observed, **changes: Any) -> Observed:

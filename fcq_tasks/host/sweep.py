@@ -15,6 +15,7 @@ import structlog
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE
 from fcq_tasks.errors import FcqError, VMBusy
+from fcq_tasks.hazmat.heldmonitors import HeldMonitors
 from fcq_tasks.hazmat.qemu import identity_names
 from fcq_tasks.host import maintenance
 from fcq_tasks.host.admission import booked_memory
@@ -52,8 +53,13 @@ def list_vms(settings: HostSettings) -> list[dict[str, Any]]:
     return rows
 
 
-def ensure_all(settings: HostSettings) -> dict[str, Any]:
-    """Ensure every VM this host knows; one VM's failure never stops the others."""
+def ensure_all(settings: HostSettings, held: HeldMonitors | None = None) -> dict[str, Any]:
+    """Ensure every VM this host knows; one VM's failure never stops the others.
+
+    *held*: the worker's open sweep monitors, on which a converged VM's run
+    state is asked (a process that sweeps once, like ``fcq ensure --all``,
+    passes none).
+    """
     storage = open_storage(settings)
     results: dict[str, Any] = {}
     failed = 0
@@ -63,6 +69,7 @@ def ensure_all(settings: HostSettings) -> dict[str, Any]:
     for name in known_vms(settings, listed):
         agent = VMAgent(settings, name, storage)
         agent.sweep_drained = drained
+        agent.held_monitors = held
         try:
             results[name] = agent.ensure() if name in configured else agent.orphan()
         except VMBusy:
@@ -76,6 +83,9 @@ def ensure_all(settings: HostSettings) -> dict[str, Any]:
             log.exception("ensure-crashed", vm=name)
             results[name] = {"vm": name, "outcome": "error", "exit_code": 1,
                              "error": type(err).__name__, "message": str(err)}
+    if held is not None:
+        # A stopped QEMU closed its side already; a VM whose file is gone is forgotten.
+        held.keep_only(set(results))
     exit_code = max((r.get("exit_code", 0) for r in results.values()), default=0)
     return {"host": settings.host, "vms": results, "failed": failed, "exit_code": exit_code}
 

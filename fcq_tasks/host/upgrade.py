@@ -44,7 +44,7 @@ from fcq_tasks.errors import FcqError, Inconsistent, QemuError, Refused
 from fcq_tasks.fileio import write_atomically
 from fcq_tasks.hazmat.accel import detect_accelerator
 from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths
-from fcq_tasks.hazmat.template import RunPaths, render_qemu_config
+from fcq_tasks.hazmat.template import render_qemu_config, run_paths
 from fcq_tasks.host import admission
 from fcq_tasks.host.plan import Run
 from fcq_tasks.storage import VOLUMES
@@ -61,7 +61,7 @@ ACTIVE = frozenset({"setup", "active", "cancelling", "pre-switchover", "device",
                     "postcopy-active", "wait-unplug"})
 #: The new QEMU's files that take the old ones' names at the switch; the
 #: identity last: until it moves, the files under u/ say which QEMU is new.
-SWITCHED = ("qmp", "ga", "observer", "seed", "serial_log", "pidfile", "identity")
+SWITCHED = ("qmp", "ga", "observer", "sweep", "seed", "serial_log", "pidfile", "identity")
 
 
 def _prefix(agent: VMAgent) -> str:
@@ -184,8 +184,7 @@ def _move(agent: VMAgent, spec: VMSpec, old_pid: int) -> dict[str, Any]:
     accel = detect_accelerator(s.accelerator)
     drives = [agent.storage.drive(agent.name, v) for v in VOLUMES]
     config = render_qemu_config(s, spec, accel, drives,
-                                RunPaths(qmp=str(side.qmp), ga=str(side.ga),
-                                         observer=str(side.observer), seed=str(side.seed)))
+                                run_paths(side))
     argv = [*agent.argv(accel, side), "-incoming", "defer", "-S"]
     t0 = time.monotonic()
     agent.progress("admission", memory_mb=spec.memory_mb)
@@ -322,8 +321,7 @@ def _restore_config(agent: VMAgent) -> VMSpec:
         drives = [agent.storage.drive(agent.name, v) for v in VOLUMES]
         write_atomically(agent.paths.config, render_qemu_config(
             agent.settings, spec, accel, drives,
-            RunPaths(qmp=str(agent.paths.qmp), ga=str(agent.paths.ga),
-                     observer=str(agent.paths.observer), seed=str(agent.paths.seed))))
+            run_paths(agent.paths)))
     return spec
 
 
