@@ -24,6 +24,7 @@ from fcq_tasks.errors import BadRequest, LockedByOtherHost, ShrinkRefused
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.storage import VolumeInfo, cephconn, rbdheader
 from fcq_tasks.storage.rbd import RbdStorage
+from fcq_tasks.storage.rbdimage import LockView
 from tests.ceph import CephCluster
 from tests.conftest import Host, HostFactory, rbd_settings
 from tests.helpers import guest_disk_bytes, guest_sh, guest_write, qmp, wait_for, wait_guest
@@ -372,3 +373,30 @@ def test_header_shortcut_agrees_with_opening_the_image(make_host: HostFactory,
     # Truncated or strange encodings are refused, so volumes() opens the image.
     with pytest.raises(rbdheader.Unreadable):
         rbdheader.parse_lockers(b"\x01\x01\xff\x00\x00\x00")
+
+
+def test_lock_taken_without_opening_the_image_is_rbds_own(make_host: HostFactory,
+                                                          ceph: CephCluster) -> None:
+    """lock() and claim() work on the header object (LockView): the lock `rbd lock ls` shows."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    storage = RbdStorage(alpha.settings)
+    storage.ensure_volumes(alpha.agent(vm).spec())
+    assert storage.lock(vm, "root", "abc123") is True
+    assert [lk["id"] for lk in lockers(ceph, f"{vm}.root")] == ["fcq host=alpha instance=abc123"]
+    assert storage.lock(vm, "root") is False  # ours already
+    # Who holds it is read anew at each look, not when the view was made.
+    def fresh(conn: Any, ioctx: Any) -> list[Any]:
+        view = LockView(ioctx, f"{vm}.tmp")
+        before = view.list_lockers()["lockers"]
+        ceph.rbd("lock", "add", f"fcq/{vm}.tmp", "by-hand")
+        return [before, [cookie for _, cookie, _ in view.list_lockers()["lockers"]]]
+    assert cephconn.with_pool(storage.ceph, "fcq", fresh) == [[], ["by-hand"]]
+    with pytest.raises(LockedByOtherHost, match="by-hand"):
+        storage.lock(vm, "tmp")
+    # A missing image is reported as such, and nothing is created for it.
+    with pytest.raises(rbd.ImageNotFound):
+        storage.lock(vm + "x", "root")
+    assert f"{vm}x.root" not in ceph.rbd("ls", "fcq")
+    assert storage.unlock(vm, "root") is True and lockers(ceph, f"{vm}.root") == []

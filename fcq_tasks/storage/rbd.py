@@ -42,7 +42,14 @@ from fcq_tasks.hazmat.template import Drive
 from fcq_tasks.storage import cephconn, fence, rbdheader
 from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
 from fcq_tasks.storage.rbdcreate import VolumeMaker
-from fcq_tasks.storage.rbdimage import HeaderView, Img, cookie_host, make_cookie, qemu_uri
+from fcq_tasks.storage.rbdimage import (
+    HeaderView,
+    Img,
+    LockView,
+    cookie_host,
+    make_cookie,
+    qemu_uri,
+)
 
 T = TypeVar("T")
 
@@ -96,6 +103,25 @@ class RbdStorage:
         name = self.image(vm, volume)
         return cephconn.with_image(self.ceph, pool or self.pool(vm), name,
                                    lambda conn, ioctx, img: fn(conn, Img(ioctx, img, name)))
+
+    def _with_lock(self, vm: str, volume: str, fn: Any) -> Any:
+        """As _with_image, for steps that touch only the lock and note (LockView)."""
+        name = self.image(vm, volume)
+        pool = self.pool(vm)
+
+        def call(conn: Any, ioctx: Any) -> Any:
+            try:
+                view = LockView(ioctx, name)
+            except rbdheader.NoImage:
+                raise rbd.ImageNotFound(f"no image {name}") from None
+            except rbdheader.Unreadable as err:
+                self.log.info("header-unreadable", image=name, error=str(err))
+                with rbd.Image(ioctx, name) as img:
+                    return fn(conn, Img(ioctx, img, name))
+            return fn(conn, view)
+
+        with cephconn.image_turn(self.ceph, pool, name):
+            return cephconn.with_pool(self.ceph, pool, call)
 
     # -- volumes ------------------------------------------------------------
 
@@ -205,7 +231,7 @@ class RbdStorage:
             return True
 
         try:
-            return bool(self._with_image(vm, volume, take))
+            return bool(self._with_lock(vm, volume, take))
         except LockedByOtherHost:
             metrics.lock_conflict("volume")
             raise
@@ -284,7 +310,7 @@ class RbdStorage:
                 # follows (its config names us) even after a crash.
                 img.set_note({**note, "claimed": True})
 
-        self._with_image(vm, volume, clear)
+        self._with_lock(vm, volume, clear)
 
     def force_unlock(self, vm: str, volume: str, keep: frozenset[str] = frozenset(),
                      only_from: str | None = None) -> str | None:

@@ -93,6 +93,15 @@ def image_id(ioctx: Any, image: str) -> str:
     return raw[4:4 + length].decode()
 
 
+def lockers(ioctx: Any, header: str) -> list[tuple[str, str]]:
+    """(client, cookie) of each holder of the lock on header object *header*, read now."""
+    try:
+        blob = ioctx.get_xattr(header, "lock.rbd_lock")
+    except (rados.NoData, rados.ObjectNotFound):
+        return []
+    return parse_lockers(blob) if blob else []
+
+
 class Header:
     """An image's size and lock holders, read from its header object."""
 
@@ -108,11 +117,7 @@ class Header:
         if "size" not in omap or len(omap["size"]) != 8:
             raise Unreadable("no size in header")
         self._size = int(struct.unpack("<Q", omap["size"])[0])
-        try:
-            blob = ioctx.get_xattr(header, "lock.rbd_lock")
-        except (rados.NoData, rados.ObjectNotFound):
-            blob = b""
-        self._lockers = parse_lockers(blob) if blob else []
+        self._lockers = lockers(ioctx, header)
 
     def size(self) -> int:
         return self._size

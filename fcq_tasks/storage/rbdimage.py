@@ -52,8 +52,8 @@ class HeaderView(rbdheader.Header):
         return read_note(self.ioctx, self.name)
 
 
-class Img:
-    """An open image and its pool, with fcq's lock and note done at the rados level.
+class _LockAndNote:
+    """fcq's lock and handover note of image *name*, done at the rados level.
 
     librbd's own ``lock_exclusive``/``unlock`` and image metadata send a
     header-update notification to every watcher and wait for each to
@@ -66,17 +66,11 @@ class Img:
     """
 
     LOCK_NAME = "rbd_lock"
-
-    def __init__(self, ioctx: Any, img: Any, name: str) -> None:
-        self.ioctx = ioctx
-        self.img = img
-        self.name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.img, attr)
+    ioctx: Any
+    name: str
 
     def _header(self) -> str:
-        return f"rbd_header.{self.img.id()}"
+        raise NotImplementedError
 
     def lock_exclusive(self, cookie: str) -> None:
         try:
@@ -100,6 +94,50 @@ class Img:
     def remove_note(self) -> None:
         with contextlib.suppress(rados.ObjectNotFound):
             self.ioctx.remove_object(note_object(self.name))
+
+
+class Img(_LockAndNote):
+    """An open image and its pool, with fcq's lock and note done at the rados level."""
+
+    def __init__(self, ioctx: Any, img: Any, name: str) -> None:
+        self.ioctx = ioctx
+        self.img = img
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.img, attr)
+
+    def _header(self) -> str:
+        return f"rbd_header.{self.img.id()}"
+
+
+class LockView(_LockAndNote):
+    """Image *name*'s lock and note without opening it (~1 ms instead of ~8 for an open).
+
+    Enough to take, check and mark fcq's lock (lock(), claim()); the
+    lockers are read anew at each call, so a look after a failed take sees
+    who took it. Raises rbdheader.NoImage or rbdheader.Unreadable like
+    HeaderView (the caller then opens the image).
+    """
+
+    def __init__(self, ioctx: Any, name: str) -> None:
+        self.ioctx = ioctx
+        self.name = name
+        self._oid = f"rbd_header.{rbdheader.image_id(ioctx, name)}"
+        try:
+            # A lock taken on a missing object would create it: the header
+            # must exist (an image being removed may have lost it).
+            ioctx.stat(self._oid)
+        except rados.ObjectNotFound as err:
+            raise rbdheader.NoImage(name) from err
+
+    def _header(self) -> str:
+        return self._oid
+
+    def list_lockers(self) -> dict[str, Any]:
+        """As librbd's ``Image.list_lockers`` (without addresses), read now."""
+        return {"lockers": [(client, cookie, "")
+                            for client, cookie in rbdheader.lockers(self.ioctx, self._oid)]}
 
 
 def note_object(image: str) -> str:
