@@ -377,7 +377,7 @@ def test_header_shortcut_agrees_with_opening_the_image(make_host: HostFactory,
 
 def test_lock_taken_without_opening_the_image_is_rbds_own(make_host: HostFactory,
                                                           ceph: CephCluster) -> None:
-    """lock() and claim() work on the header object (LockView): the lock `rbd lock ls` shows."""
+    """lock, claim, unlock work on the header object (LockView): the lock `rbd lock ls` shows."""
     alpha = rbd_host(make_host, ceph, "alpha")
     vm = vm_name()
     alpha.write_vm(vm)
@@ -400,3 +400,7 @@ def test_lock_taken_without_opening_the_image_is_rbds_own(make_host: HostFactory
         storage.lock(vm + "x", "root")
     assert f"{vm}x.root" not in ceph.rbd("ls", "fcq")
     assert storage.unlock(vm, "root") is True and lockers(ceph, f"{vm}.root") == []
+    # Our host's lock taken by an earlier client of ours (a worker that
+    # restarted): released by breaking it, which needs the image opened.
+    ceph.rbd("lock", "add", f"fcq/{vm}.swap", "fcq host=alpha instance=old")
+    assert storage.unlock(vm, "swap") is True and lockers(ceph, f"{vm}.swap") == []

@@ -22,7 +22,7 @@ from fcq_tasks.config import vmspec
 from fcq_tasks.config.vmspec import GiB, load_vm_spec
 from fcq_tasks.errors import FcqError, UnknownVM
 from fcq_tasks.hazmat.monitor import Monitor
-from fcq_tasks.host import steps
+from fcq_tasks.host import observing
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.host.handtools import human_monitor
 from fcq_tasks.host.maintenance import mark_drained
@@ -92,7 +92,7 @@ def test_throttle_behind_fcqs_back_is_put_back_after_the_full_check_interval(
     # is only seen at the next full look)...
     assert actions(idle, "c3") == ["nothing"]
     # ...which comes once it is older than FULL_CHECK_AFTER.
-    monkeypatch.setattr(steps, "FULL_CHECK_AFTER", 0.0)
+    monkeypatch.setattr(observing, "FULL_CHECK_AFTER", 0.0)
     assert actions(idle, "c3") == ["set-iops"]
     root = next(b for b in qmp(agent, "query-block") if b["device"] == "root")
     assert root["inserted"]["iops"] == 200

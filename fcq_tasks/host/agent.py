@@ -132,7 +132,7 @@ class VMAgent(VMSteps):
                     ident = self.qemu.identity()
                     generation = ident.generation if ident else 0
                 # The guest agent is asked at each full look (observe says
-                # when), not at every sweep: see steps.FULL_CHECK_AFTER.
+                # when), not at every sweep: see observing.FULL_CHECK_AFTER.
                 if self.last_observed.fresh:
                     result["actions"] += guest.keep_healthy(self, generation,
                                                             self.last_observed.agent_open)

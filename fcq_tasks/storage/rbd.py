@@ -46,6 +46,7 @@ from fcq_tasks.storage.rbdimage import (
     HeaderView,
     Img,
     LockView,
+    NeedsOpen,
     cookie_host,
     make_cookie,
     qemu_uri,
@@ -105,7 +106,11 @@ class RbdStorage:
                                    lambda conn, ioctx, img: fn(conn, Img(ioctx, img, name)))
 
     def _with_lock(self, vm: str, volume: str, fn: Any) -> Any:
-        """As _with_image, for steps that touch only the lock and note (LockView)."""
+        """As _with_image, for steps that touch only the lock and note (LockView).
+
+        *fn* may be called twice: on the view, and again on the opened image
+        when the view raised NeedsOpen; it must re-read what it decides on.
+        """
         name = self.image(vm, volume)
         pool = self.pool(vm)
 
@@ -116,9 +121,13 @@ class RbdStorage:
                 raise rbd.ImageNotFound(f"no image {name}") from None
             except rbdheader.Unreadable as err:
                 self.log.info("header-unreadable", image=name, error=str(err))
-                with rbd.Image(ioctx, name) as img:
-                    return fn(conn, Img(ioctx, img, name))
-            return fn(conn, view)
+            else:
+                try:
+                    return fn(conn, view)
+                except NeedsOpen:
+                    pass
+            with rbd.Image(ioctx, name) as img:
+                return fn(conn, Img(ioctx, img, name))
 
         with cephconn.image_turn(self.ceph, pool, name):
             return cephconn.with_pool(self.ceph, pool, call)
@@ -274,7 +283,7 @@ class RbdStorage:
             return True
 
         try:
-            return bool(self._with_image(vm, volume, release))
+            return bool(self._with_lock(vm, volume, release))
         except rbd.ImageNotFound:
             return False
 
@@ -293,7 +302,7 @@ class RbdStorage:
             self._release_own(img, conn, holder[1], holder[2])
             fence.forget(img.ioctx, img.name, [self.host])  # our QEMU is gone
 
-        self._with_image(vm, volume, hand)
+        self._with_lock(vm, volume, hand)
 
     def claim(self, vm: str, volume: str) -> None:
         self.lock(vm, volume)

@@ -111,13 +111,20 @@ class Img(_LockAndNote):
         return f"rbd_header.{self.img.id()}"
 
 
+class NeedsOpen(Exception):
+    """A LockView step needs librbd (breaking another client's lock): open the image, redo."""
+
+
 class LockView(_LockAndNote):
     """Image *name*'s lock and note without opening it (~1 ms instead of ~8 for an open).
 
-    Enough to take, check and mark fcq's lock (lock(), claim()); the
-    lockers are read anew at each call, so a look after a failed take sees
-    who took it. Raises rbdheader.NoImage or rbdheader.Unreadable like
-    HeaderView (the caller then opens the image).
+    Enough to take, check, mark and release fcq's lock (lock, claim,
+    unlock, hand_over); the lockers are read anew at each call, so a look
+    after a failed take sees who took it. Breaking another client's lock is
+    librbd's: :meth:`break_lock` raises :class:`NeedsOpen`, and the step is
+    done again on the opened image (every step that breaks re-reads first).
+    Raises rbdheader.NoImage or rbdheader.Unreadable like HeaderView (the
+    caller then opens the image).
     """
 
     def __init__(self, ioctx: Any, name: str) -> None:
@@ -133,6 +140,9 @@ class LockView(_LockAndNote):
 
     def _header(self) -> str:
         return self._oid
+
+    def break_lock(self, client: str, cookie: str) -> None:
+        raise NeedsOpen(self.name)
 
     def list_lockers(self) -> dict[str, Any]:
         """As librbd's ``Image.list_lockers`` (without addresses), read now."""
