@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "migration_heartbeat_ttl": 10.0,
     "migration_peer_grace": 60.0,
     "max_migrations": 1,
+    "sweep_concurrency": 4,
     "metrics_address": "127.0.0.1",     # the worker's /metrics (docs/operations.md)
     # 9741/9742: outside the ports of the common exporters (9100 node, 9187
     # postgres_exporter, ...), so a hypervisor already monitored does not clash.
@@ -129,6 +130,7 @@ class HostSettings:
     migration_heartbeat_ttl: float = 10.0   # s: a half silent this long counts as gone
     migration_peer_grace: float = 60.0      # s: the other half has this long to show up
     max_migrations: int = 1                 # in or out, at once, on this host
+    sweep_concurrency: int = 4              # VMs a sweep looks at side by side
     freeze_timeout: float = 120.0           # s: guest-fsfreeze-freeze may take (flushes)
     thaw_timeout: float = 30.0              # s: guest-fsfreeze-thaw may take
     snapshot_timeout: float = 300.0         # s: the storage snapshot may keep a guest frozen
@@ -228,6 +230,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         "migration_heartbeat_ttl": num("migration_heartbeat_ttl", 1, 600),
         "migration_peer_grace": num("migration_peer_grace", 1, 3600),
         "max_migrations": whole("max_migrations", 1, 64),
+        "sweep_concurrency": whole("sweep_concurrency", 1, 64),
         "freeze_timeout": num("freeze_timeout", 0.01, 3600),
         "thaw_timeout": num("thaw_timeout", 1, 600),
         "snapshot_timeout": num("snapshot_timeout", 1, 3600),

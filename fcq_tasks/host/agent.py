@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from fcq_tasks import metrics
@@ -47,6 +47,9 @@ class VMAgent(VMSteps):
         # Whether the host was drained when the sweep began (the sweep sets
         # it: one read for all its VMs); None: read the mark at each plan.
         self.sweep_drained: bool | None = None
+        # Held while this VM's ensure acts (starts, stops, upgrades, ...): a
+        # sweep looks at several VMs side by side, but acts on one at a time.
+        self.sweep_act_lock: AbstractContextManager[Any] = nullcontext()
         # How "config moved me elsewhere" becomes a migration: the Celery
         # layer passes a hook that launches one; locally it is only reported.
         self.outmigrate_hook = outmigrate_hook
@@ -128,7 +131,8 @@ class VMAgent(VMSteps):
                 generation = ident.generation if ident else 0
                 if generation < self.settings.qemu_generation and \
                         self.settings.upgrade_on_ensure:
-                    result["actions"] += self._upgrade_by_ensure()
+                    with self.sweep_act_lock:
+                        result["actions"] += self._upgrade_by_ensure()
                     ident = self.qemu.identity()
                     generation = ident.generation if ident else 0
                 # The guest agent is asked at each full look (observe says
@@ -269,7 +273,11 @@ class VMAgent(VMSteps):
             if action.do is Do.REFUSE:
                 refusals.append(action)
                 continue
-            self._execute(action, spec)
+            if action.do is Do.NOTHING:
+                self._execute(action, spec)
+            else:
+                with self.sweep_act_lock:
+                    self._execute(action, spec)
             done.append(action.do.value)
         # Observing costs QMP round trips; when nothing was done (the sweep's
         # common case) what we found is still what is.

@@ -7,7 +7,9 @@ with an operation in flight is skipped, not waited for.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 from typing import Any
 
 import structlog
@@ -59,30 +61,46 @@ def ensure_all(settings: HostSettings, held: HeldMonitors | None = None) -> dict
     *held*: the worker's open sweep monitors, on which a converged VM's run
     state is asked (a process that sweeps once, like ``fcq ensure --all``,
     passes none).
+
+    ``sweep_concurrency`` VMs are looked at side by side: a look waits on
+    QEMU's monitor and on the storage (Ceph round trips on RBD), not on the
+    CPU. Each VM is still looked at and acted on under its own operation
+    lock, and what the sweep does to VMs (a start, a kill, an upgrade, ...)
+    is done one VM at a time, as by a sweep that goes VM after VM: the host
+    never sees more of the sweep's starts or copies at once than before.
     """
     storage = open_storage(settings)
-    results: dict[str, Any] = {}
-    failed = 0
     listed = configured_vms(settings)
     configured = set(listed)
     drained = maintenance.drained(settings) is not None
-    for name in known_vms(settings, listed):
+    acting = threading.Lock()
+
+    def one(name: str) -> dict[str, Any]:
         agent = VMAgent(settings, name, storage)
         agent.sweep_drained = drained
         agent.held_monitors = held
+        agent.sweep_act_lock = acting
         try:
-            results[name] = agent.ensure() if name in configured else agent.orphan()
+            return agent.ensure() if name in configured else agent.orphan()
         except VMBusy:
-            results[name] = {"vm": name, "outcome": "skipped", "reason": "operation in flight"}
+            return {"vm": name, "outcome": "skipped", "reason": "operation in flight"}
         except FcqError as err:
-            failed += 1
-            results[name] = {"vm": name, "outcome": "error", "exit_code": err.exit_code,
-                             **err.to_dict()}
+            return {"vm": name, "outcome": "error", "exit_code": err.exit_code,
+                    **err.to_dict()}
         except Exception as err:  # a bug in one VM's path must not end the sweep
-            failed += 1
             log.exception("ensure-crashed", vm=name)
-            results[name] = {"vm": name, "outcome": "error", "exit_code": 1,
-                             "error": type(err).__name__, "message": str(err)}
+            return {"vm": name, "outcome": "error", "exit_code": 1,
+                    "error": type(err).__name__, "message": str(err)}
+
+    names = known_vms(settings, listed)
+    if settings.sweep_concurrency <= 1 or len(names) <= 1:
+        results = {name: one(name) for name in names}
+    else:
+        with concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(settings.sweep_concurrency, len(names)),
+                thread_name_prefix="fcq-sweep") as pool:
+            results = dict(zip(names, pool.map(one, names), strict=True))
+    failed = sum(1 for r in results.values() if r.get("outcome") == "error")
     if held is not None:
         # A stopped QEMU closed its side already; a VM whose file is gone is forgotten.
         held.keep_only(set(results))
