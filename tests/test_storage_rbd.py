@@ -43,6 +43,16 @@ def rbd_host(make_host: HostFactory, ceph: CephCluster, name: str, **ceph_settin
     return make_host(name, **rbd_settings(ceph, name, **ceph_settings))
 
 
+def volumes_on_alpha(make_host: HostFactory, ceph: CephCluster) -> tuple[RbdStorage, str]:
+    """Host alpha's RBD storage and a new VM whose volumes exist (not started)."""
+    alpha = rbd_host(make_host, ceph, "alpha")
+    vm = vm_name()
+    alpha.write_vm(vm)
+    storage = RbdStorage(alpha.settings)
+    storage.ensure_volumes(alpha.agent(vm).spec())
+    return storage, vm
+
+
 def vm_running_on_alpha(make_host: HostFactory, ceph: CephCluster
                         ) -> tuple[Host, Host, str, VMAgent]:
     """Hosts alpha and beta on RBD, and a new VM running on alpha: (alpha, beta, vm, agent)."""
@@ -249,11 +259,7 @@ def test_resize_seen_by_guest_and_shrink_refused(make_host: HostFactory,
 
 def test_no_leaked_handles(make_host: HostFactory, ceph: CephCluster) -> None:
     """Many calls reuse one connection per identity and leave no image open behind them."""
-    alpha = rbd_host(make_host, ceph, "alpha")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    storage = RbdStorage(alpha.settings)
-    storage.ensure_volumes(alpha.agent(vm).spec())
+    storage, vm = volumes_on_alpha(make_host, ceph)
     storage.volumes(vm)
     me = psutil.Process()
     fds, threads = me.num_fds(), me.num_threads()
@@ -296,11 +302,7 @@ def test_limits_pool_default_vm_override_and_kept(make_host: HostFactory,
 
 def test_snapshots_created_listed_removed(make_host: HostFactory, ceph: CephCluster) -> None:
     """RBD snapshots of a volume: the same name twice is a no-op, bad names are refused."""
-    alpha = rbd_host(make_host, ceph, "alpha")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    storage = RbdStorage(alpha.settings)
-    storage.ensure_volumes(alpha.agent(vm).spec())
+    storage, vm = volumes_on_alpha(make_host, ceph)
     assert storage.snapshot(vm, "root", "daily-1")
     assert not storage.snapshot(vm, "root", "daily-1")
     assert storage.snapshot(vm, "root", "daily-2")
@@ -334,11 +336,7 @@ def test_guest_reads_its_seed_data(make_host: HostFactory, ceph: CephCluster) ->
 def test_header_shortcut_agrees_with_opening_the_image(make_host: HostFactory,
                                                        ceph: CephCluster) -> None:
     """volumes() reads size and lock from the header objects; an open image says the same."""
-    alpha = rbd_host(make_host, ceph, "alpha")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    storage = RbdStorage(alpha.settings)
-    storage.ensure_volumes(alpha.agent(vm).spec())
+    storage, vm = volumes_on_alpha(make_host, ceph)
 
     def both(image: str) -> tuple[Any, Any]:
         def read(conn: Any, ioctx: Any) -> tuple[Any, Any]:
@@ -378,11 +376,7 @@ def test_header_shortcut_agrees_with_opening_the_image(make_host: HostFactory,
 def test_lock_taken_without_opening_the_image_is_rbds_own(make_host: HostFactory,
                                                           ceph: CephCluster) -> None:
     """lock, claim, unlock work on the header object (LockView): the lock `rbd lock ls` shows."""
-    alpha = rbd_host(make_host, ceph, "alpha")
-    vm = vm_name()
-    alpha.write_vm(vm)
-    storage = RbdStorage(alpha.settings)
-    storage.ensure_volumes(alpha.agent(vm).spec())
+    storage, vm = volumes_on_alpha(make_host, ceph)
     assert storage.lock(vm, "root", "abc123") is True
     assert [lk["id"] for lk in lockers(ceph, f"{vm}.root")] == ["fcq host=alpha instance=abc123"]
     assert storage.lock(vm, "root") is False  # ours already
