@@ -3,10 +3,21 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: deps demo test lint unit bench chaos clean
+.PHONY: deps lock floors demo test lint unit bench chaos clean
 
 deps:
 	@VENV=$(VENV) bash tools/install-deps.sh
+
+# The Python packages come from requirements/lock.txt (exact versions,
+# hashes). `make lock` refreshes it from setup.cfg's ranges: run it on
+# purpose (docs/install.md), then the whole suite on a fresh clone.
+lock:
+	@bash tools/lock.sh lock
+
+# setup.cfg's floors: fcq's direct dependencies at the lowest versions it
+# allows, in build/floors-venv, under the tests that need no QEMU.
+floors: deps
+	@bash tools/lock.sh floors
 
 demo: deps
 	$(PY) tools/demo.py

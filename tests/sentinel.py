@@ -110,10 +110,10 @@ class SentinelSet:
 
     def client(self) -> redis.Redis:
         """A client of the current primary (found through the sentinels)."""
-        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels = Sentinel(
             [("127.0.0.1", p) for p in self.sentinel_ports],
             sentinel_kwargs={"password": SENTINEL_PASSWORD, "socket_timeout": 5})
-        client: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinels.master_for(
             MASTER, password=PASSWORD, decode_responses=True, socket_timeout=5)
         return client
 

@@ -104,7 +104,7 @@ def test_one_tick_sends_each_host_the_message_celery_sends(redis_server: RedisSe
         heartbeat(client, name)
     heartbeat(client, "drained", drained={"since": time.time(), "by": "ops"})
     names.append("drained")
-    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub()
     pubsub.psubscribe("*celeryev*")
     sched = SweepScheduler(app=app, lazy=False)
     try:

@@ -65,14 +65,14 @@ def _sentinel_client(sentinels: tuple[tuple[str, int], ...], master: str, db: in
                                        "socket_connect_timeout": TIMEOUT}
     if sentinel_password is not None:
         sentinel_kwargs["password"] = sentinel_password
-    sentinel = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs)
     # A master that froze (celery#6348's case) leaves idle pooled
     # connections that only time out when used: retry such a command on a
     # fresh connection, which asks the sentinels for the master again.
     # Retrying after a timeout is safe here: a command the old master may
     # have received is gone anyway (the new master never had it, and the
     # old one resyncs from it when it returns as a replica).
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(
         master, db=db, password=password, socket_timeout=TIMEOUT,
         socket_connect_timeout=TIMEOUT, decode_responses=True,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 3),
