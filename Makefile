@@ -15,7 +15,7 @@ lock:
 	@bash tools/lock.sh lock
 
 # setup.cfg's floors: fcq's direct dependencies at the lowest versions it
-# allows, in build/floors-venv, under the tests that need no QEMU.
+# allows, in build/floors-venv, under the tests that exercise them (tools/lock.sh).
 floors: deps
 	@bash tools/lock.sh floors
 
