@@ -164,7 +164,8 @@ def cluster_settings(redis_server: RedisServer, **overrides: Any) -> dict[str, A
     return {"broker_url": redis_server.url, "password_file": str(redis_server.password_file),
             "visibility_timeout": 10, "restore_interval": 1, "registry_ttl": 6,
             "sweep_interval": 3, "task_busy_wait": 15, "busy_retry_delay": 1,
-            "result_expires": 3600, **overrides}
+            "result_expires": 3600, "hosts_dir": str(redis_server.dir / "hosts"),
+            **overrides}
 
 
 def migration_settings(visibility_timeout: int) -> dict[str, Any]:

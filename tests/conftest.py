@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from fcq_tasks.config.settings import HostSettings, load_host_settings
+from fcq_tasks.host import hostkeys
 from fcq_tasks.host.agent import VMAgent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,10 +155,14 @@ def new_host(name: str, prefix: str = "fcq-", **settings: Any) -> Host:
         "state_dir": str(base / "state"), "log_file": str(base / "fcq.log"),
         "nic_mode": "user", "shutdown_grace": 15, "accelerator": "auto",
         # Several workers on one machine: each host's /metrics on a port of its own.
-        "metrics_port": free_port(), **settings}
+        "metrics_port": free_port(), "host_key_file": str(base / "host.key"), **settings}
     settings_file = base / "host.yaml"
     settings_file.write_text(yaml.safe_dump(raw))
-    return Host(base, load_host_settings(settings_file), settings_file)
+    loaded = load_host_settings(settings_file)
+    if "cluster" in settings:
+        # Its key, and its record where the cluster's other hosts read it.
+        hostkeys.keygen(loaded, write_record=True)
+    return Host(base, loaded, settings_file)
 
 
 @pytest.fixture

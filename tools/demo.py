@@ -35,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fcq_tasks.config.settings import load_host_settings  # noqa: E402
+from fcq_tasks.host import hostkeys  # noqa: E402
 from tests.ceph import CephCluster  # noqa: E402
 
 GUEST = ROOT / "build" / "guest"
@@ -115,7 +117,7 @@ def prepare() -> dict[str, Any]:
                "password_file": str(BASE / "redis.password"),
                "sweep_interval": 5, "registry_ttl": 10, "visibility_timeout": 120,
                "flower_port": flower_port, "flower_auth_file": str(BASE / "flower.auth"),
-               "metrics_port": free_port()}
+               "metrics_port": free_port(), "hosts_dir": str(BASE / "hosts")}
     worker_metrics: dict[str, int] = {}
     for host in HOSTS:
         d = BASE / host
@@ -131,6 +133,9 @@ def prepare() -> dict[str, Any]:
             "direct_boot": {"kernel": str(GUEST / "vmlinuz"), "initrd": str(GUEST / "initrd.gz"),
                             "append": (GUEST / "cmdline").read_text().strip()},
             "cluster": cluster,
+            # Each host's own key; its record (address, public key) goes to
+            # hosts_dir, where the other host reads it (fcq --local keygen).
+            "host_key_file": str(d / "host.key"),
             # Each host its own cephx identity: mon 'profile rbd', osd
             # 'profile rbd pool=fcq' (what a real hypervisor gets).
             "storage": "rbd",
@@ -139,6 +144,7 @@ def prepare() -> dict[str, Any]:
                      "pool_limits": {POOL: {"iops": 2000}}},
         }
         (d / "host.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        hostkeys.keygen(load_host_settings(d / "host.yaml"), write_record=True)
     for i, (vm, (kvm_host, online, memory)) in enumerate(VMS.items()):
         spec = {"name": vm, "parameters": {
             "id": 100 + i, "resource_group": "demo", "online": online, "kvm_host": kvm_host,

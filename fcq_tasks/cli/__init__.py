@@ -36,7 +36,7 @@ VM_COMMANDS = {
 #: (stop's grace, busy retries), short enough that a lost task is noticed.
 DEFAULT_WAIT = 1800.0
 
-LOCAL_ONLY = {"status", "memory", "monitor"}
+LOCAL_ONLY = {"status", "memory", "monitor", "keygen"}
 CLUSTER_ONLY = {"hosts", "jobs", "wait", "apply-config", "migrate", "drain", "undrain",
                 "evacuate"}
 
@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-e", "--execute", action="append", metavar="COMMAND",
                     help="run COMMAND and exit (repeatable)")
     sub.add_parser("memory", help="memory booked by running VMs and the limit (this host)")
+    sp = sub.add_parser("keygen", help="make this host's key (host_key_file) if it has none "
+                        "and print its host record")
+    sp.add_argument("--write-record", action="store_true",
+                    help="also write the record to cluster.hosts_dir (one machine, demos)")
     sub.add_parser("hosts", help="live hosts: VMs, memory booked and limit, last heartbeat")
     sp = sub.add_parser("jobs", help="recent tasks, their VM, host and state")
     sp.add_argument("--limit", type=int, default=20)

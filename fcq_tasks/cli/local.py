@@ -24,7 +24,7 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.config.vmspec import parse_vm_file
 from fcq_tasks.errors import BadRequest, ConfigErrors, FcqError
-from fcq_tasks.host import handtools
+from fcq_tasks.host import handtools, hostkeys
 from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.host.sweep import ensure_all, list_vms, memory_summary, plan_all
 
@@ -46,6 +46,9 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
     if args.command == "ls":
         rows = list_vms(settings)
         out.table(rows, ls_table(rows))
+    elif args.command == "keygen":
+        record = hostkeys.keygen(settings, args.write_record)
+        out.result(record, f"# {record['record_file']}\n{record['record'].rstrip()}")
     elif args.command == "memory":
         summary = memory_summary(settings)
         out.result(summary, f"{settings.host}: {summary['booked_mb']} of "

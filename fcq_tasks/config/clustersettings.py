@@ -51,6 +51,8 @@ CLUSTER_DEFAULTS: dict[str, object] = {
     "metrics_address": "127.0.0.1",
     "metrics_port": 9742,
     "metrics_auth_file": None,
+    # Every host's record (migration address, public key): <hosts_dir>/<host>.yaml.
+    "hosts_dir": "/etc/fcq/hosts",
 }
 
 
@@ -76,6 +78,7 @@ class ClusterSettings:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9742
     metrics_auth_file: Path | None = None
+    hosts_dir: Path = Path("/etc/fcq/hosts")  # host records (config/peers.py)
 
     @property
     def busy_retry_chain(self) -> float:
@@ -193,6 +196,7 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
         metrics_address=metrics_address,
         metrics_port=metrics_port,
         metrics_auth_file=None if metrics_auth is None else Path(metrics_auth),
+        hosts_dir=Path(v.check_abs_path(f, "cluster.hosts_dir", raw["hosts_dir"])),
     )
     # Busy retries resend the request with its original expires_at: a ttl
     # shorter than the chain would turn "busy, try again" into "expired".

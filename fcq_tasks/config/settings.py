@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "nic_mode": "tap",
     "direct_boot": None,
     "migration_address": "127.0.0.1",
+    "host_key_file": "/etc/fcq/host.key",   # Ed25519, 0600: signs what this host publishes
     "migration_downtime_ms": 300,
     "migration_bandwidth_mbps": 0,
     "migration_timeout_per_gib": 120.0,
@@ -138,6 +139,7 @@ class HostSettings:
     upgrade_on_ensure: bool = False         # ensure moves VMs of older generations to it
     metrics_address: str = "127.0.0.1"      # where the worker serves /metrics
     metrics_port: int = 9741                # 0: no endpoint
+    host_key_file: Path = Path("/etc/fcq/host.key")  # this host's Ed25519 key (trust.py)
     metrics_auth_file: Path | None = None   # basic auth credentials (user:password, 0600)
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))
@@ -223,6 +225,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         "migration_address": m.check(lambda: v.check_str(
             f, "migration_address", raw["migration_address"], ADDRESS_RE,
             "must be an IPv4 address or a host name")),
+        "host_key_file": path("host_key_file"),
         "migration_downtime_ms": whole("migration_downtime_ms", 1, 60000),
         "migration_bandwidth_mbps": whole("migration_bandwidth_mbps", 0, 10**6),
         "migration_timeout_per_gib": num("migration_timeout_per_gib", 1, 86400),

@@ -11,10 +11,14 @@ done).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fcq_tasks.errors import BadRequest
 from fcq_tasks.hazmat.qmp import QmpSession
 
 #: The six throttle fields QEMU wants in every block_set_io_throttle.
@@ -33,6 +37,45 @@ MIGRATION_CAPABILITIES = [
 
 #: The events that end a wait for the migration: its state changed, the guest stopped.
 MIGRATION_EVENTS = frozenset({"MIGRATION", "STOP"})
+
+
+#: ``tcp:IPv4:port`` or ``tcp:[IPv6]:port``; the only migration address fcq uses.
+_TCP_URI = re.compile(r"^tcp:(?:\[([0-9a-fA-F:.]{2,45})\]|([0-9.]{7,15})):([0-9]{1,5})\Z")
+
+
+def tcp_migration_uri(uri: object) -> tuple[str, int]:
+    """(IP, port) of a ``tcp:`` migration address; BadRequest for anything else.
+
+    QEMU's ``migrate`` also takes ``exec:`` (a shell command, run as QEMU's
+    user), ``unix:``, ``fd:`` and ``file:``: none of them is ever passed on.
+    The IP comes back in its normal text form, for comparing.
+    """
+    match = _TCP_URI.match(uri) if isinstance(uri, str) else None
+    if match is None:
+        raise BadRequest("migration address", f"must be tcp:<IP>:<port> (got {uri!r:.80})")
+    text = match.group(1) or match.group(2)
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise BadRequest("migration address", f"{text!r} is not an IP address") from None
+    if (ip.version == 6) != bool(match.group(1)):
+        raise BadRequest("migration address", "an IPv6 address goes in brackets, IPv4 not")
+    port = int(match.group(3))
+    if not 1024 <= port <= 65535:
+        raise BadRequest("migration address", f"port {port} is not in 1024-65535")
+    return str(ip), port
+
+
+def _unix_uri(path: Path) -> str:
+    # fcq's own run directory, never a value from outside; QEMU reads the
+    # whole rest of the string as the path.
+    if not path.is_absolute() or any(c in str(path) for c in ",\n"):
+        raise BadRequest("migration socket", f"must be an absolute path (got {str(path)!r})")
+    return f"unix:{path}"
+
+
+def tcp_uri(ip: str, port: int) -> str:
+    return f"tcp:[{ip}]:{port}" if ":" in ip else f"tcp:{ip}:{port}"
 
 
 @dataclass(frozen=True)
@@ -158,9 +201,18 @@ class Monitor:
     def listen_for_migration(self, uri: str) -> None:
         """On a QEMU started with ``-incoming defer``: accept the stream on *uri*.
 
-        With migration events on, so that :meth:`migration_event` on this
-        side wakes as the copy completes instead of waiting for a poll.
+        Only ``tcp:IP:PORT`` (BadRequest otherwise). With migration events
+        on, so that :meth:`migration_event` on this side wakes as the copy
+        completes instead of waiting for a poll.
         """
+        tcp_migration_uri(uri)  # never anything but tcp:IP:port
+        self._listen(uri)
+
+    def listen_on_socket(self, path: Path) -> None:
+        """As listen_for_migration, on a unix socket of this host (an upgrade's copy)."""
+        self._listen(_unix_uri(path))
+
+    def _listen(self, uri: str) -> None:
         self._do("migrate-set-capabilities", capabilities=[
             {"capability": "events", "state": True}])
         self._do("migrate-incoming", uri=uri)
@@ -171,8 +223,17 @@ class Monitor:
         Returns once the copy has started; the guest runs here until
         QEMU's final pause, after which it never runs here again. Migration
         events on: they change nothing in the copy, and :meth:`migration_event`
-        wakes on them.
+        wakes on them. Only a ``tcp:IP:port`` *uri* is sent (BadRequest
+        otherwise): which IP is the caller's to check.
         """
+        tcp_migration_uri(uri)
+        self._migrate(uri, downtime_ms, bandwidth_bytes)
+
+    def migrate_to_socket(self, path: Path, downtime_ms: int, bandwidth_bytes: int) -> None:
+        """As migrate_to, into a unix socket of this host (an upgrade's copy)."""
+        self._migrate(_unix_uri(path), downtime_ms, bandwidth_bytes)
+
+    def _migrate(self, uri: str, downtime_ms: int, bandwidth_bytes: int) -> None:
         self._do("migrate-set-capabilities", capabilities=MIGRATION_CAPABILITIES)
         self._do("migrate-set-parameters", **{
             "downtime-limit": downtime_ms, "max-bandwidth": bandwidth_bytes})

@@ -4,19 +4,21 @@ A QEMU process is *ours* only if the PID in its pidfile belongs to a live,
 non-zombie process whose command line reads our rendered config file, and
 whose start time in clock ticks since boot equals the one recorded at start.
 A PID recycled by an unrelated process is therefore never signalled, and a
-wall-clock step changes nothing. Zombies count as dead: a daemonized QEMU
-that exited stays a zombie until PID 1 reaps it (seconds, on some init
+wall-clock step changes nothing. Zombies count as dead: a QEMU whose
+starter is gone stays a zombie until PID 1 reaps it (seconds, on some init
 systems), and a zombie still answers ``kill -0``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,14 @@ from fcq_tasks.hazmat.monitor import Monitor
 POLL_INTERVAL = 0.05
 #: How long SIGKILL may take to make a process disappear.
 KILL_WAIT = 10.0
+#: How often a starting QEMU is looked at until it wrote its pidfile.
+START_POLL = 0.005
+#: How long a QEMU that failed to come up gets to exit by itself.
+EXIT_WAIT = 1.0
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,11 @@ class VMRunPaths:
     @property
     def serial_log(self) -> Path:
         return self._p("serial.log")
+
+    @property
+    def stderr_log(self) -> Path:
+        """What QEMU wrote to stderr (its start errors, block layer messages)."""
+        return self._p("stderr")
 
     @property
     def silent_mark(self) -> Path:
@@ -266,40 +281,67 @@ class QemuProcess:
 
     def start(self, argv: list[str], memory_mb: int, timeout: float,
               incoming: str | None = None, generation: int = 0) -> Identity:
-        """Start QEMU daemonized and return once its monitor answers.
+        """Start QEMU in a session of its own and return once its monitor answers.
+
+        Not ``-daemonize``: QEMU's seccomp sandbox (``-sandbox
+        spawn=deny,elevateprivileges=deny``) forbids the fork and setsid that
+        daemonizing does after the filter is in place. fcq gives QEMU what
+        daemonizing would (its own session, cwd ``/``, no terminal) and
+        reaps it when it exits, so it never lingers as a zombie while this
+        process lives; if this process goes first, QEMU runs on, as before.
 
         *incoming*: the migration attempt this QEMU is to receive (recorded,
         so that a later look can tell an incoming copy from a paused VM).
         """
         for stale in (self.paths.pidfile, *self.paths.sockets):
             stale.unlink(missing_ok=True)
+        deadline = Deadline.after(timeout, "QEMU's start")
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                    umask=0o077, stdin=subprocess.DEVNULL, check=False)
-        except (OSError, subprocess.TimeoutExpired) as err:
+            with open(self.paths.stderr_log, "wb", opener=_private) as err_out:
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_out,
+                                         stderr=err_out, cwd="/", umask=0o077,
+                                         start_new_session=True)
+        except OSError as err:
             raise QemuError(f"{self.paths.name}: QEMU did not start: {err}",
                             vm=self.paths.name) from err
-        if result.returncode != 0:
-            raise QemuError(f"{self.paths.name}: QEMU exited with {result.returncode}: "
-                            f"{result.stderr.strip()[-2000:]}", vm=self.paths.name,
-                            returncode=result.returncode)
-        pid = self._pid_from_pidfile()
-        if pid is None:
-            raise QemuError(f"{self.paths.name}: QEMU started but wrote no pidfile",
-                            vm=self.paths.name)
-        # -daemonize resets QEMU's umask to 027; the sockets exist once the
-        # parent has exited, so tighten them to owner-only now.
+        try:
+            pid = poll_until(lambda: None if popen.poll() is not None
+                             else self._pid_from_pidfile(), deadline, START_POLL)
+            if pid is None:
+                raise QemuError(f"{self.paths.name}: QEMU started but wrote no pidfile "
+                                f"within {timeout:.0f} s", vm=self.paths.name)
+            ticks = start_ticks(pid)
+            if ticks is None:
+                raise QemuError(f"{self.paths.name}: QEMU exited right after starting",
+                                vm=self.paths.name)
+            ident = self._write_identity(Identity(pid, ticks, boot_id(), memory_mb,
+                                                  tuple(argv), incoming, generation))
+            self.started_runstate = self.wait_for_monitor(deadline)
+        except QemuError as err:
+            raise self._start_failure(popen, err) from err
+        # A socket is made 0777 & ~umask: 0700. No one executes a socket;
+        # owner read/write is what it needs.
         for sock in self.paths.sockets:
-            if sock.exists():
+            with contextlib.suppress(FileNotFoundError):
                 os.chmod(sock, 0o600)
-        ticks = start_ticks(pid)
-        if ticks is None:
-            raise QemuError(f"{self.paths.name}: QEMU exited right after starting",
-                            vm=self.paths.name)
-        ident = self._write_identity(Identity(pid, ticks, boot_id(), memory_mb, tuple(argv),
-                                              incoming, generation))
-        self.started_runstate = self.wait_for_monitor(Deadline.after(timeout, "QEMU's monitor"))
+        threading.Thread(target=popen.wait, daemon=True,
+                         name=f"fcq-reap-{self.paths.name}").start()
         return ident
+
+    def _start_failure(self, popen: subprocess.Popen[bytes], err: QemuError) -> QemuError:
+        """*err*, or QEMU's own words if it exited: its status and what it wrote."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(EXIT_WAIT)
+        if popen.returncode is None:
+            popen.kill()  # never leave a QEMU that did not come up
+            popen.wait()
+            return err
+        try:
+            said = self.paths.stderr_log.read_text(errors="replace").strip()[-2000:]
+        except OSError:
+            said = ""
+        return QemuError(f"{self.paths.name}: QEMU exited with {popen.returncode}: {said}",
+                         vm=self.paths.name, returncode=popen.returncode)
 
     def _write_identity(self, ident: Identity) -> Identity:
         self._identity = None
@@ -373,8 +415,8 @@ class QemuProcess:
 def wait_exit(proc: psutil.Process, timeout: float) -> bool:
     """Whether *proc* is gone (or a zombie) within *timeout* s.
 
-    QEMU daemonizes, so it is not our child and waitpid() cannot wait for
-    it; a pidfd can: poll() on it returns the moment the process exits,
+    QEMU is usually not our child (another worker or process started it),
+    so waitpid() cannot wait for it; a pidfd can: poll() on it returns the moment the process exits,
     where a polling loop would add up to its interval to every stop and
     kill. Polling stays as the fallback where pidfds are unavailable.
     """

@@ -65,6 +65,13 @@ POWERDOWN_REPEAT = 3.0
 QUIT_TIMEOUT = 2.0
 
 
+#: QEMU's seccomp filter, installed before the guest runs: no new processes
+#: (a migration address "exec:…" or any other way to make QEMU spawn a
+#: shell dies with the QEMU, not as a root shell), no setuid/setgid, no
+#: obsolete system calls, no changes to scheduling or CPU affinity.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
 class VMSteps(Looks):
     """Steps on VM *name* on the host *settings* describe. The constructor does no I/O."""
 
@@ -214,7 +221,7 @@ class VMSteps(Looks):
                 "-display", "none", "-cpu", cpu_model(accel),
                 "-serial", f"file:{p.serial_log}", "-msg", "timestamp=on",
                 "-readconfig", str(p.config),
-                "-daemonize", "-pidfile", str(p.pidfile)]
+                "-sandbox", SANDBOX, "-pidfile", str(p.pidfile)]
 
     def start_qemu(self, spec: VMSpec, incoming: str | None = None) -> None:
         """Start QEMU; *incoming* (an attempt id): paused, waiting for a migration, no locks."""

@@ -224,14 +224,14 @@ def _move(agent: VMAgent, spec: VMSpec, old_pid: int) -> dict[str, Any]:
 def _copy(agent: VMAgent, new: QemuProcess, side: VMRunPaths, spec: VMSpec) -> Any:
     from fcq_tasks.host.migration import attempt_seconds  # it imports the agent
     s = agent.settings
-    uri = f"unix:{side.run_dir / (side.name + '.mig.sock')}"
+    sock = side.run_dir / (side.name + ".mig.sock")
     with new.monitor() as mon:
-        mon.listen_for_migration(uri)
+        mon.listen_on_socket(sock)
     limit = attempt_seconds(s, spec.memory_mb)
     deadline = Deadline.after(limit, "the upgrade's copy")
     with agent.qemu.monitor() as mon:
         # Unlimited bandwidth: the copy never leaves this machine.
-        mon.migrate_to(uri, s.migration_downtime_ms, 2**40)
+        mon.migrate_to_socket(sock, s.migration_downtime_ms, 2**40)
         last = 0.0
         while True:
             status = mon.poll_migration()

@@ -11,10 +11,15 @@ import socket
 import time
 from typing import Any
 
-from fcq_tasks import metrics
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fcq_tasks import metrics, trust
+from fcq_tasks.config import peers
 from fcq_tasks.config.vmspec import VMSpec
 from fcq_tasks.deadline import Deadline
-from fcq_tasks.errors import BadRequest, FcqError, QemuError, QmpError
+from fcq_tasks.errors import BadRequest, ConfigError, FcqError, QemuError, QmpError
+from fcq_tasks.hazmat.monitor import tcp_uri
+from fcq_tasks.host.migration import address
 from fcq_tasks.host.migration.half import Half
 from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted, PeerSilent
 from fcq_tasks.host.plan import Run
@@ -38,6 +43,8 @@ class Incoming(Half):
     source_locks: dict[str, str | None]
     #: How this half got the guest when not by the normal handover (the result's "rescue").
     rescued: str | None = None
+    #: This host's key, which signs the address it listens on (check).
+    key: Ed25519PrivateKey
 
     def run(self) -> dict[str, Any]:
         with self.holding():
@@ -57,8 +64,19 @@ class Incoming(Half):
             return self.resume(spec)
 
     def check(self) -> VMSpec:
-        """Phase 0: a config here, and no QEMU of this VM here. Changes nothing."""
+        """Phase 0: a config here, no QEMU of this VM here, a key to sign with. Changes nothing."""
         spec = self.agent.spec()  # UnknownVM: the destination refuses without a config
+        s = self.agent.settings
+        self.key = trust.load_private_key(s.host_key_file)
+        me = peers.load_peer(s.cluster.hosts_dir, s.host)
+        if me.migration_address != s.migration_address:
+            # The source would refuse the address later, after a QEMU was
+            # started here for nothing: say it now, and what to change.
+            raise ConfigError(str(peers.record_path(s.cluster.hosts_dir, s.host)),
+                              "migration_address",
+                              f"{me.migration_address} in this host's record, but its "
+                              f"migration_address setting is {s.migration_address}: the "
+                              "source sends only to the address of the record")
         found = self.agent.observe()
         if found.run not in (Run.STOPPED, Run.CRASHED):
             raise BadRequest("vm", f"{self.agent.name} already has a QEMU on "
@@ -81,11 +99,12 @@ class Incoming(Half):
                              for v in self.agent.storage.volumes(self.agent.name)}
         self.agent.start_qemu(spec, incoming=self.rdv.attempt)
         self.mark("qemu_up")
-        address = self.agent.settings.migration_address
-        uri = f"tcp:{address}:{free_port(address)}"
+        s = self.agent.settings
+        uri = tcp_uri(s.migration_address, free_port(s.migration_address))
         with self.agent.qemu.monitor() as mon:
             mon.listen_for_migration(uri)
-        self.rdv.set("addr", uri)
+        self.rdv.set("addr", address.signed(self.key, self.agent.name, self.rdv.attempt,
+                                            self.peer, s.host, uri))
         self.mark("addr")
         self.agent.progress("waiting-for-memory", uri=uri)
 

@@ -11,9 +11,11 @@ from typing import Any
 
 import structlog
 
+from fcq_tasks.config import peers
 from fcq_tasks.deadline import Deadline
 from fcq_tasks.errors import BadRequest, FcqError, QemuError, Refused
 from fcq_tasks.hazmat.monitor import UNLIMITED_BANDWIDTH, MigrationStatus, Monitor
+from fcq_tasks.host.migration import address
 from fcq_tasks.host.migration.half import Half
 from fcq_tasks.host.migration.rendezvous import POLL, MigrationAborted
 from fcq_tasks.host.plan import Run
@@ -48,8 +50,8 @@ class Outgoing(Half):
         with self.holding():
             self.mark("held")
             try:
-                self.check()
-                uri = self.rdv.wait_for("addr", self.deadline)
+                dst = self.check()
+                uri = self.address(dst)
                 self.mark("addr")
                 status = self.copy(uri)
                 self.mark("completed")
@@ -62,8 +64,10 @@ class Outgoing(Half):
         # waits without holding either.
         return self.finish(status)
 
-    def check(self) -> None:
-        """Phase 0: only a VM that runs here with all its locks can leave. Changes nothing."""
+    def check(self) -> peers.Peer:
+        """Phase 0: only a VM that runs here with all its locks can leave, to a host
+        with a record. Changes nothing."""
+        dst = peers.load_peer(self.agent.settings.cluster.hosts_dir, self.peer)
         found = self.agent.observe()
         if found.run is not Run.RUNNING:
             raise BadRequest("vm", f"{self.agent.name} is {found.run.value} on "
@@ -71,6 +75,17 @@ class Outgoing(Half):
         if not self.agent.holds_all_locks():
             raise Refused(f"{self.agent.name}: does not hold all its locks here",
                           vm=self.agent.name)
+        return dst
+
+    def address(self, dst: peers.Peer) -> str:
+        """The destination's address for this attempt, once it published one it signed."""
+        raw = self.rdv.wait_for("addr", self.deadline)
+        try:
+            return address.verified(raw, dst, self.agent.name, self.rdv.attempt,
+                                    self.agent.settings.host)
+        except address.ForgedAddress as err:
+            self.log.error("migration-address-refused", error=err.message)
+            raise
 
     def copy(self, uri: str) -> MigrationStatus:
         """Phase 1: copy memory until QEMU says completed.
