@@ -198,3 +198,29 @@ def test_handed_away_but_config_moved_on_is_not_followed() -> None:
     observed = Observed(Run.STOPPED, LOCKS["other"], handed_away_to="beta")
     acts = plan(dataclasses.replace(BASE, kvm_host="gamma"), observed, HOST)
     assert [a.do for a in acts] == [Do.NOTHING]
+
+
+#: A takeover from beta stopped halfway: root's lock broken by us, swap and
+#: tmp still beta's (observing.taking_over_from says "beta").
+HALF_TAKEN = {"root": None, "swap": "beta", "tmp": "beta"}
+
+
+@pytest.mark.parametrize(("w", "run", "drained", "held", "expected"), [
+    ("here", Run.STOPPED, False, False, [Do.TAKE_OVER, Do.START]),
+    ("here", Run.CRASHED, False, False, [Do.CLEAN_UP, Do.TAKE_OVER, Do.START]),
+    # Drained or held by hand: nothing starts here, so nothing more is broken.
+    ("here", Run.STOPPED, True, False, [Do.REFUSE]),
+    ("here", Run.STOPPED, False, True, [Do.NOTHING]),
+    # The config names another host again (the evacuation was refused and
+    # put it back): this host does not finish what it no longer wants.
+    ("elsewhere", Run.STOPPED, False, False, [Do.NOTHING]),
+    ("offline", Run.STOPPED, False, False, [Do.NOTHING]),
+])
+def test_half_finished_takeover_is_finished_by_ensure(w: str, run: Run, drained: bool,
+                                                      held: bool, expected: list[Do]) -> None:
+    """Our takeover broke root's lock from beta and died: ensure breaks the rest, then starts."""
+    observed = Observed(run, HALF_TAKEN, root_bytes=BASE.disk_bytes, taking_over_from="beta")
+    acts = plan(WANTED[w], observed, HOST, drained=drained, held=held)
+    assert [a.do for a in acts] == expected
+    assert all(a.host == "beta" for a in acts if a.do in (Do.TAKE_OVER, Do.REFUSE))
+    assert all(a.keep_locks for a in acts if a.do is Do.CLEAN_UP)

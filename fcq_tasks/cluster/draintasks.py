@@ -132,16 +132,27 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
                           "host off, or evacuate --force", vm=agent.name, host=dead,
                           clients=clients,
                           rule="no evacuation while the VM's disks show signs of life")
+        # The config first: once one lock is broken, the VM is this host's
+        # to run, and if this task dies before the last one (a worker
+        # restart, an OOM kill), this host's next ensure finishes the
+        # takeover (plan: take-over) instead of leaving the VM down.
+        if spec.kvm_host != me:
+            update_vm_file(spec_path(settings.vm_config_dir, agent.name), {"kvm_host": me},
+                           bump_version=True)
         # force_unlock fences every writer before it breaks a lock, and
         # breaks only locks *dead* holds, read as it breaks them: a host
         # that took the VM meanwhile keeps its lock.
         broken = agent.force_unlock(only_from=dead)["broken"]
         # Came back while we fenced? Its guest has lost its disks; booting
-        # here too would put a second copy on the network.
-        _refuse_alive(agent, client, dead, fenced=True)
-        if spec.kvm_host != me:
-            update_vm_file(spec_path(settings.vm_config_dir, agent.name), {"kvm_host": me},
-                           bump_version=True)
+        # here too would put a second copy on the network. The config goes
+        # back, so that this host's ensure does not boot it either.
+        try:
+            _refuse_alive(agent, client, dead, fenced=True)
+        except Refused:
+            if spec.kvm_host != me:
+                update_vm_file(spec_path(settings.vm_config_dir, agent.name),
+                               {"kvm_host": spec.kvm_host}, bump_version=True)
+            raise
         agent.log.warning("evacuated", action="evacuate", dead=dead, broken=broken)
         result = agent.ensure()
     result.update(operation="evacuate", outcome="evacuated", fenced=broken, dead=dead)

@@ -354,6 +354,10 @@ class VMAgent(VMSteps):
             self.claim()
         elif do is Do.FOLLOW:
             self.set_kvm_host(action.host)
+        elif do is Do.TAKE_OVER:
+            broken = self.break_locks(only_from=action.host)
+            self.log.warning("takeover-finished", action="take-over", previous_owner=action.host,
+                             broken=broken)
         elif do is Do.SET_IOPS:
             self.throttle(action.iops, action.bps)
         elif do is Do.OUTMIGRATE:
@@ -468,14 +472,23 @@ class VMAgent(VMSteps):
                 raise Refused(f"{self.name}: runs on this host; stop it before breaking locks",
                               vm=self.name)
             maintenance.refuse_if_held(self.settings, self.name, "fcq unlock gives them back")
-            broken = {}
-            for volume in VOLUMES:
-                owner = self.storage.force_unlock(self.name, volume, only_from=only_from)
-                if owner is not None:
-                    metrics.fencing("break-lock")
-                    broken[volume] = owner
-                    self.log.warning("lock-broken", action="force-unlock", volume=volume,
-                                     previous_owner=owner)
             return {"vm": self.name, "host": self.settings.host, "operation": "force-unlock",
-                    "broken": broken}
+                    "broken": self.break_locks(only_from)}
+
+    def break_locks(self, only_from: str | None = None) -> dict[str, str]:
+        """Fence and break each volume's lock (only *only_from*'s, if given): volume → owner.
+
+        One volume after the other, root first: a takeover that stops
+        halfway leaves root broken (marked by this host) and the rest still
+        locked, which the next ensure here finishes (plan: take-over).
+        """
+        broken = {}
+        for volume in VOLUMES:
+            owner = self.storage.force_unlock(self.name, volume, only_from=only_from)
+            if owner is not None:
+                metrics.fencing("break-lock")
+                broken[volume] = owner
+                self.log.warning("lock-broken", action="force-unlock", volume=volume,
+                                 previous_owner=owner)
+        return broken
 

@@ -37,6 +37,15 @@ RUNSTATES = {"running": Run.RUNNING, "inmigrate": Run.INMIGRATE,
              "postmigrate": Run.POSTMIGRATE}
 
 
+def taking_over_from(vols: list[VolumeInfo], me: str) -> str:
+    """The host this host broke some of the VM's locks from, while it holds others."""
+    broken = {v.broken_from for v in vols if v.broken_by == me and v.lock_owner is None}
+    for old in sorted(h for h in broken if h):
+        if any(v.lock_owner == old for v in vols):
+            return old
+    return ""
+
+
 class Looks:
     """VMSteps' looks at its VM: what runs, who holds which lock, what a full look found.
 
@@ -74,7 +83,8 @@ class Looks:
             handed_away_to = str(next(iter(holders)))
         base = Observed(Run.STOPPED, owners, next((v.size for v in vols if v.name == "root"),
                                                     None),
-                        handed_to_us=handed_to_us, handed_away_to=handed_away_to)
+                        handed_to_us=handed_to_us, handed_away_to=handed_away_to,
+                        taking_over_from=taking_over_from(vols, me))
         found = self.qemu.examine()
         if found.impostor is not None:
             self.log.error("impostor", pid=found.impostor, action="refuse",

@@ -28,6 +28,9 @@ Safety rules encoded here:
   received copy is resumed instead of booting the guest again;
 * a source whose locks were handed to another host follows them: its config
   is pointed at the new holder and it never starts the VM itself;
+* a takeover this host began (some locks broken from another host, fenced
+  first) and that stopped halfway is finished by the next ensure here: the
+  rest of that host's locks are fenced and broken, then the VM starts;
 * disks grow, never shrink.
 """
 
@@ -67,6 +70,7 @@ class Do(enum.Enum):
     RESUME = "resume"              # run a received copy whose locks were handed to us
     CLAIM = "claim"                # take on a VM whose locks were handed to us (config follows)
     FOLLOW = "follow"              # point our config at the host our locks were handed to
+    TAKE_OVER = "take-over"        # fence and break the rest of a half-taken-over VM's locks
     REFUSE = "refuse"              # a safety rule forbids the next step: report
     NOTHING = "nothing"
 
@@ -82,6 +86,10 @@ class Observed:
     handed_to_us: bool = False     # every lock was handed to this host and not yet claimed
     handed_away_to: str = ""       # every lock was handed by this host to that host
     impostor_pid: int = 0          # IMPOSTOR: the pid
+    # This host broke some of the VM's locks from that host (fenced first),
+    # which still holds others: a takeover (evacuate, force-unlock) stopped
+    # halfway, e.g. its worker died.
+    taking_over_from: str = ""
     agent_open: bool = False       # RUNNING: qemu-ga holds its port open in the guest
     # RUNNING: root_bytes, iops, bps and agent_open were asked of QEMU now;
     # False: they are what the last full look found (VMSteps.observe says when).
@@ -166,6 +174,20 @@ def plan(spec: VMSpec, observed: Observed, host: str,
             moved.append(Action(Do.CLEAN_UP, "remove run files", keep_locks=True))
         return [*moved, Action(Do.FOLLOW, f"locks were handed to {observed.handed_away_to}: "
                               "the VM lives there now", host=observed.handed_away_to)]
+
+    if observed.taking_over_from and want == "here" and not held and not drained and \
+            run in (Run.STOPPED, Run.CRASHED):
+        # Some locks were broken from that host already, its writers fenced
+        # on them: its guest lost those disks for good. Finishing is the
+        # only way the VM runs again; undoing cannot unfence.
+        old = observed.taking_over_from
+        files = [Action(Do.CLEAN_UP, "ended without fcq: remove run files", keep_locks=True)
+                 ] if run is Run.CRASHED else []
+        return [*files,
+                Action(Do.TAKE_OVER, f"a takeover from {old} broke some of its locks and "
+                       "stopped halfway: fence and break the rest", host=old),
+                Action(Do.START, "online here, every lock now free"),
+                *_shrink_refusal(spec, observed)]
 
     if run in (Run.STOPPED, Run.CRASHED):
         if held:

@@ -60,6 +60,10 @@ class VolumeInfo:
     handed_from: str | None = None  # the host that handed the lock to its owner (migration)
     claimed: bool = True      # with handed_from: the new owner has taken the VM on
     cookie: str | None = None  # what identifies this very lock (host and QEMU instance)
+    # A lock broken by force-unlock or an evacuation, not yet taken again:
+    # the host it was broken from and the host that broke it (fenced first).
+    broken_from: str | None = None
+    broken_by: str | None = None
 
 
 class Storage(Protocol):

@@ -59,6 +59,18 @@ def client_addr(addr: str) -> str:
     return addr
 
 
+def lockers(img: Any) -> list[tuple[str, str, str]]:
+    """(client, cookie, address) of each lock on *img*.
+
+    librbd's ``list_lockers()`` returns a dict with a ``lockers`` list, but
+    an empty *list* for an image without a lock: read both.
+    """
+    found = img.list_lockers()
+    if not isinstance(found, dict):
+        return []
+    return [(str(c), str(k), str(a)) for c, k, a in found.get("lockers") or []]
+
+
 def writers_object(image: str) -> str:
     return f"fcq.writers.{image}"
 
@@ -110,7 +122,7 @@ def writers(conn: Any, img: Any, keep: frozenset[str] = frozenset(),
                         for a in addrs]
     for watcher in img.watchers_list():
         found.append(client_addr(str(watcher["addr"])))
-    for _client, _cookie, addr in img.list_lockers().get("lockers", []) or []:
+    for _client, _cookie, addr in lockers(img):
         found.append(client_addr(str(addr)))
     skip = own | {client_addr(k) for k in keep}
     return sorted({a for a in found if a and a not in skip})

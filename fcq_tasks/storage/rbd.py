@@ -178,9 +178,9 @@ class RbdStorage:
             # A lock broken by force-unlock: free for everyone but the host
             # that was fenced, which must see it gone to another host (so
             # that its sweep kills its stale copy instead of re-locking).
-            if note.get("fenced") == self.host:
-                return VolumeInfo(volume, size, str(note.get("by")))
-            return VolumeInfo(volume, size, None)
+            was, by = str(note.get("fenced")), str(note.get("by"))
+            return VolumeInfo(volume, size, by if was == self.host else None,
+                              broken_from=was, broken_by=by)
         if note and not note.get("claimed"):
             return VolumeInfo(volume, size, str(note.get("to")), str(note.get("from")), False)
         return VolumeInfo(volume, size, None)
@@ -188,8 +188,7 @@ class RbdStorage:
     @staticmethod
     def _holder(img: Any) -> tuple[str, str, str] | None:
         """(host, client, cookie) of the image's lock; None if it is free."""
-        lockers = img.list_lockers()
-        for client, cookie, _addr in (lockers.get("lockers", []) if lockers else []):
+        for client, cookie, _addr in fence.lockers(img):
             host = cookie_host(str(cookie))
             # A lock fcq did not take still blocks: report who took it.
             return (host or f"{client} (cookie {cookie!r})", str(client), str(cookie))
