@@ -30,6 +30,8 @@ from tests.helpers import CREDS, basic, fetch, wait_for, write_secret
 @pytest.mark.parametrize(("state", "retval", "expected"), [
     ("SUCCESS", {"actions": ["start"], "status": "running"}, ("success", "changed")),
     ("SUCCESS", {"actions": [], "status": "running"}, ("success", "unchanged")),
+    # What ensure returns for a VM that is as configured: the planner's NOTHING.
+    ("SUCCESS", {"actions": ["nothing"], "status": "running"}, ("success", "unchanged")),
     ("SUCCESS", {"outcome": "taken", "actions": ["snapshot"]}, ("success", "taken")),
     ("SUCCESS", None, ("success", "unchanged")),
     ("FAILURE", TaskRejected({"error": "MemoryLimitExceeded"}),
@@ -48,8 +50,8 @@ def test_outcome_rows(state: str, retval: object, expected: tuple[str, str]) -> 
 def test_sweep_counts_what_the_sweep_did() -> None:
     """A sweep's summary counts as changed (actions), unchanged, skipped (busy) or error."""
     summary = {"vms": {"a": ["start"], "b": ["stop", "clean-up"], "c": None, "d": [],
-                       "e": "skipped", "f": "error"}}
-    assert sweep_counts(summary) == {"changed": 2, "unchanged": 2, "skipped": 1, "error": 1}
+                       "e": "skipped", "f": "error", "g": ["nothing"], "h": ["nothing"]}}
+    assert sweep_counts(summary) == {"changed": 2, "unchanged": 4, "skipped": 1, "error": 1}
 
 
 def test_vm_states_from_a_host_record() -> None:

@@ -63,7 +63,8 @@ def outcome_of(state: str, retval: object) -> tuple[str, str]:
             named = retval.get("outcome")
             if isinstance(named, str) and named:
                 return "success", named
-            return "success", "changed" if retval.get("actions") else "unchanged"
+            return "success", "changed" if did_something(retval.get("actions")) \
+                else "unchanged"
         return "success", "unchanged"
     if state == "FAILURE":
         if isinstance(retval, TaskError):
@@ -73,11 +74,16 @@ def outcome_of(state: str, retval: object) -> tuple[str, str]:
     return RESULTS.get(state, state.lower()), state.lower()
 
 
+def did_something(actions: object) -> bool:
+    """Whether a list of actions done changed anything: ``["nothing"]`` did not."""
+    return isinstance(actions, list) and any(a != "nothing" for a in actions)
+
+
 def sweep_counts(result: dict[str, Any]) -> dict[str, int]:
     """VMs of one sweep result by what it did to them (fcq_sweep_last_vms)."""
     counts = dict.fromkeys(metrics.SWEEP_RESULTS, 0)
     for done in (result.get("vms") or {}).values():
-        if isinstance(done, list) and done:
+        if did_something(done):
             counts["changed"] += 1
         elif done in ("skipped", "error"):
             counts[str(done)] += 1
