@@ -77,12 +77,12 @@ def guest_sh(agent: VMAgent, script: str, timeout: float = 30) -> str:
     raise AssertionError(f"guest command did not finish: {script}")
 
 
-def guest_write(agent: VMAgent, char: str) -> str:
+def guest_write(agent: VMAgent, char: str, timeout: float = 30) -> str:
     """The guest writes 4 KiB of *char* to the start of its root disk, bypassing its cache."""
     return guest_sh(agent, "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = root ] && "
                     "dev=/dev/${d##*/}; done; head -c 4096 /dev/zero | tr '\\0' " + char
                     + " | dd of=$dev bs=4096 count=1 oflag=direct conv=fsync 2>&1; "
-                    "r=$?; echo; echo dd=$r")
+                    "r=$?; echo; echo dd=$r", timeout)
 
 
 def guest_disk_bytes(agent: VMAgent, serial: str) -> int:

@@ -229,14 +229,18 @@ def test_evacuate_fences_a_hung_host_then_starts_its_vms_elsewhere(
         assert len(beta.qemu_processes()) == 1
     finally:
         resume(pids)
-    # alpha wakes up fenced; its own ensure finds the locks with beta and
-    # kills the stale copy (which could not write meanwhile).
+    # alpha wakes up fenced: its fence watch finds its QEMU's clients on the
+    # blocklist and kills the stale copy (which could not write meanwhile),
+    # without waiting for a sweep; its ensure then refuses to start vm01.
     c.wait_registered("alpha")
-    ensure = c.fcq("ensure", "vm01", "--host", "alpha")
-    assert ensure.returncode == 0, ensure.stderr
     wait_for(lambda: not psutil.pid_exists(old_qemu) or
              psutil.Process(old_qemu).status() == psutil.STATUS_ZOMBIE, 60,
              "alpha's fenced QEMU to be killed")
+    log = alpha.settings.log_file.read_text()  # type: ignore[union-attr]
+    assert "fenced-guest-killed" in log
+    ensure = c.fcq("ensure", "vm01", "--host", "alpha")
+    assert ensure.returncode == 4 and "locked by host beta" in ensure.stderr, ensure.stderr
+    assert not alpha.qemu_processes()
     assert guest_answers(beta.agent("vm01"))
 
 

@@ -54,6 +54,10 @@ for w in WANTED:
         TABLE[(w, Run.POSTMIGRATE, locks)] = [K, CU]
         # Not the QEMU we started: never signalled, never cleaned up.
         TABLE[(w, Run.IMPOSTOR, locks)] = [R]
+        # QEMU paused the guest on a failed disk request: a retry only while
+        # every lock is ours; else its clients were fenced, whatever the
+        # config wants.
+        TABLE[(w, Run.IO_ERROR, locks)] = [Do.CONTINUE] if locks == "ours" else [K, CU]
         # Running or paused here.
         for run in (Run.RUNNING, Run.PAUSED):
             if locks == "other":

@@ -31,6 +31,7 @@ from fcq_tasks.cluster.workermetrics import TaskTimer, worker_endpoint
 from fcq_tasks.config.clustersettings import sanitized
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import ConfigError
+from fcq_tasks.host.fencewatch import FenceWatch
 from fcq_tasks.metrics.endpoint import ListenError, MetricsEndpoint
 
 log = structlog.get_logger()
@@ -103,11 +104,16 @@ def prepare_worker(settings: HostSettings) -> Celery:
     app.conf.worker_consumer = f"{__name__}:PromptConsumer"
     app.conf.worker_concurrency = settings.cluster.worker_concurrency
     heartbeat = Heartbeat(settings)
+    # Needs Ceph only, not Redis: started before the broker is reached.
+    watch = FenceWatch(settings, settings.fence_check_interval) \
+        if settings.storage == "rbd" and settings.fence_check_interval > 0 else None
     endpoint = worker_endpoint(settings)
     app.conf.fcq_metrics_endpoint = endpoint
     TaskTimer().connect()
 
     def on_init(**_: Any) -> None:
+        if watch is not None:
+            watch.start()
         # Tried already in run_worker (`fcq worker`): a port found taken
         # there is not logged a second time.
         if endpoint is None or endpoint.tried:
@@ -134,6 +140,8 @@ def prepare_worker(settings: HostSettings) -> Celery:
 
     def on_shutdown(**_: Any) -> None:
         heartbeat.stop()
+        if watch is not None:
+            watch.stop()
         if endpoint is not None:
             endpoint.close()
 

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "qmp_timeout": 5.0,
     "start_timeout": 30.0,
     "kill_silent_after": 120.0,
+    "fence_check_interval": 5.0,        # s between the fence watch's looks (RBD); 0: off
     "guest_agent_timeout": 10.0,
     "freeze_timeout": 120.0,
     "thaw_timeout": 30.0,
@@ -140,6 +141,7 @@ class HostSettings:
     metrics_address: str = "127.0.0.1"      # where the worker serves /metrics
     metrics_port: int = 9741                # 0: no endpoint
     host_key_file: Path = Path("/etc/fcq/host.key")  # this host's Ed25519 key (trust.py)
+    fence_check_interval: float = 5.0   # s: the worker's fence watch (host/fencewatch.py)
     metrics_auth_file: Path | None = None   # basic auth credentials (user:password, 0600)
     cluster: ClusterSettings = field(
         default_factory=lambda: parse_cluster_settings("<defaults>", None))
@@ -215,6 +217,7 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
         "qmp_timeout": num("qmp_timeout", 0.1, 600),
         "start_timeout": num("start_timeout", 1, 600),
         "kill_silent_after": num("kill_silent_after", 0, 86400),
+        "fence_check_interval": num("fence_check_interval", 0, 3600),
         "guest_agent_timeout": num("guest_agent_timeout", 0.1, 600),
         "operation_wait": num("operation_wait", 0, 3600),
         "template": None if template is None else path("template"),

@@ -102,6 +102,11 @@ class VMRunPaths:
         return self._p("serial.log")
 
     @property
+    def clients(self) -> Path:
+        """This QEMU's storage clients (RBD: addresses), for the host's fence watch."""
+        return self._p("clients")
+
+    @property
     def stderr_log(self) -> Path:
         """What QEMU wrote to stderr (its start errors, block layer messages)."""
         return self._p("stderr")
@@ -129,7 +134,7 @@ class VMRunPaths:
         """Run files that exist although no process may be running."""
         return [p for p in (self.pidfile, self.identity, *self.sockets, self.silent_mark,
                             self.seed, self.agent_silent_mark, self.generation_told,
-                            self.checked)
+                            self.checked, self.clients)
                 if p.exists()]
 
 

@@ -32,6 +32,9 @@ class Drive:
     file: str
     format: str
     cache: str
+    #: QEMU's werror/rerror for the drive ("" leaves QEMU's default): "stop"
+    #: pauses the guest at its first failed request, e.g. once fenced.
+    on_error: str = ""
 
 
 @dataclass(frozen=True)

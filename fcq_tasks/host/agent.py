@@ -350,6 +350,9 @@ class VMAgent(VMSteps):
             self.grow_root(action.size)
         elif do is Do.RESUME:
             self.resume_received()
+        elif do is Do.CONTINUE:
+            with self.qemu.monitor() as mon:
+                mon.resume()
         elif do is Do.CLAIM:
             self.claim()
         elif do is Do.FOLLOW:

@@ -34,7 +34,7 @@ FULL_CHECK_AFTER = 300.0
 
 #: QEMU's run states with a name of their own here (any other: paused).
 RUNSTATES = {"running": Run.RUNNING, "inmigrate": Run.INMIGRATE,
-             "postmigrate": Run.POSTMIGRATE}
+             "postmigrate": Run.POSTMIGRATE, "io-error": Run.IO_ERROR}
 
 
 def taking_over_from(vols: list[VolumeInfo], me: str) -> str:

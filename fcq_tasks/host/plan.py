@@ -15,6 +15,9 @@ Safety rules encoded here:
 * a VM running here while another host holds only some of its locks is a
   split brain: it is paused (guest code stops) and reported, never resumed
   by fcq;
+* a guest that QEMU paused on a failed disk request (RBD drives pause on
+  errors) is let retry only while every lock is ours; otherwise its clients
+  were fenced and it is killed;
 * a VM is started only when no other host holds its locks;
 * a QEMU whose monitor stays silent longer than a grace is killed: it cannot
   be managed (a briefly slow monitor on a loaded host is left alone);
@@ -50,6 +53,7 @@ class Run(enum.Enum):
     CRASHED = "crashed"            # no process, but run files: it ended without fcq
     RUNNING = "running"
     PAUSED = "paused"              # any other QMP runstate: paused, suspended, ...
+    IO_ERROR = "io-error"          # paused by QEMU itself: a disk request failed (werror=stop)
     INMIGRATE = "inmigrate"        # waiting for or receiving an incoming migration
     RECEIVED = "received"          # incoming copy complete, paused, waiting for `cont`
     POSTMIGRATE = "postmigrate"    # source after a completed migration: guest moved away
@@ -68,6 +72,7 @@ class Do(enum.Enum):
     SET_IOPS = "set-iops"
     OUTMIGRATE = "outmigrate"      # config moved the VM to another host
     RESUME = "resume"              # run a received copy whose locks were handed to us
+    CONTINUE = "continue"          # let a guest paused by an I/O error retry (every lock ours)
     CLAIM = "claim"                # take on a VM whose locks were handed to us (config follows)
     FOLLOW = "follow"              # point our config at the host our locks were handed to
     TAKE_OVER = "take-over"        # fence and break the rest of a half-taken-over VM's locks
@@ -215,6 +220,18 @@ def plan(spec: VMSpec, observed: Observed, host: str,
         # The guest runs elsewhere now; this copy must never be resumed.
         return [Action(Do.KILL, "migrated away: source copy left over"),
                 Action(Do.CLEAN_UP, "release what the source still holds")]
+
+    if run is Run.IO_ERROR:
+        # QEMU paused the guest on a failed disk request. With every lock
+        # ours, the failure was the storage's (a full pool, a blip): QEMU
+        # retries the request on `cont`. Without them, our clients were
+        # fenced and another host may run the VM: this copy goes.
+        if locks == "ours":
+            return [Action(Do.CONTINUE, "paused by a failed disk request while every lock "
+                           "is ours: let QEMU retry it")]
+        return [Action(Do.KILL, "paused by a failed disk request and its locks are not all "
+                       "ours: its clients were fenced", host=other),
+                Action(Do.CLEAN_UP, "remove run files, release what is still ours")]
 
     # RUNNING or PAUSED
     if locks == "other" and all(o == other for o in observed.lock_owners.values()):

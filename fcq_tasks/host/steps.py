@@ -44,6 +44,7 @@ from fcq_tasks.hazmat.heldmonitors import HeldMonitors
 from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths
 from fcq_tasks.hazmat.template import render_qemu_config, run_paths
 from fcq_tasks.host import admission
+from fcq_tasks.host.fencewatch import record_clients
 from fcq_tasks.host.observing import RUNSTATES, Looks, handed_to
 from fcq_tasks.host.oplock import operation_lock
 from fcq_tasks.host.plan import Observed, Run
@@ -262,7 +263,8 @@ class VMSteps(Looks):
                                 generation=s.qemu_generation)
                 # Its clients, on record for a fence that comes after their
                 # watches expired (a host cut off for more than ~30 s).
-                self.storage.record_writers(self.name, before, instance)
+                record_clients(self.qemu, self.storage.record_writers(self.name, before,
+                                                                      instance))
                 if (spec.iops or spec.bps) and not incoming:
                     self.throttle(spec.iops or 0, spec.bps or 0)
             except BaseException:

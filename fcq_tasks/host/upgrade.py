@@ -46,6 +46,7 @@ from fcq_tasks.hazmat.accel import detect_accelerator
 from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths
 from fcq_tasks.hazmat.template import render_qemu_config, run_paths
 from fcq_tasks.host import admission
+from fcq_tasks.host.fencewatch import record_clients
 from fcq_tasks.host.plan import Run
 from fcq_tasks.storage import VOLUMES
 
@@ -61,7 +62,8 @@ ACTIVE = frozenset({"setup", "active", "cancelling", "pre-switchover", "device",
                     "postcopy-active", "wait-unplug"})
 #: The new QEMU's files that take the old ones' names at the switch; the
 #: identity last: until it moves, the files under u/ say which QEMU is new.
-SWITCHED = ("qmp", "ga", "observer", "sweep", "seed", "serial_log", "pidfile", "identity")
+SWITCHED = ("qmp", "ga", "observer", "sweep", "seed", "serial_log", "pidfile", "identity",
+            "clients")
 
 
 def _prefix(agent: VMAgent) -> str:
@@ -205,7 +207,8 @@ def _move(agent: VMAgent, spec: VMSpec, old_pid: int) -> dict[str, Any]:
             _remove_new(agent, side)
             raise
     try:
-        agent.storage.record_writers(agent.name, before, secrets.token_hex(6))
+        record_clients(new, agent.storage.record_writers(agent.name, before,
+                                                        secrets.token_hex(6)))
         status = _copy(agent, new, side, spec)
         _wait_received(agent, new)
     except BaseException:

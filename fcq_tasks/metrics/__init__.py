@@ -109,7 +109,7 @@ def lock_conflict(lock: str) -> None:
 
 
 def fencing(action: str, count: int = 1) -> None:
-    """*action*: ``blocklist``, ``break-lock`` or ``take-over``."""
+    """*action*: ``blocklist``, ``break-lock``, ``take-over`` or ``fenced-guest-killed``."""
     if count:
         FENCING.labels(action=action).inc(count)
 

@@ -131,11 +131,16 @@ class Storage(Protocol):
         """Per volume, the clients that have it open (RBD watchers; local: none known)."""
         ...
 
-    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
+    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> list[str]:
         """Remember the clients of the QEMU this host just started (those not in *before*).
 
         Fencing blocklists them later even when their watches have expired.
+        Returns them: the host's fence watch looks for them in the blocklist.
         """
+        ...
+
+    def fenced_clients(self, addrs: list[str]) -> list[str]:
+        """Those of *addrs* (record_writers' clients) that are blocklisted now."""
         ...
 
     def other_watchers(self, vm: str) -> dict[str, list[str]]:

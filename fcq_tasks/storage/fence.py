@@ -128,6 +128,21 @@ def writers(conn: Any, img: Any, keep: frozenset[str] = frozenset(),
     return sorted({a for a in found if a and a not in skip})
 
 
+def blocklisted(conn: Any, addrs: list[str]) -> list[str]:
+    """Those of *addrs* the OSD blocklist names now (``osd blocklist ls``, ~ms)."""
+    if not addrs:
+        return []
+    ret, out, err = conn.mon_command(json.dumps({"prefix": "osd blocklist ls",
+                                                 "format": "json"}), b"")
+    if ret != 0:
+        raise rados.Error(f"osd blocklist ls: {err} ({ret})")
+    # Pacific prints two JSON lists back to back (addresses, then ranges):
+    # the first is the one with client addresses.
+    entries, _end = json.JSONDecoder().raw_decode((out or b"[]").decode())
+    listed = {client_addr(str(e.get("addr", ""))) for e in entries if isinstance(e, dict)}
+    return sorted(a for a in addrs if client_addr(a) in listed)
+
+
 def fence(ceph: CephSettings, conn: Any, img: Any, vm: str, volume: str,
           keep: frozenset[str] = frozenset(), keep_host: str | None = None) -> list[str]:
     """Blocklist every writer of *img* but ours and *keep*; wait until the OSDs know.

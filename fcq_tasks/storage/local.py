@@ -252,8 +252,11 @@ class LocalStorage:
     def clients(self, vm: str) -> dict[str, set[str]]:
         return {volume: set() for volume in VOLUMES}
 
-    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
-        pass  # nothing to fence with
+    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> list[str]:
+        return []  # nothing to fence with
+
+    def fenced_clients(self, addrs: list[str]) -> list[str]:
+        return []  # nothing is ever fenced here
 
     def other_watchers(self, vm: str) -> dict[str, list[str]]:
         return {}  # no clients known: local files are written by this host only

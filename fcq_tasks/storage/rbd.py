@@ -437,15 +437,21 @@ class RbdStorage:
         found = self._each_volume(lambda volume: self._watchers(vm, volume, others, none))
         return {volume: clients for volume, clients in found.items() if clients}
 
-    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> None:
-        def note(volume: str) -> None:
-            def record(conn: Any, img: Any) -> None:
+    def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> list[str]:
+        def note(volume: str) -> list[str]:
+            def record(conn: Any, img: Any) -> list[str]:
                 own = fence.client_addr(str(conn.get_addrs()))
                 now = {fence.client_addr(str(w["addr"])) for w in img.watchers_list()}
-                fence.record(img.ioctx, img.name, self.host, instance,
-                             sorted(now - before.get(volume, set()) - {own}))
-            self._watchers(vm, volume, record, None)
-        self._each_volume(note)
+                addrs = sorted(now - before.get(volume, set()) - {own})
+                fence.record(img.ioctx, img.name, self.host, instance, addrs)
+                return addrs
+            none: list[str] = []
+            return self._watchers(vm, volume, record, none)
+        return sorted({a for addrs in self._each_volume(note).values() for a in addrs})
+
+    def fenced_clients(self, addrs: list[str]) -> list[str]:
+        """Those of *addrs* that the cluster's blocklist names (one mon command)."""
+        return fence.blocklisted(cephconn.connection(self.ceph), addrs)
 
     def take_over(self, vm: str, volume: str, from_host: str,
                   expect_cookie: str | None) -> list[str]:
@@ -485,7 +491,10 @@ class RbdStorage:
     def drive(self, vm: str, volume: str) -> Drive:
         # cache=none: no librbd write-back cache, so a fenced QEMU's guest
         # sees its write fail instead of a cached write lost later.
+        # on_error=stop: that failed request pauses the guest (runstate
+        # io-error) instead of letting it run on, unable to write, next to
+        # the copy that took its disks over.
         return Drive(id=volume, file=qemu_uri(self.ceph, self.pool(vm), self.image(vm, volume)),
-                     format="raw", cache="none")
+                     format="raw", cache="none", on_error="stop")
 
 
