@@ -120,8 +120,10 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
         client = registry.connect(settings)
         # Read now, under the VM's lock: the dead host may have come back
         # since the orchestrator looked.
-        refuse_live_holder(agent, client)
-        _refuse_alive(agent, client, dead)
+        owners = {str(v.lock_owner) for v in volumes if v.lock_owner not in (None, me)}
+        beating = _beating(agent, client, owners | {dead})
+        refuse_live_holder(agent, client, beating)
+        _refuse_alive(agent, dead, beating)
         alive = agent.storage.other_watchers(agent.name)
         if alive and not force:
             clients = sorted({c for cs in alive.values() for c in cs})
@@ -147,7 +149,7 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
         # here too would put a second copy on the network. The config goes
         # back, so that this host's ensure does not boot it either.
         try:
-            _refuse_alive(agent, client, dead, fenced=True)
+            _refuse_alive(agent, dead, _beating(agent, client, {dead}), fenced=True)
         except Refused:
             if spec.kvm_host != me:
                 update_vm_file(spec_path(settings.vm_config_dir, agent.name),
@@ -175,13 +177,18 @@ def _check_can_boot(agent: VMAgent, spec: VMSpec) -> None:
         raise MemoryLimitExceeded(agent.name, spec.memory_mb, booked, s.vm_max_total_memory)
 
 
-def _refuse_alive(agent: VMAgent, client: Any, dead: str, fenced: bool = False) -> None:
+def _beating(agent: VMAgent, client: Any, names: set[str]) -> set[str]:
+    """registry.beating, with an unreadable registry refusing: never decide blind."""
     try:
-        live = registry.hosts(client)
-    except Exception as err:  # unreadable is as bad as alive: never decide blind
+        return registry.beating(client, names, agent.settings.cluster.registry_ttl)
+    except Exception as err:
         raise Refused(f"{agent.name}: cannot read the host registry ({err}): not evacuated",
                       vm=agent.name) from err
-    if dead in live:
+
+
+def _refuse_alive(agent: VMAgent, dead: str, beating: set[str],
+                  fenced: bool = False) -> None:
+    if dead in beating:
         me = agent.settings.host
         after = (" It came back while its writers were being fenced: its guest there has "
                  f"lost its disks, and its locks are broken. To run the VM there again: "

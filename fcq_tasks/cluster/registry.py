@@ -26,6 +26,8 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import ConfigError, FcqError
 
 HOST_KEY = "fcq:host:"
+#: How often beating() reads the records it watches.
+BEAT_POLL = 0.25
 JOBS_KEY = "fcq:jobs"
 JOB_KEY = "fcq:job:"
 #: How many submitted jobs `fcq jobs` can look back on.
@@ -113,9 +115,40 @@ def host_record(settings: HostSettings) -> dict[str, Any]:
             "storage": settings.storage}
 
 
-def publish_host(client: redis.Redis, settings: HostSettings) -> None:
-    client.set(HOST_KEY + settings.host, json.dumps(host_record(settings)),
+def publish_host(client: redis.Redis, settings: HostSettings, beat: str = "") -> None:
+    """Write this host's record; *beat* changes at every heartbeat of a live worker."""
+    client.set(HOST_KEY + settings.host, json.dumps({**host_record(settings), "beat": beat}),
                ex=settings.cluster.registry_ttl)
+
+
+def beating(client: redis.Redis, names: set[str], registry_ttl: float) -> set[str]:
+    """Those of *names* whose worker beats now, watched for half a ttl (1.5 beats).
+
+    A record's presence alone is not life: Redis expires keys by the wall
+    clock, so after the clock was stepped forward and back a dead host's
+    last record lives on for as long as the step (an hour, say), and a
+    step the other way drops a live host's record early. Before fcq
+    breaks a lock on the strength of "that host is dead", it therefore
+    watches the records: a host counts as alive if its ``beat`` changed
+    meanwhile or its record appeared; one whose record stayed the same, or
+    stayed away, is dead. Costs ``registry_ttl / 2`` seconds of waiting.
+    """
+    def read() -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for name in sorted(names):
+            record = host(client, name)
+            out[name] = None if record is None else str(record.get("beat", ""))
+        return out
+    first = read()
+    alive: set[str] = set()
+    deadline = time.monotonic() + registry_ttl / 2
+    while True:
+        for name, beat in read().items():
+            if beat is not None and (first[name] is None or beat != first[name]):
+                alive.add(name)
+        if alive == names or time.monotonic() >= deadline:
+            return alive
+        time.sleep(min(BEAT_POLL, max(0.0, deadline - time.monotonic())))
 
 
 def withdraw_host(client: redis.Redis, host: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -71,7 +72,9 @@ def current_settings() -> HostSettings:
 def heartbeat(settings: HostSettings) -> None:
     """Publish this host's record now, so `fcq ls` shows the change at once."""
     try:
-        registry.publish_host(registry.connect(settings), settings)
+        # A beat of its own: a task just ran, so this worker is alive.
+        registry.publish_host(registry.connect(settings), settings,
+                              f"task:{secrets.token_hex(4)}")
     except Exception as err:  # the task's work is done; a missed heartbeat is not fatal
         log.warning("heartbeat-failed", error=str(err))
 
@@ -198,7 +201,8 @@ def vm_task(name: str, operation: str, method: Callable[[VMAgent], dict[str, Any
     return app.task(bind=True, base=FcqTask, name=f"fcq.{name}")(body)
 
 
-def refuse_live_holder(agent: VMAgent, client: redis.Redis) -> None:
+def refuse_live_holder(agent: VMAgent, client: redis.Redis,
+                       beating: set[str] | None = None) -> None:
     """Refuse to break the VM's locks while their holder may be alive.
 
     Checked when the locks are about to be broken, on the host breaking
@@ -208,7 +212,9 @@ def refuse_live_holder(agent: VMAgent, client: redis.Redis) -> None:
     running, when a lock's owner has a live heartbeat (a live holder stops
     the VM itself), or when the registry cannot be read (never blind).
     Only a holder without a heartbeat, which the operator vouches is down,
-    loses its lock.
+    loses its lock. A holder's record counts only if it is still being
+    written (registry.beating: a record the wall clock kept is not life);
+    *beating*: that set, when the caller watched already.
     """
     me = agent.settings.host
     try:
@@ -223,9 +229,14 @@ def refuse_live_holder(agent: VMAgent, client: redis.Redis) -> None:
         if other != me and agent.name in record.get("running", []):
             raise Refused(f"{agent.name} runs on live host {other}: stop it there before "
                           "breaking its locks", vm=agent.name, host=other)
-    for volume in agent.storage.volumes(agent.name):
+    volumes = agent.storage.volumes(agent.name)
+    owners = {v.lock_owner for v in volumes if v.lock_owner not in (None, me)}
+    if beating is None:
+        beating = registry.beating(client, {str(o) for o in owners},
+                                   agent.settings.cluster.registry_ttl) if owners else set()
+    for volume in volumes:
         owner = volume.lock_owner
-        if owner is not None and owner != me and owner in live:
+        if owner is not None and owner != me and owner in beating:
             raise Refused(f"{agent.name}: volume {volume.name} is locked by live host "
                           f"{owner} (its heartbeat is fresh): {owner} must stop the VM "
                           "itself; only the lock of a host without a heartbeat can be broken",

@@ -14,6 +14,7 @@ logged (``metrics-endpoint-unavailable``) and the worker runs without it.
 from __future__ import annotations
 
 import functools
+import secrets
 import socket
 import sys
 import threading
@@ -70,9 +71,14 @@ class Heartbeat:
 
     def _run(self) -> None:
         interval = self.settings.cluster.registry_ttl / 3
+        # Changes at every beat, never repeats across workers: what tells a
+        # live record from one the wall clock kept (registry.beating).
+        token, count = secrets.token_hex(4), 0
         while not self._stop.is_set():
+            count += 1
             try:
-                registry.publish_host(registry.connect(self.settings), self.settings)
+                registry.publish_host(registry.connect(self.settings), self.settings,
+                                      f"{token}:{count}")
             except Exception as err:  # Redis away: keep trying, the worker reconnects too
                 log.warning("heartbeat-failed", host=self.settings.host, error=str(err))
             self._stop.wait(interval)
