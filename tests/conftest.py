@@ -243,7 +243,8 @@ def make_cluster(make_host: HostFactory, redis_server: Any,
             pools.append(pool)
 
             def per_host(name: str) -> dict[str, Any]:
-                return rbd_settings(ceph, name, pool=pool)
+                # The host watch outlasts the tests' 6 s heartbeat by 4 s.
+                return rbd_settings(ceph, name, pool=pool, host_watch_timeout=10)
         c = make_cluster(make_host, redis_server, names, storage=per_host, **cluster)
         made.append(c)
         return c

@@ -195,9 +195,13 @@ def test_evacuate_fences_a_hung_host_then_starts_its_vms_elsewhere(
     pids = [-worker.proc.pid]
     try:
         wait_for(lambda: "alpha" not in orch.hosts(), 30, "alpha's heartbeat to expire")
+        wait_for(lambda: not beta.agent("vm01").storage.host_watchers("alpha"), 60,
+                 "alpha's host watch to lapse")
         dry = c.fcq("--json", "evacuate", "alpha", "--dry-run", host="beta")
         assert dry.returncode == 0 and json.loads(dry.stdout)["to"] == "beta", dry.stdout
         early = c.fcq("evacuate", "alpha", host="beta", timeout=300)
+        # The refusal says whose the watch is: alpha's QEMU, noted at its start.
+        assert "alpha's QEMU, noted at its start" in early.stderr, early.stderr
         assert early.returncode == 4 and "images are still watched" in early.stderr, \
             early.stderr
         assert not beta.qemu_processes()

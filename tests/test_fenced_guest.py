@@ -66,6 +66,8 @@ def hung_alpha_evacuated(make_cluster: ClusterFactory) -> tuple[Cluster, int, li
     wait_for(lambda: "alpha" not in orch.hosts(), 30, "alpha's heartbeat to lapse")
     wait_for(lambda: not beta.agent("vm01").storage.other_watchers("vm01"), 60,
              "alpha's watches to lapse")
+    wait_for(lambda: not beta.agent("vm01").storage.host_watchers("alpha"), 60,
+             "alpha's host watch to lapse")
     out = c.fcq("--json", "evacuate", "alpha", host="beta", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     wait_guest(beta.agent("vm01"))

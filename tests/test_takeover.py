@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Any
 
 import pytest
+import yaml
 
 from fcq_tasks.config.vmspec import spec_path, update_vm_file
 from fcq_tasks.host.agent import VMAgent
@@ -60,6 +62,8 @@ def alpha_dies(make_cluster: ClusterFactory) -> Cluster:
     # The dead QEMU's watches lapse too (5 s on the test cluster).
     wait_for(lambda: not beta.agent("vm01").storage.other_watchers("vm01"), 60,
              "alpha's watches to lapse")
+    wait_for(lambda: not beta.agent("vm01").storage.host_watchers("alpha"), 60,
+             "alpha's host watch to lapse")
     return c
 
 
@@ -153,3 +157,45 @@ def test_interrupted_kill_is_finished_by_the_next_ensure(make_cluster: ClusterFa
     sampler.assert_never_twice()
     assert set(agent.status()["locks"].values()) == {"alpha"}
     assert len(events(alpha, "qemu-start")) == 2
+
+
+def test_evacuating_a_hung_host_waits_for_its_margins(make_cluster: ClusterFactory) -> None:
+    """alpha's worker and QEMU SIGSTOPped at once: its heartbeat lapses after
+    registry_ttl (6 s here), but evacuate is refused while alpha's host watch
+    lasts (ceph.host_watch_timeout, 20 s here), naming it; then it goes ahead."""
+    c: Cluster = make_cluster(visibility_timeout=VISIBILITY, storage="rbd")
+    alpha, beta = c.hosts["alpha"], c.hosts["beta"]
+    for h in (alpha, beta):
+        raw = yaml.safe_load(h.settings_file.read_text())
+        h.update_settings(ceph={**raw["ceph"], "host_watch_timeout": 20})
+        h.write_vm("vm01", kvm_host="alpha")
+    c.worker("alpha")
+    c.worker("beta")
+    orch = c.orchestrator()
+    orch.wait(orch.submit("start", "vm01"), timeout=120)
+    wait_guest(alpha.agent("vm01"))
+    worker = next(s for s in c.services if s.name == "worker@alpha")
+    [qemu] = alpha.qemu_processes()
+    os.killpg(worker.proc.pid, signal.SIGSTOP)
+    os.kill(qemu.pid, signal.SIGSTOP)
+    hung = time.monotonic()
+    try:
+        wait_for(lambda: "alpha" not in orch.hosts(), 30, "alpha's heartbeat to lapse")
+        early = c.fcq("evacuate", "alpha", host="beta", timeout=300)
+        assert early.returncode == 4, early.stdout + early.stderr
+        assert "still talks to Ceph" in early.stderr and "fcq.host.alpha" in early.stderr
+        assert not beta.qemu_processes()
+        while True:
+            out = c.fcq("--json", "evacuate", "alpha", host="beta", timeout=300)
+            if out.returncode == 0:
+                break
+            assert "still talks to Ceph" in out.stdout, out.stdout + out.stderr
+            assert time.monotonic() - hung < 60, "the host watch never lapsed"
+        # Not before the margin: the watch lapses host_watch_timeout after
+        # the last ping the OSDs had, and the client pings every 5 s
+        # (objecter_tick_interval), so at least 15 s after the hang here.
+        assert time.monotonic() - hung >= 15
+        wait_guest(beta.agent("vm01"))
+    finally:
+        os.kill(qemu.pid, signal.SIGCONT)
+        os.killpg(worker.proc.pid, signal.SIGCONT)

@@ -124,15 +124,27 @@ def evacuate_here(agent: VMAgent, dead: str, force: bool = False) -> dict[str, A
         beating = _beating(agent, client, owners | {dead})
         refuse_live_holder(agent, client, beating)
         _refuse_alive(agent, dead, beating)
+        talking = [] if force else agent.storage.host_watchers(dead)
+        if talking:
+            timeout = settings.ceph.host_watch_timeout if settings.ceph else 0
+            raise Refused(f"{agent.name}: host {dead} has no heartbeat, but its worker still "
+                          f"talks to Ceph (client {', '.join(talking)} watches "
+                          f"fcq.host.{dead}): it is alive and cut off from Redis, or hung "
+                          f"for less than ceph.host_watch_timeout ({timeout} s). Wait, power "
+                          "the host off, or evacuate --force", vm=agent.name, host=dead,
+                          clients=talking,
+                          rule="no evacuation while the host shows signs of life")
         alive = agent.storage.other_watchers(agent.name)
         if alive and not force:
             clients = sorted({c for cs in alive.values() for c in cs})
-            raise Refused(f"{agent.name}: its images are still watched (client "
-                          f"{', '.join(clients)}): {dead}'s QEMU, or another user of the "
-                          "disks, is alive; fencing would cut its disks, not its network. "
-                          "Wait (the watch of a hung host lapses within ~30 s), power the "
-                          "host off, or evacuate --force", vm=agent.name, host=dead,
-                          clients=clients,
+            whose = agent.storage.whose(agent.name, clients)
+            said = "; ".join(f"{c} ({whose[c]})" for c in clients)
+            raise Refused(f"{agent.name}: its images are still watched by {said}: a live "
+                          "client of the disks; fencing would cut its disks, not its "
+                          "network. Wait (the watch of a hung client lapses after the OSDs' "
+                          "osd_client_watch_timeout, 30 s by default), power the host off, or "
+                          "evacuate --force", vm=agent.name, host=dead,
+                          clients=clients, whose=whose,
                           rule="no evacuation while the VM's disks show signs of life")
         # The config first: once one lock is broken, the VM is this host's
         # to run, and if this task dies before the last one (a worker

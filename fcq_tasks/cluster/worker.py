@@ -112,7 +112,7 @@ def prepare_worker(settings: HostSettings) -> Celery:
     heartbeat = Heartbeat(settings)
     # Needs Ceph only, not Redis: started before the broker is reached.
     watch = FenceWatch(settings, settings.fence_check_interval) \
-        if settings.storage == "rbd" and settings.fence_check_interval > 0 else None
+        if settings.storage == "rbd" else None
     endpoint = worker_endpoint(settings)
     app.conf.fcq_metrics_endpoint = endpoint
     TaskTimer().connect()

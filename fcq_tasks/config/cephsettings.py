@@ -18,7 +18,7 @@ from fcq_tasks.errors import ConfigError
 DEFAULT_BLOCKLIST_SECONDS = 7 * 86400
 
 CEPH_KEYS = frozenset({"conf", "client_id", "keyring", "pool", "blocklist_seconds",
-                       "op_timeout", "pool_limits"})
+                       "op_timeout", "pool_limits", "host_watch_timeout"})
 LIMIT_KEYS = frozenset({"iops", "bps"})
 
 
@@ -39,6 +39,9 @@ class CephSettings:
     blocklist_seconds: int          # how long a fenced client stays blocklisted
     op_timeout: float               # s: one monitor or OSD operation of fcq's own client
     pool_limits: dict[str, Limits]  # per pool: the default limits of its VMs' volumes
+    #: s the worker's watch on fcq.host.<host> outlives the worker's silence
+    #: (storage/hostwatch.py): must exceed cluster.registry_ttl.
+    host_watch_timeout: int = 90
 
     def limits_for(self, pool: str) -> Limits:
         return self.pool_limits.get(pool, Limits())
@@ -72,4 +75,6 @@ def parse_ceph_settings(f: str, value: object, host: str) -> CephSettings:
                                       60, 10 * 365 * 86400),
         op_timeout=v.check_number(f, "ceph.op_timeout", m.get("op_timeout", 30), 1, 3600),
         pool_limits=pool_limits,
+        host_watch_timeout=v.check_int(f, "ceph.host_watch_timeout",
+                                       m.get("host_watch_timeout", 90), 5, 3600),
     )

@@ -253,6 +253,12 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
     m.raise_if_any()
     settings = HostSettings(**values)
     _check_migration_fits(f, settings)
+    if settings.ceph is not None and \
+            settings.ceph.host_watch_timeout <= settings.cluster.registry_ttl:
+        raise ConfigError(f, "ceph.host_watch_timeout",
+                          f"must be longer than cluster.registry_ttl "
+                          f"({settings.cluster.registry_ttl} s): the storage side's sign of "
+                          "a host's life must outlast its heartbeat (docs/ceph.md, Margins)")
     return settings
 
 

@@ -29,8 +29,12 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.fileio import write_atomically
 from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths, identity_names
 from fcq_tasks.storage import Storage, open_storage
+from fcq_tasks.storage.hostwatch import HostWatch
 
 log = structlog.get_logger()
+
+#: How often a lost host watch is registered again when the fence check is off.
+HOLD_INTERVAL = 5.0
 
 
 def record_clients(qemu: QemuProcess, addrs: list[str]) -> None:
@@ -87,7 +91,8 @@ def check_once(settings: HostSettings, storage: Storage) -> list[str]:
 
 
 class FenceWatch:
-    """check_once every *interval* seconds in a daemon thread, until stop()."""
+    """In a daemon thread until stop(): hold this host's watch (storage/hostwatch.py) and,
+    when *interval* > 0, check_once every *interval* seconds."""
 
     def __init__(self, settings: HostSettings, interval: float) -> None:
         self.settings = settings
@@ -106,8 +111,19 @@ class FenceWatch:
 
     def _run(self) -> None:
         storage = open_storage(self.settings)
-        while not self._stop.wait(self.interval):
+        assert self.settings.ceph is not None
+        sign = HostWatch(self.settings.ceph, self.settings.host)
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self.interval or HOLD_INTERVAL
+            try:
+                sign.hold()
+            except Exception as err:  # Ceph away: again next time
+                log.warning("host-watch-failed", error=str(err))
+            if not self.interval:
+                continue
             try:
                 check_once(self.settings, storage)
             except Exception as err:  # Ceph away: look again next time, never die
                 log.warning("fence-watch-failed", error=str(err))
+        sign.close()

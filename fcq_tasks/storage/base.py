@@ -139,6 +139,14 @@ class Storage(Protocol):
         """
         ...
 
+    def whose(self, vm: str, addrs: list[str]) -> dict[str, str]:
+        """For each client address using *vm*'s volumes, what fcq knows of it."""
+        ...
+
+    def host_watchers(self, host: str) -> list[str]:
+        """Clients holding *host*'s storage-side sign of life (RBD: storage/hostwatch.py)."""
+        ...
+
     def fenced_clients(self, addrs: list[str]) -> list[str]:
         """Those of *addrs* (record_writers' clients) that are blocklisted now."""
         ...

@@ -255,6 +255,12 @@ class LocalStorage:
     def record_writers(self, vm: str, before: dict[str, set[str]], instance: str) -> list[str]:
         return []  # nothing to fence with
 
+    def whose(self, vm: str, addrs: list[str]) -> dict[str, str]:
+        return dict.fromkeys(addrs, "unknown")
+
+    def host_watchers(self, host: str) -> list[str]:
+        return []  # no shared storage to hold a sign on
+
     def fenced_clients(self, addrs: list[str]) -> list[str]:
         return []  # nothing is ever fenced here
 

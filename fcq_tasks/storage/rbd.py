@@ -39,7 +39,7 @@ from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.vmspec import VMSpec, load_vm_spec, spec_path
 from fcq_tasks.errors import ConfigError, LockedByOtherHost, ShrinkRefused, StorageError
 from fcq_tasks.hazmat.template import Drive
-from fcq_tasks.storage import cephconn, fence, rbdheader
+from fcq_tasks.storage import cephconn, fence, hostwatch, rbdheader
 from fcq_tasks.storage.base import VOLUMES, SnapshotInfo, VolumeInfo, check_snapshot
 from fcq_tasks.storage.rbdcreate import VolumeMaker
 from fcq_tasks.storage.rbdimage import (
@@ -448,6 +448,30 @@ class RbdStorage:
             none: list[str] = []
             return self._watchers(vm, volume, record, none)
         return sorted({a for addrs in self._each_volume(note).values() for a in addrs})
+
+    def whose(self, vm: str, addrs: list[str]) -> dict[str, str]:
+        """What fcq knows of each client address in *addrs* that uses *vm*'s images."""
+        def look(volume: str) -> dict[str, str]:
+            def read(conn: Any, img: Any) -> dict[str, str]:
+                names: dict[str, str] = {}
+                for host, recorded in fence.recorded(img.ioctx, img.name).items():
+                    for addr in recorded:
+                        names[fence.client_addr(addr)] = f"{host}'s QEMU, noted at its start"
+                for client, cookie, addr in fence.lockers(img):
+                    names.setdefault(fence.client_addr(addr),
+                                     f"{cookie_host(cookie) or client}'s lock of {volume}")
+                return names
+            none: dict[str, str] = {}
+            return self._watchers(vm, volume, read, none)
+        known: dict[str, str] = {}
+        for names in self._each_volume(look).values():
+            known.update(names)
+        unknown = ("no QEMU fcq noted: an earlier connection of some host's worker, "
+                   "rbd-nbd, a rescue mount")
+        return {a: known.get(fence.client_addr(a), unknown) for a in addrs}
+
+    def host_watchers(self, host: str) -> list[str]:
+        return hostwatch.host_watchers(self.ceph, host)
 
     def fenced_clients(self, addrs: list[str]) -> list[str]:
         """Those of *addrs* that the cluster's blocklist names (one mon command)."""
