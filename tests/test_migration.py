@@ -241,6 +241,10 @@ def test_migration_limit_per_host(make_cluster: ClusterFactory) -> None:
     orch = c.orchestrator()
     orch.wait(orch.submit("start", "vm02", host="alpha"), timeout=120)
     wait_for(lambda: "vm02" in orch.hosts()["alpha"]["running"], 30, "vm02 in the registry")
+    # The orchestrator refuses a destination whose record lacks the VM's
+    # config: wait for beta's next heartbeat to list vm02 (seen missing on a
+    # loaded machine, where the refusal was "beta has no config for vm02").
+    wait_for(lambda: "vm02" in orch.hosts()["beta"]["vms"], 30, "vm02 in beta's record")
     start_slow_migration(c)
     with pytest.raises(FcqError, match="already runs 1 migration"):
         orch.wait(orch.migrate("vm02", "beta"), timeout=120)
