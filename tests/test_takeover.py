@@ -43,17 +43,29 @@ def events(host: Any, event: str) -> list[dict[str, Any]]:
     return out
 
 
-def alpha_dies(make_cluster: ClusterFactory) -> Cluster:
-    """vm01 ran on alpha; alpha's worker and QEMU are killed; its heartbeat has lapsed."""
+def vm01_on_alpha(make_cluster: ClusterFactory, host_watch_timeout: int | None = None
+                  ) -> Cluster:
+    """Workers for alpha and beta on RBD, both configs placing vm01 on alpha, where it runs."""
     c: Cluster = make_cluster(visibility_timeout=VISIBILITY, storage="rbd")
     alpha, beta = c.hosts["alpha"], c.hosts["beta"]
     for h in (alpha, beta):
+        if host_watch_timeout is not None:
+            raw = yaml.safe_load(h.settings_file.read_text())
+            h.update_settings(ceph={**raw["ceph"], "host_watch_timeout": host_watch_timeout})
         h.write_vm("vm01", kvm_host="alpha")
     c.worker("alpha")
     c.worker("beta")
     orch = c.orchestrator()
     orch.wait(orch.submit("start", "vm01"), timeout=120)
     wait_guest(alpha.agent("vm01"))
+    return c
+
+
+def alpha_dies(make_cluster: ClusterFactory) -> Cluster:
+    """vm01 ran on alpha; alpha's worker and QEMU are killed; its heartbeat has lapsed."""
+    c = vm01_on_alpha(make_cluster)
+    alpha, beta = c.hosts["alpha"], c.hosts["beta"]
+    orch = c.orchestrator()
     worker = next(s for s in c.services if s.name == "worker@alpha")
     c.kill9(worker)
     for proc in alpha.qemu_processes():
@@ -163,17 +175,9 @@ def test_evacuating_a_hung_host_waits_for_its_margins(make_cluster: ClusterFacto
     """alpha's worker and QEMU SIGSTOPped at once: its heartbeat lapses after
     registry_ttl (6 s here), but evacuate is refused while alpha's host watch
     lasts (ceph.host_watch_timeout, 20 s here), naming it; then it goes ahead."""
-    c: Cluster = make_cluster(visibility_timeout=VISIBILITY, storage="rbd")
+    c = vm01_on_alpha(make_cluster, host_watch_timeout=20)
     alpha, beta = c.hosts["alpha"], c.hosts["beta"]
-    for h in (alpha, beta):
-        raw = yaml.safe_load(h.settings_file.read_text())
-        h.update_settings(ceph={**raw["ceph"], "host_watch_timeout": 20})
-        h.write_vm("vm01", kvm_host="alpha")
-    c.worker("alpha")
-    c.worker("beta")
     orch = c.orchestrator()
-    orch.wait(orch.submit("start", "vm01"), timeout=120)
-    wait_guest(alpha.agent("vm01"))
     worker = next(s for s in c.services if s.name == "worker@alpha")
     [qemu] = alpha.qemu_processes()
     os.killpg(worker.proc.pid, signal.SIGSTOP)
