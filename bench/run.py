@@ -15,7 +15,9 @@ the ratio, with a verdict only where the spread allows one (bench/stats.py):
    ``query-status`` of each, at growing N on local storage and on RBD, with
    the worker's RSS at each N (bench/sweep.py);
 5. fan-out: beat enqueueing a sweep for 1,000 simulated hosts, against the
-   same sends in a loop (bench/fanout.py, a process of its own).
+   same sends in a loop (bench/fanout.py, a process of its own);
+6. signed commands: granting a request and verifying it, per task, against
+   the same request unsigned (bench/grants.py).
 
     make bench                    (PAIRS=5, local sweeps at 50 100 200, RBD at 50 100)
     BENCH_PAIRS=7 BENCH_VMS="50 100" BENCH_RBD_VMS=50 make bench
@@ -132,6 +134,9 @@ def main() -> None:
     fan = subprocess.run([sys.executable, "-m", "bench.fanout", "1000"], cwd=ROOT, check=True,
                          capture_output=True, text=True)
     out.add(*fan.stdout.rstrip("\n").splitlines())
+    signing = subprocess.run([sys.executable, "-m", "bench.grants"], cwd=ROOT, check=True,
+                             capture_output=True, text=True)
+    out.add(*signing.stdout.rstrip("\n").splitlines())
     print(f"\n=== summary ({time.monotonic() - t_start:.0f} s) ===")
     print("\n".join(out.lines))
 

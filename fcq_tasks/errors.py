@@ -14,6 +14,7 @@ the fields an operator needs to act on it. The tree is short on purpose::
      │         ├── MemoryLimitExceeded
      │         ├── ShrinkRefused   disks never shrink
      │         ├── LockedByOtherHost
+     │         ├── Unauthorized  no valid orchestrator grant (signed commands)
      │         └── Inconsistent    what we observed needs an operator's decision
      └── SystemFailure              the machine failed us (QEMU, QMP, storage, commands)
           ├── QemuError
@@ -140,6 +141,13 @@ class LockedByOtherHost(Refused):
         super().__init__(f"{vm}: volume {volume} is locked by host {owner}",
                          vm=vm, volume=volume, owner=owner)
         self.owner = owner
+
+
+class Unauthorized(Refused):
+    """An imperative request without a valid grant of the orchestrator's key.
+
+    Nothing was done: the host did not even look at the VM.
+    """
 
 
 class Inconsistent(Refused):

@@ -384,7 +384,9 @@ class Campaign:
             peer = {"src": src} if half == "inmigrate" else {"dst": dst}
             kwargs = {"vm": VM, "attempt": attempt, "host": host, **peer}
             how = "kwargs rebuilt (no request key)"
-        self.orchestrator.app.send_task(f"fcq.{half}", kwargs=kwargs, queue=host_queue(host))
+        # The same message, as a replay copies it: its task id with its grant.
+        self.orchestrator.app.send_task(f"fcq.{half}", kwargs=kwargs, queue=host_queue(host),
+                                        task_id=f"{attempt}-{half[:-len('migrate')]}")
         return f"{half} replayed to {host} ({how})"
 
     def wait_attempt_end(self, task_id: str, attempt: str, src: str, dst: str) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 
 import redis
 
+from fcq_tasks.cluster import grants
 from fcq_tasks.cluster.api import Orchestrator
+from fcq_tasks.host.hostkeys import orchestrator_keygen
 from tests.conftest import Host, HostFactory
 from tests.conftest import free_port as free_port  # its old home: tests import it from here
 
@@ -160,11 +163,36 @@ def with_suppress_kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
+def send_signed(orch: Orchestrator, task: str, host: str, kwargs: dict[str, Any],
+                task_id: str | None = None) -> str:
+    """Send *task* with exactly *kwargs* (no expires_at added), granted by *orch*'s key.
+
+    A hand-made request as the orchestrator side could make it: what a host
+    checks beyond the grant is then tested by itself.
+    """
+    name = task if task.startswith("fcq.") else f"fcq.{task}"
+    task_id = task_id or str(uuid.uuid4())
+    signed = {**kwargs, "grant": grants.grant(orch.signing_key(), name, task_id, host, kwargs)}
+    return str(orch.app.send_task(name, kwargs=signed, queue=f"host.{host}",
+                                  task_id=task_id).id)
+
+
+def orchestrator_key(redis_server: RedisServer) -> tuple[Path, str]:
+    """The cluster's orchestrator key (made once per Redis): its file and public key."""
+    made = orchestrator_keygen(redis_server.dir / "orchestrator.key")
+    return Path(made["key_file"]), str(made["public_key"])
+
+
 def cluster_settings(redis_server: RedisServer, **overrides: Any) -> dict[str, Any]:
+    """Settings of a test cluster. Every host's settings name the orchestrator key
+    too, so that a test can orchestrate from any host's settings file; tests of
+    the trust model take it away (tests/test_signed_commands.py)."""
+    key_file, public = orchestrator_key(redis_server)
     return {"broker_url": redis_server.url, "password_file": str(redis_server.password_file),
             "visibility_timeout": 10, "restore_interval": 1, "registry_ttl": 6,
             "sweep_interval": 3, "task_busy_wait": 15, "busy_retry_delay": 1,
             "result_expires": 3600, "hosts_dir": str(redis_server.dir / "hosts"),
+            "orchestrator_keys": [public], "orchestrator_key_file": str(key_file),
             **overrides}
 
 

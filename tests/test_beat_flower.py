@@ -139,6 +139,31 @@ def test_flower_lists_tasks_with_vm_names_behind_auth(make_cluster: ClusterFacto
         assert task["name"] == name and task["kwargs"].startswith("vm=vm01 host=alpha")
         assert outcome in str(task["result"]), task
     assert "secret-flower" not in " ".join(flower.proc.args)  # type: ignore[arg-type]
+    # Read-only: the operators' password enqueues nothing and stops no worker.
+    for path, body in (("/api/task/async-apply/fcq.set_drained",
+                        {"kwargs": {"host": "alpha", "drained": True}}),
+                       ("/api/task/send-task/fcq.stop", {"kwargs": {"vm": "vm01"}}),
+                       (f"/api/worker/shutdown/{task['worker']}", {}),
+                       (f"/api/worker/queue/cancel-consumer/{task['worker']}?queue=host.alpha",
+                        {})):
+        assert post(f"http://127.0.0.1:{port}{path}", body, b"ops:secret-flower") == \
+            (403, "fcq runs Flower read-only"), path
+    assert orch.wait(orch.ping("alpha"), timeout=30)["host"] == "alpha"
+    assert not orch.hosts()["alpha"].get("drained")
+    assert alpha.agent("vm01").status()["status"] == "running"
+
+
+def post(url: str, body: dict[str, Any], credentials: bytes) -> tuple[int, str]:
+    """The status of a POST and the start of its reason (what refused it)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": "Basic "
+                                          + base64.b64encode(credentials).decode()})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status), str(resp.reason)
+    except urllib.error.HTTPError as err:
+        return err.code, str(err.reason).split(":")[0]
 
 
 def fetch(url: str, credentials: bytes | None) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from fcq_tasks.cluster.celeryapp import UnroutedTask
 from fcq_tasks.errors import RemoteError
-from tests.cluster import Cluster
+from tests.cluster import Cluster, send_signed
 from tests.helpers import wait_for
 
 SLOW_CREATE_VM = [sys.executable, "-c",
@@ -134,18 +134,19 @@ def test_bad_arguments_and_unknown_vm_are_clear_errors(make_cluster: ClusterFact
     c.hosts["alpha"].write_vm("vm01")
     c.worker("alpha")
     orch = c.orchestrator()
-    bad = orch.app.send_task("fcq.start", kwargs={"vm": "../../etc"}, queue="host.alpha")
+    soon = time.time() + 300
+    bad = send_signed(orch, "start", "alpha", {"vm": "../../etc", "expires_at": soon})
     with pytest.raises(RemoteError) as info:
-        orch.wait(bad.id, timeout=60)
+        orch.wait(bad, timeout=60)
     assert info.value.fields["error"] == "BadRequest" and info.value.fields["field"] == "vm"
     assert info.value.exit_code == 2
-    unknown = orch.app.send_task("fcq.start", kwargs={"vm": "ghost"}, queue="host.alpha")
+    unknown = send_signed(orch, "start", "alpha", {"vm": "ghost", "expires_at": soon})
     with pytest.raises(RemoteError, match="ghost: no config"):
-        orch.wait(unknown.id, timeout=60)
-    wrong = orch.app.send_task("fcq.apply_config", kwargs={"vm": "vm01", "config": "x: [",
-                                                           "version": 1}, queue="host.alpha")
+        orch.wait(unknown, timeout=60)
+    wrong = send_signed(orch, "apply_config", "alpha", {"vm": "vm01", "config": "x: [",
+                                                       "version": 1, "expires_at": soon})
     with pytest.raises(RemoteError, match="not valid YAML"):
-        orch.wait(wrong.id, timeout=60)
+        orch.wait(wrong, timeout=60)
     cli = c.fcq("start", "nosuch")
     assert cli.returncode == 2 and "no live host has a config for 'nosuch'" in cli.stderr
     assert orch.wait(orch.submit("start", "vm01"), timeout=120)["status"] == "running"

@@ -6,18 +6,20 @@ import dataclasses
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from celery.result import AsyncResult
 from prometheus_client import CollectorRegistry
 
 from fcq_tasks.errors import RemoteError
 from fcq_tasks.host.oplock import operation_lock
 from fcq_tasks.metrics.endpoint import MetricsEndpoint
 from fcq_tasks.storage import VOLUMES, open_storage
-from tests.cluster import Cluster, free_port
+from tests.cluster import Cluster, free_port, send_signed
 from tests.conftest import HostFactory
 from tests.helpers import (
     CREDS,
@@ -86,8 +88,9 @@ def test_worker_metrics_move_as_work_runs(make_cluster: ClusterFactory) -> None:
     orch.wait(first, timeout=120)
     with pytest.raises(RemoteError, match="vm_max_total_memory"):
         orch.wait(orch.submit("start", "vm02"), timeout=120)
-    bad = orch.app.send_task("fcq.start", kwargs={"vm": "Not A Name"}, queue="host.alpha")
-    bad.get(timeout=60, propagate=False)
+    bad = send_signed(orch, "start", "alpha", {"vm": "Not A Name",
+                                               "expires_at": time.time() + 300})
+    AsyncResult(bad, app=orch.app).get(timeout=60, propagate=False)
     started = scrape_until(port, {op("start", "success", "changed"): 1,
                                   op("start", "rejected", "MemoryLimitExceeded"): 1,
                                   op("start", "rejected", "BadRequest"): 1}, CREDS)

@@ -15,7 +15,15 @@ import pytest
 
 from fcq_tasks.errors import FcqError
 from tests.cluster import Cluster
-from tests.helpers import guest_answers, scrape_until, series, value, wait_for, wait_guest
+from tests.helpers import (
+    events,
+    guest_answers,
+    scrape_until,
+    series,
+    value,
+    wait_for,
+    wait_guest,
+)
 
 ClusterFactory = Any
 
@@ -181,8 +189,10 @@ def test_fault_source_worker_killed(make_cluster: ClusterFactory) -> None:
 
 
 def test_pushing_a_new_kvm_host_migrates_the_vm(make_cluster: ClusterFactory) -> None:
-    """apply-config with kvm_host: beta is all it takes: alpha's ensure migrates it."""
+    """apply-config with kvm_host: beta is all it takes: alpha's ensure asks the
+    controller (hosts never send each other work), which starts the migration."""
     c = shared_pair(make_cluster)
+    c.spawn("controller")
     src = c.hosts["alpha"].base / "moved" / "vm01.cfg"
     src.parent.mkdir()
     src.write_text((c.hosts["alpha"].settings.vm_config_dir / "vm01.cfg").read_text()
@@ -194,10 +204,11 @@ def test_pushing_a_new_kvm_host_migrates_the_vm(make_cluster: ClusterFactory) ->
         return where(c) == {"alpha": 0, "beta": 1} and \
             c.hosts["beta"].agent("vm01").status()["status"] == "running"
     # The first ensure may run before beta's heartbeat lists the new config;
-    # beat's next sweep then starts the migration.
+    # alpha's next sweep then asks again.
     c.spawn("beat")
     wait_for(on_beta, 90, "vm01 to move to beta")
     assert guest_answers(c.hosts["beta"].agent("vm01"))
+    assert "move-requested" in events(c.hosts["alpha"])
 
 
 def test_abort_rolls_back_to_the_source(make_cluster: ClusterFactory) -> None:

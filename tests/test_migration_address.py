@@ -29,7 +29,7 @@ from fcq_tasks.errors import BadRequest, ConfigError, RemoteError
 from fcq_tasks.hazmat.monitor import tcp_migration_uri
 from fcq_tasks.host.migration import address
 from fcq_tasks.host.migration.rendezvous import attempt_prefix, current_key
-from tests.cluster import Cluster
+from tests.cluster import Cluster, send_signed
 from tests.conftest import Host, HostFactory
 from tests.helpers import wait_for, wait_guest
 
@@ -116,10 +116,10 @@ def forge_attempt(c: Cluster, attempt: str, addr: str) -> redis.Redis:
 
 
 def send_outmigrate(c: Cluster, attempt: str) -> str:
-    return str(c.orchestrator().app.send_task(
-        "fcq.outmigrate", queue="host.alpha",
-        kwargs={"vm": "vm01", "attempt": attempt, "dst": "beta", "host": "alpha",
-                "expires_at": time.time() + 300}).id)
+    """A genuine source half (granted by the orchestrator): the forgery is the address."""
+    return send_signed(c.orchestrator(), "outmigrate", "alpha",
+                       {"vm": "vm01", "attempt": attempt, "dst": "beta", "host": "alpha",
+                        "expires_at": time.time() + 300})
 
 
 def beta_key(c: Cluster) -> Ed25519PrivateKey:

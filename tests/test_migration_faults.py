@@ -242,21 +242,29 @@ def test_half_delivered_twice_and_replayed_later(make_cluster: ClusterFactory) -
         attempt = attempt_of(c)
         wait_for(lambda: addr_published(c, attempt), 60, "beta's address")
         req = request_of(c, attempt)
-        dup_in = app.send_task("fcq.inmigrate", kwargs=req["inmigrate"], queue="host.beta")
-        dup_out = app.send_task("fcq.outmigrate", kwargs=req["outmigrate"], queue="host.alpha")
+        dup_in = app.send_task("fcq.inmigrate", kwargs=req["inmigrate"], queue="host.beta",
+                                task_id=f"{attempt}-in")
+        dup_out = app.send_task("fcq.outmigrate", kwargs=req["outmigrate"], queue="host.alpha",
+                                task_id=f"{attempt}-out")
         time.sleep(3)
         assert where(c) == {"alpha": 1, "beta": 1}  # still one incoming copy only
-        assert dup_in.state == "PENDING" and dup_out.state == "PENDING"  # ignored: no result
+        # Ignored, no result of their own: the ids show the first run's states.
+        assert {dup_in.state, dup_out.state} <= {"PENDING", "PROGRESS"}
         c.fcq("migrate", "--abort", "vm01")  # end the slow copy
         with pytest.raises(Exception, match="abort"):
             orch.wait(task_id, timeout=120)
         assert_settled(c, "alpha")
-        # The same halves, replayed after their attempt ended: nothing moves.
-        late_in = app.send_task("fcq.inmigrate", kwargs=req["inmigrate"], queue="host.beta")
-        late_out = app.send_task("fcq.outmigrate", kwargs=req["outmigrate"], queue="host.alpha")
+        # The same halves, replayed after their attempt ended: nothing moves,
+        # and the first run's results stay (a replay is ignored, no result).
+        before = (app.AsyncResult(f"{attempt}-in").state,
+                  app.AsyncResult(f"{attempt}-out").state)
+        late_in = app.send_task("fcq.inmigrate", kwargs=req["inmigrate"], queue="host.beta",
+                                task_id=f"{attempt}-in")
+        late_out = app.send_task("fcq.outmigrate", kwargs=req["outmigrate"], queue="host.alpha",
+                                task_id=f"{attempt}-out")
         time.sleep(5)
         assert where(c) == {"alpha": 1, "beta": 0}
-        assert late_in.state == "PENDING" and late_out.state == "PENDING"
+        assert (late_in.state, late_out.state) == before
     sampler.assert_never_twice()
     assert_settled(c, "alpha")
 

@@ -29,7 +29,7 @@ from fcq_tasks.cluster.tasks import refuse_live_holder
 from fcq_tasks.config.vmspec import rewrite_vm_parameters, vm_file_version
 from fcq_tasks.errors import Refused, RemoteError
 from fcq_tasks.host.oplock import operation_lock
-from tests.cluster import Cluster, free_port
+from tests.cluster import Cluster, free_port, send_signed
 from tests.conftest import HostFactory
 from tests.helpers import wait_for
 
@@ -49,9 +49,14 @@ SLOW_CREATE_VM = [sys.executable, "-c",
 
 
 def send(c: Cluster, task: str, host: str = "alpha", **kwargs: Any) -> str:
-    """Send a hand-made message straight to a host's queue, bypassing submit()."""
-    return str(c.orchestrator().app.send_task(f"fcq.{task}", kwargs=kwargs,
-                                              queue=f"host.{host}").id)
+    """Send a hand-made message straight to a host's queue, bypassing submit().
+
+    Granted like the orchestrator's own, with exactly these arguments;
+    expires_at is five minutes from now unless given (None: left out).
+    """
+    kwargs.setdefault("expires_at", time.time() + 300)
+    return send_signed(c.orchestrator(), task, host,
+                       {k: v for k, v in kwargs.items() if v is not None})
 
 
 def refusal(c: Cluster, task_id: str) -> RemoteError:
@@ -106,8 +111,12 @@ def test_stale_imperative_requests_are_refused_and_change_nothing(
                        op.replace("_", "-"))
     assert pid_of(c) == running
 
-    # Without expires_at (an orchestrator from before this rule): accepted.
-    assert orch.wait(send(c, "stop", vm="vm01"), timeout=120)["status"] == "stopped"
+    # Without expires_at: refused, even granted (a request that never
+    # expires could be replayed forever).
+    never = refusal(c, send(c, "stop", vm="vm01", expires_at=None))
+    assert (never.fields["error"], never.fields["field"]) == ("Unauthorized", "expires_at")
+    assert pid_of(c) == running
+    assert orch.wait(orch.submit("stop", "vm01"), timeout=120)["status"] == "stopped"
     assert alpha.qemu_processes() == []
     start = send(c, "start", vm="vm01", expires_at=stale)
     assert_expired(refusal(c, start), "vm01", "start")
@@ -117,7 +126,7 @@ def test_stale_imperative_requests_are_refused_and_change_nothing(
     ensured = orch.wait(send(c, "ensure", vm="vm01", expires_at=stale), timeout=60)
     assert ensured["actions"] == ["nothing"]
     bad = refusal(c, send(c, "start", vm="vm01", expires_at="soon"))
-    assert (bad.fields["error"], bad.fields["field"]) == ("BadRequest", "expires_at")
+    assert (bad.fields["error"], bad.fields["field"]) == ("Unauthorized", "expires_at")
     assert alpha.qemu_processes() == []
 
 

@@ -113,7 +113,13 @@ def prepare() -> dict[str, Any]:
     flower_pw = secrets.token_urlsafe(9)
     (BASE / "flower.auth").write_text(f"admin:{flower_pw}\n")
     (BASE / "flower.auth").chmod(0o600)
+    # The orchestrator's signing key. One machine plays the orchestrator and
+    # both hosts here, so the shared cluster section names the key; on a real
+    # fleet only the orchestrator side's settings do (docs/security.md).
+    signer = hostkeys.orchestrator_keygen(BASE / "orchestrator.key")
     cluster = {"broker_url": f"redis://127.0.0.1:{port}/0",
+               "orchestrator_keys": [signer["public_key"]],
+               "orchestrator_key_file": signer["key_file"],
                "password_file": str(BASE / "redis.password"),
                "sweep_interval": 5, "registry_ttl": 10, "visibility_timeout": 120,
                "flower_port": flower_port, "flower_auth_file": str(BASE / "flower.auth"),
@@ -174,6 +180,7 @@ def start_services(info: dict[str, Any]) -> None:
     for host in HOSTS:
         spawn([*FCQ, "worker"], BASE / host / "worker.log", env_for(host))
     spawn([*FCQ, "beat"], BASE / "beat.log", env_for("alpha"))
+    spawn([*FCQ, "controller"], BASE / "controller.log", env_for("alpha"))
     beat.append(processes.pop())
     spawn([*FCQ, "flower"], BASE / "flower.log", env_for("alpha"))
     spawn([*FCQ, "metrics"], BASE / "metrics.log", env_for("alpha"))

@@ -3,7 +3,8 @@
 By default VM commands go through the cluster: they are enqueued to the
 VM's host queue and followed until done (``--no-wait`` prints the task id).
 ``--local`` acts on this host directly, without Celery, for debugging on a
-host. Services: ``fcq worker``, ``fcq beat``, ``fcq flower``, ``fcq metrics``.
+host. Services: ``fcq worker``, ``fcq beat``, ``fcq controller``, ``fcq flower``,
+``fcq metrics``.
 
 Exit codes (docs/cli.md): 0 done; 1 the system failed; 2 bad input; 3 the VM
 is busy; 4 refused by a safety rule. With several VMs the highest code wins.
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and print its host record")
     sp.add_argument("--write-record", action="store_true",
                     help="also write the record to cluster.hosts_dir (one machine, demos)")
+    sp.add_argument("--orchestrator", metavar="FILE",
+                    help="instead: make the orchestrator's signing key at FILE (never on a "
+                    "hypervisor) and print the public key for cluster.orchestrator_keys")
     sub.add_parser("hosts", help="live hosts: VMs, memory booked and limit, last heartbeat")
     sp = sub.add_parser("jobs", help="recent tasks, their VM, host and state")
     sp.add_argument("--limit", type=int, default=20)
@@ -140,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="port of its /metrics (default: the settings' metrics_port); "
                     "two workers sharing one machine and one settings file need two")
     sub.add_parser("beat", help="run Celery beat: ensure sweeps for every live host")
+    sub.add_parser("controller", help="run the orchestrator side's worker: starts the "
+                   "moves hosts ask for (needs cluster.orchestrator_key_file)")
     sub.add_parser("metrics", help="serve the cluster's metrics (hosts, queues, VMs) for "
                    "Prometheus")
     sp = sub.add_parser("flower", help="run Flower (basic auth unless --no-auth)")
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("snapshot: give a NAME, --list or --remove NAME, only one of them")
     try:
         settings = load_host_settings(settings_path(args.config))
-        if args.command in ("worker", "beat", "flower", "metrics"):
+        if args.command in ("worker", "beat", "controller", "flower", "metrics"):
             from fcq_tasks.cli import services  # Celery is imported only where it is used
             return services.run(settings, args)
     except FcqError as err:

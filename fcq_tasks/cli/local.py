@@ -46,6 +46,9 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
     if args.command == "ls":
         rows = list_vms(settings)
         out.table(rows, ls_table(rows))
+    elif args.command == "keygen" and args.orchestrator:
+        made = hostkeys.orchestrator_keygen(Path(args.orchestrator))
+        out.result(made, f"# cluster.orchestrator_keys on every host lists:\n{made['public_key']}")
     elif args.command == "keygen":
         record = hostkeys.keygen(settings, args.write_record)
         out.result(record, f"# {record['record_file']}\n{record['record'].rstrip()}")

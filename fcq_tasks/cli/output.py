@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from typing import Any
 
@@ -16,12 +17,29 @@ from fcq_tasks.errors import ConfigErrors, FcqError
 EXIT_OK, EXIT_SYSTEM, EXIT_INPUT = 0, 1, 2
 
 
+#: Control characters (C0, DEL, C1) but line feed and tab: what a terminal
+#: would obey (ANSI escapes, carriage returns) instead of showing.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+CONTROL_OR_NEWLINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escaped(text: str, keep_lines: bool = True) -> str:
+    """*text* with control characters shown as escapes, never obeyed by the terminal.
+
+    Some of what fcq prints comes from outside (a guest agent's error, a
+    value read from Redis): it must not move the cursor, recolour the
+    screen or, in an error message (*keep_lines* false), forge a line.
+    """
+    pattern = CONTROL if keep_lines else CONTROL_OR_NEWLINE
+    return pattern.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def say(text: str, err: bool = False) -> None:
     stream = sys.stderr if err else sys.stdout
     if stream is None:
         return
     with contextlib.suppress(OSError, ValueError):
-        print(text, file=stream, flush=True)
+        print(escaped(text), file=stream, flush=True)
 
 
 class Output:
@@ -51,7 +69,7 @@ class Output:
         record = {"vm": vm, **err.to_dict()} if vm else err.to_dict()
         self.records.append(record)
         if not self.as_json:
-            say(f"fcq: error: {err.message}", err=True)
+            say(f"fcq: error: {escaped(err.message, keep_lines=False)}", err=True)
 
     def finish(self) -> int:
         if self.as_json:

@@ -1,14 +1,16 @@
-"""`fcq worker`, `fcq beat`, `fcq flower`, `fcq metrics`: the long-running processes."""
+"""`fcq worker`, `fcq beat`, `fcq controller`, `fcq flower`, `fcq metrics`: the services."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import stat
 import sys
 
 from fcq_tasks import logs
 from fcq_tasks.cluster.celeryapp import configure
+from fcq_tasks.config.clustersettings import check_secret_mode
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import check_endpoint, check_name
 from fcq_tasks.errors import ConfigError
@@ -32,6 +34,9 @@ def run(settings: HostSettings, args: argparse.Namespace) -> int:
     elif args.command == "beat":
         from fcq_beat import run_beat
         run_beat(settings)
+    elif args.command == "controller":
+        from fcq_tasks.cluster.controller import run_controller
+        run_controller(settings)
     elif args.command == "metrics":
         from fcq_tasks.cluster.clustermetrics import run_cluster_metrics
         run_cluster_metrics(settings)
@@ -57,6 +62,29 @@ def protect_flower_endpoints() -> None:
             handler.get = wrapped
 
 
+def make_flower_read_only() -> None:
+    """Refuse every write of Flower's API (403): Flower is for watching.
+
+    Flower 2.2 has no read-only mode: its API applies and sends tasks,
+    revokes them and shuts workers down, for anyone with its password.
+    Every POST of its task and worker-control API is answered 403 here,
+    once per process. (Hosts would refuse such a task anyway: it carries
+    no grant; and their remote control is off.)
+    """
+    import tornado.web
+    from flower.api import control, tasks
+
+    def refuse(self: tornado.web.RequestHandler, *args: object, **kwargs: object) -> None:
+        raise tornado.web.HTTPError(403, reason="fcq runs Flower read-only: use the fcq "
+                                    "command, whose requests are signed")
+
+    for module in (tasks, control):
+        for handler in vars(module).values():
+            if (isinstance(handler, type) and issubclass(handler, tornado.web.RequestHandler)
+                    and "post" in vars(handler)):
+                handler.post = refuse
+
+
 def run_flower(settings: HostSettings, no_auth: bool) -> None:
     c = settings.cluster
     argv = ["flower", f"--address={c.flower_address}", f"--port={c.flower_port}",
@@ -67,11 +95,13 @@ def run_flower(settings: HostSettings, no_auth: bool) -> None:
                               "is required for Flower (a file with user:password lines); "
                               "--no-auth only for demos")
         try:
+            mode = stat.S_IMODE(os.stat(c.flower_auth_file).st_mode)
             creds = ",".join(line.strip() for line in c.flower_auth_file.read_text().splitlines()
                              if line.strip())
         except OSError as err:
             raise ConfigError(str(c.flower_auth_file), "cluster.flower_auth_file",
                               f"cannot be read: {err.strerror}") from err
+        check_secret_mode(c.flower_auth_file, "cluster.flower_auth_file", mode)
         if ":" not in creds:
             raise ConfigError(str(c.flower_auth_file), "cluster.flower_auth_file",
                               "must hold user:password lines")
@@ -79,5 +109,6 @@ def run_flower(settings: HostSettings, no_auth: bool) -> None:
         # credentials there keeps them out of the process's command line.
         os.environ["FLOWER_BASIC_AUTH"] = creds
     protect_flower_endpoints()
+    make_flower_read_only()
     app = configure(settings)
     app.start(argv)

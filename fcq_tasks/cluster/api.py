@@ -25,8 +25,9 @@ from typing import Any
 import kombu.pools
 import redis
 from celery.result import AsyncResult
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fcq_tasks.cluster import registry
+from fcq_tasks.cluster import grants, registry
 from fcq_tasks.cluster.celeryapp import client_app, host_queue
 from fcq_tasks.cluster.results import BROKER_ERRORS, follow, lost_result_store, renew_backend
 from fcq_tasks.cluster.taskargs import kwargs_repr
@@ -40,12 +41,10 @@ VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock", "
 #: Imperative tasks: they act on the world as it was when they were sent, so
 #: their messages carry expires_at (cluster.request_ttl from now) and a host
 #: refuses them once it has passed (a redelivery after a worker crash comes
-#: up to visibility_timeout late). ensure, sweeps and apply_config converge
-#: to the config as it is now: always safe, they never expire this way.
-EXPIRING_TASKS = frozenset({"fcq.start", "fcq.stop", "fcq.restart", "fcq.kill",
-                            "fcq.force_unlock", "fcq.snapshot", "fcq.remove_snapshot",
-                            "fcq.resize", "fcq.upgrade", "fcq.evacuate", "fcq.lock",
-                            "fcq.unlock", "fcq.set_drained"})
+#: up to visibility_timeout late). They are the signed ones (cluster/grants.py):
+#: a grant needs an expiry. ensure and sweeps converge to the config as it is
+#: now: always safe, they never expire this way.
+EXPIRING_TASKS = grants.SIGNED_TASKS
 
 
 class Orchestrator:
@@ -55,6 +54,7 @@ class Orchestrator:
         self.settings = settings
         self.app = client_app(settings)
         self._client: redis.Redis | None = None
+        self._signing_key: Ed25519PrivateKey | None = None  # loaded at the first grant
 
     @property
     def client(self) -> redis.Redis:
@@ -259,7 +259,7 @@ class Orchestrator:
                               t, "apply-config", spec.name)
                 for t in sorted(targets)}
 
-    def migrate(self, vm: str, dst: str) -> str:
+    def migrate(self, vm: str, dst: str, src: str | None = None) -> str:
         """Live-migrate *vm* to host *dst*; return the chord's task id (finish_migration).
 
         chord(group(inmigrate@dst, outmigrate@src), finish_migration@dst),
@@ -269,12 +269,16 @@ class Orchestrator:
         from celery import chord, group
         if not NAME_RE.match(vm):
             raise BadRequest("vm", f"{NAME_RULE} (got {vm!r})")
+        self.signing_key()  # no key, no attempt: refused before anything is claimed
         self._check_host(dst)
         hosts = self._registry()
         running = [h for h, rec in hosts.items() if vm in rec["running"]]
         if not running:
             raise BadRequest("vm", f"{vm} runs on no live host: nothing to migrate")
-        src = running[0]
+        if src is not None and src not in running:
+            raise Refused(f"{vm} does not run on {src} (it runs on {running[0]}): not "
+                          "migrated", vm=vm, host=src)
+        src = running[0] if src is None else src
         if src == dst:
             raise BadRequest("host", f"{vm} already runs on {dst}")
         if vm not in hosts[dst]["vms"]:
@@ -293,13 +297,16 @@ class Orchestrator:
         ttl = int(attempt_seconds(self.settings, memory_mb)
                   + 2 * self.settings.migration_peer_grace) + 60
         common = {"vm": vm, "attempt": attempt}
-        halves = {"inmigrate": {**common, "src": src, "host": dst},
-                  "outmigrate": {**common, "dst": dst, "host": src}}
+        in_id, in_kwargs = self.signed("fcq.inmigrate", dst, {**common, "src": src,
+                                                              "host": dst}, f"{attempt}-in")
+        out_id, out_kwargs = self.signed("fcq.outmigrate", src, {**common, "dst": dst,
+                                                                "host": src}, f"{attempt}-out")
+        # Each half as sent, grant included (a signature, no secret): for
+        # operators, and to tell a replay of a half from a new request.
+        halves = {"inmigrate": in_kwargs, "outmigrate": out_kwargs}
         try:
             other = claim_attempt(self.client, vm, attempt, ttl)
             if other is None:
-                # What each half was asked: for operators, and to tell a
-                # replay of a half from a new request.
                 self.client.set(f"fcq:mig:{vm}:{attempt}:request", json.dumps(halves),
                                 ex=key_ttl(self.settings))
         except BROKER_ERRORS as err:
@@ -308,12 +315,12 @@ class Orchestrator:
             raise Refused(f"{vm}: migration {other} is already in flight "
                           "(fcq migrate --abort to stop it)", vm=vm, attempt=other)
         header = group(
-            self.app.signature("fcq.inmigrate", kwargs=halves["inmigrate"],
-                               kwargsrepr=kwargs_repr(halves["inmigrate"]),
-                               queue=host_queue(dst)),
-            self.app.signature("fcq.outmigrate", kwargs=halves["outmigrate"],
-                               kwargsrepr=kwargs_repr(halves["outmigrate"]),
-                               queue=host_queue(src), task_id=f"{attempt}-out"))
+            self.app.signature("fcq.inmigrate", kwargs=in_kwargs,
+                               kwargsrepr=kwargs_repr(in_kwargs),
+                               queue=host_queue(dst), task_id=in_id),
+            self.app.signature("fcq.outmigrate", kwargs=out_kwargs,
+                               kwargsrepr=kwargs_repr(out_kwargs),
+                               queue=host_queue(src), task_id=out_id))
         # Wall clock: the callback, on another host, measures the queueing from it.
         body = self.app.signature("fcq.finish_migration",
                                   kwargs={**common, "sent_at": time.time()},
@@ -347,16 +354,34 @@ class Orchestrator:
         self._check_host(host)
         return self._send("fcq.ensure_host", {"host": host}, host, "sweep", "*")
 
-    def _send(self, task: str, kwargs: dict[str, Any], host: str, operation: str,
-              vm: str) -> str:
+    def signed(self, task: str, host: str, kwargs: dict[str, Any],
+               task_id: str | None = None) -> tuple[str, dict[str, Any]]:
+        """(task id, kwargs) of an imperative request to *host*: expiring, with its grant.
+
+        Any other task is returned as it is, with a fresh id.
+        """
+        task_id = task_id or str(uuid.uuid4())
         if task in EXPIRING_TASKS:
             # Wall clock on purpose: the host compares it with its own clock,
             # and hosts are NTP-synced; request_ttl (minutes) dwarfs any skew
             # NTP leaves, so keep it generous rather than tight.
             kwargs = {**kwargs, "expires_at": time.time() + self.settings.cluster.request_ttl}
+        if task in grants.SIGNED_TASKS:
+            kwargs["grant"] = grants.grant(self.signing_key(), task, task_id, host, kwargs)
+        return task_id, kwargs
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The orchestrator's key (cluster.orchestrator_key_file), read once."""
+        if self._signing_key is None:
+            self._signing_key = grants.load_signing_key(self.settings)
+        return self._signing_key
+
+    def _send(self, task: str, kwargs: dict[str, Any], host: str, operation: str,
+              vm: str) -> str:
+        task_id, kwargs = self.signed(task, host, kwargs)
         try:
             result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host),
-                                        kwargsrepr=kwargs_repr(kwargs))
+                                        kwargsrepr=kwargs_repr(kwargs), task_id=task_id)
             registry.record_job(self.client, result.id, operation, vm, host,
                                 self.settings.cluster.result_expires)
         except BROKER_ERRORS as err:

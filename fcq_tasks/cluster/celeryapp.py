@@ -45,7 +45,7 @@ UNROUTED = "fcq.unrouted"
 SOCKET_TIMEOUT = 10
 
 app = Celery("fcq", include=["fcq_tasks.cluster.tasks", "fcq_tasks.cluster.daytwo",
-                            "fcq_tasks.cluster.draintasks"])
+                            "fcq_tasks.cluster.draintasks", "fcq_tasks.cluster.controller"])
 
 
 def host_queue(host: str) -> str:

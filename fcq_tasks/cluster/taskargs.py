@@ -21,5 +21,5 @@ def kwargs_repr(kwargs: dict[str, Any]) -> str:
     if "config" in kwargs:
         parts.append(f"config=<{len(str(kwargs['config']))} bytes>")
     hidden = sorted(k for k in kwargs if k not in SHOWN_KWARGS and k != "config")
-    parts += [f"{k}=…" for k in hidden if k not in ("expires_at", "version")]
+    parts += [f"{k}=…" for k in hidden if k not in ("expires_at", "version", "grant")]
     return " ".join(parts)

@@ -12,11 +12,12 @@ A task on a VM that is busy with another operation waits
 ``task_busy_wait`` seconds, then is retried later (``busy_retries`` ×
 ``busy_retry_delay``): never dropped, never interleaved.
 
-Imperative requests (start, stop, restart, kill, force-unlock) carry
-``expires_at`` and are refused once it has passed: a message redelivered
-after a worker crash arrives up to ``visibility_timeout`` late, and must not
-act on a world that has moved on. ensure, the sweep and apply_config
-converge to the config as it is now, so they never expire this way.
+Imperative requests (every signed one: start, stop, apply_config, the
+migration halves, ...; cluster/grants.py) carry ``expires_at`` and are
+refused once it has passed: a message redelivered after a worker crash
+arrives up to ``visibility_timeout`` late, and must not act on a world that
+has moved on. ensure and the sweep converge to the config as it is now, so
+they never expire this way.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.signals import worker_shutdown
 
-from fcq_tasks.cluster import registry
+from fcq_tasks.cluster import grants, registry
 from fcq_tasks.cluster.celeryapp import app, host_queue
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
@@ -91,6 +92,47 @@ class FcqTask(Task):  # type: ignore[type-arg]
     throws = (TaskRejected,)
     acks_late = True
     reject_on_worker_lost = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task, after its grant verified if it is imperative (cluster/grants.py).
+
+        Before anything else, so a forged or replayed request changes
+        nothing. The request's id is remembered as spent once it has run,
+        whatever its outcome, except when it is to be tried again (a busy
+        VM's retry: the same request, later).
+        """
+        if self.name not in grants.SIGNED_TASKS:
+            return super().__call__(*args, **kwargs)
+        settings = current_settings()
+        task_id = self.request.id
+        try:
+            signed = grants.check(settings, self.name, task_id, kwargs)
+            if signed:
+                what = kwargs.get("vm") if isinstance(kwargs.get("vm"), str) else settings.host
+                check_expiry(str(what), self.name.removeprefix("fcq.").replace("_", "-"),
+                             kwargs["expires_at"])
+        except grants.Replayed as err:
+            # No result of its own: the request's first run keeps its result
+            # (and a migration half its place in the chord).
+            log.warning("request-replay-ignored", task=self.name, task_id=task_id,
+                        error=err.message)
+            raise Ignore(err.message) from err
+        except FcqError as err:
+            log.warning("request-refused", task=self.name, task_id=task_id,
+                        error=err.message)
+            raise self.fail(err) from err
+        if not signed:
+            return super().__call__(*args, **kwargs)
+        assert isinstance(task_id, str)  # grants.check refuses anything else
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Retry:
+            raise
+        except BaseException:
+            grants.mark_spent(settings, task_id, kwargs["expires_at"])
+            raise
+        grants.mark_spent(settings, task_id, kwargs["expires_at"])
+        return result
 
     def fail(self, err: FcqError) -> TaskError:
         info = err.to_dict()
@@ -151,18 +193,8 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
                     "vm": name, "host": settings.host, "operation": operation, "step": step,
                     **details})
 
-        def outmigrate(dst: str) -> None:
-            from fcq_tasks.cluster.api import Orchestrator
-            try:
-                # Closed at once: an orchestrator left to the garbage collector
-                # unsubscribes its results later, on whatever thread runs then.
-                with Orchestrator(settings) as orch:
-                    task_id = orch.migrate(name, dst)
-                log.info("outmigration-started", vm=name, to=dst, task_id=task_id)
-            except FcqError as err:  # e.g. one already in flight: the next ensure looks again
-                log.warning("outmigration-not-started", vm=name, to=dst, error=err.message)
-
-        agent = VMAgent(tasksettings, name, progress=progress, outmigrate_hook=outmigrate)
+        agent = VMAgent(tasksettings, name, progress=progress,
+                        outmigrate_hook=move_asker(settings, name))
         structlog.contextvars.bind_contextvars(task_id=task.request.id, vm=name)
         try:
             return act(agent)
@@ -184,6 +216,22 @@ def run_on_vm(task: FcqTask, operation: str, vm: object, host: object,
         raise
     except FcqError as err:
         raise task.fail(err) from err
+
+
+def move_asker(settings: HostSettings, name: str) -> Callable[[str], None]:
+    """What a host does when its config sends a VM it runs elsewhere: it asks the controller.
+
+    A host never sends work to another host (cluster/controller.py); the
+    controller checks the request and starts the migration itself.
+    """
+    def ask(dst: str) -> None:
+        from fcq_tasks.cluster.controller import request_move
+        try:
+            task_id = request_move(settings, name, dst)
+            log.info("move-requested", vm=name, to=dst, task_id=task_id)
+        except Exception as err:  # the next ensure asks again
+            log.warning("move-not-requested", vm=name, to=dst, error=str(err))
+    return ask
 
 
 def vm_task(name: str, operation: str, method: Callable[[VMAgent], dict[str, Any]],
@@ -356,7 +404,8 @@ def ensure_host(self: FcqTask, /, host: str | None = None, **_: Any) -> dict[str
     settings = current_settings()
     if host is not None and host != settings.host:
         raise self.fail(BadRequest("host", f"sweep for {host!r} reached {settings.host!r}"))
-    sweep = ensure_all(dataclasses.replace(settings, operation_wait=0), held_monitors())
+    sweep = ensure_all(dataclasses.replace(settings, operation_wait=0), held_monitors(),
+                       lambda vm: move_asker(settings, vm))
     summary = {name: (r.get("actions") or r.get("outcome")) for name, r in sweep["vms"].items()}
     if any(actions != ["nothing"] for actions in summary.values()):
         # Something changed: show it at once. A converged sweep changed

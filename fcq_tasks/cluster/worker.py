@@ -109,6 +109,9 @@ def prepare_worker(settings: HostSettings) -> Celery:
     app.conf.worker_pool = "threads"
     app.conf.worker_consumer = f"{__name__}:PromptConsumer"
     app.conf.worker_concurrency = settings.cluster.worker_concurrency
+    # Celery's remote control lets any Redis client stop this worker's
+    # consumer or shut it down; fcq has its own ping and heartbeat.
+    app.conf.worker_enable_remote_control = False
     heartbeat = Heartbeat(settings)
     # Needs Ceph only, not Redis: started before the broker is reached.
     watch = FenceWatch(settings, settings.fence_check_interval) \
@@ -143,6 +146,14 @@ def prepare_worker(settings: HostSettings) -> Celery:
             metrics = f"{settings.metrics_address}:{endpoint.bound_port}"
         log.info("worker-ready", host=settings.host, queue=host_queue(settings.host),
                  broker=sanitized(app.conf.broker_url), metrics=metrics)
+        c = settings.cluster
+        if not c.orchestrator_keys and not c.accept_unsigned:
+            log.warning("no-orchestrator-keys", host=settings.host,
+                        detail="cluster.orchestrator_keys is empty: every imperative request "
+                        "(start, stop, migrate, ...) will be refused; sweeps still run")
+        if c.accept_unsigned:
+            log.warning("accepting-unsigned-requests", host=settings.host,
+                        detail="cluster.accept_unsigned is true: rolling upgrade only")
 
     def on_shutdown(**_: Any) -> None:
         heartbeat.stop()

@@ -47,6 +47,22 @@ class CephSettings:
         return self.pool_limits.get(pool, Limits())
 
 
+#: What separates options in QEMU's ``rbd:pool/image:conf=…:keyring=…`` drive
+#: string (``:``, and ``,`` between -drive options) or names a snapshot (``@``).
+DRIVE_STRING_SEPARATORS = frozenset(":,@")
+
+
+def _drive_path(f: str, field: str, value: object) -> Path:
+    """An absolute path that can be pasted into QEMU's rbd: drive string unchanged."""
+    path = v.check_abs_path(f, field, value)
+    bad = sorted(DRIVE_STRING_SEPARATORS & set(path))
+    if bad:
+        raise ConfigError(f, field, f"must not contain {' '.join(repr(c) for c in bad)}: "
+                          f"QEMU's rbd: drive string separates its options with them "
+                          f"(got {path!r})")
+    return Path(path)
+
+
 def parse_ceph_settings(f: str, value: object, host: str) -> CephSettings:
     m = v.check_mapping(f, "ceph", {} if value is None else value)
     bad = v.unknown_keys(m, CEPH_KEYS, "ceph")
@@ -66,9 +82,9 @@ def parse_ceph_settings(f: str, value: object, host: str) -> CephSettings:
             iops=v.check_int(f, f"ceph.pool_limits.{name}.iops", lm.get("iops", 0), 0, 10**7),
             bps=v.check_int(f, f"ceph.pool_limits.{name}.bps", lm.get("bps", 0), 0, 10**12))
     return CephSettings(
-        conf=Path(v.check_abs_path(f, "ceph.conf", m.get("conf", "/etc/ceph/ceph.conf"))),
+        conf=_drive_path(f, "ceph.conf", m.get("conf", "/etc/ceph/ceph.conf")),
         client_id=client_id,
-        keyring=Path(v.check_abs_path(f, "ceph.keyring", keyring)),
+        keyring=_drive_path(f, "ceph.keyring", keyring),
         pool=v.check_pool(f, "ceph.pool", m.get("pool", "rbd")),
         blocklist_seconds=v.check_int(f, "ceph.blocklist_seconds",
                                       m.get("blocklist_seconds", DEFAULT_BLOCKLIST_SECONDS),

@@ -9,11 +9,14 @@ logs (URLs are logged sanitised).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from fcq_tasks import trust
 from fcq_tasks.config import validate as v
 from fcq_tasks.errors import ConfigError
 
@@ -53,6 +56,14 @@ CLUSTER_DEFAULTS: dict[str, object] = {
     "metrics_auth_file": None,
     # Every host's record (migration address, public key): <hosts_dir>/<host>.yaml.
     "hosts_dir": "/etc/fcq/hosts",
+    # Signed commands (cluster/grants.py, docs/security.md). Every host lists
+    # the public keys whose grants it accepts (two while a key is rotated);
+    # only the orchestrator side's settings name the private key.
+    "orchestrator_keys": [],
+    "orchestrator_key_file": None,
+    # A rolling upgrade from an fcq that did not sign: hosts accept requests
+    # without a grant (logged) while this is true. Never leave it on.
+    "accept_unsigned": False,
 }
 
 
@@ -79,6 +90,9 @@ class ClusterSettings:
     metrics_port: int = 9742
     metrics_auth_file: Path | None = None
     hosts_dir: Path = Path("/etc/fcq/hosts")  # host records (config/peers.py)
+    orchestrator_keys: tuple[str, ...] = ()   # base64 Ed25519 public keys that may grant
+    orchestrator_key_file: Path | None = None  # the private key: orchestrator side only
+    accept_unsigned: bool = False             # rolling upgrade only: requests without grants
 
     @property
     def busy_retry_chain(self) -> float:
@@ -123,12 +137,22 @@ class ClusterSettings:
 
 
 def _read_secret(path: Path | None, field: str) -> str | None:
+    """A secret file's text; refused when group or others may read it."""
     if path is None:
         return None
     try:
-        return path.read_text().strip()
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        text = path.read_text().strip()
     except OSError as err:
         raise ConfigError(str(path), field, f"cannot be read: {err.strerror}") from err
+    check_secret_mode(path, field, mode)
+    return text
+
+
+def check_secret_mode(path: Path, field: str, mode: int) -> None:
+    if mode & 0o077:
+        raise ConfigError(str(path), field, f"has mode {mode:04o}: a secret must not be "
+                          "readable by group or others (chmod 0600)")
 
 
 def _with_password(url: str, password: str) -> str:
@@ -197,6 +221,9 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
         metrics_port=metrics_port,
         metrics_auth_file=None if metrics_auth is None else Path(metrics_auth),
         hosts_dir=Path(v.check_abs_path(f, "cluster.hosts_dir", raw["hosts_dir"])),
+        orchestrator_keys=_public_keys(f, raw["orchestrator_keys"]),
+        orchestrator_key_file=opt_path("orchestrator_key_file"),
+        accept_unsigned=v.check_bool(f, "cluster.accept_unsigned", raw["accept_unsigned"]),
     )
     # Busy retries resend the request with its original expires_at: a ttl
     # shorter than the chain would turn "busy, try again" into "expired".
@@ -208,6 +235,17 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
                           f"cluster.task_busy_wait) = {chain:g} s (got {settings.request_ttl}): "
                           "raise request_ttl or shorten the chain")
     return settings
+
+
+def _public_keys(f: str, value: object) -> tuple[str, ...]:
+    """cluster.orchestrator_keys: a list of Ed25519 public keys, each checked now."""
+    if not isinstance(value, list) or len(value) > 8:
+        raise ConfigError(f, "cluster.orchestrator_keys", "must be a list of at most 8 "
+                          "Ed25519 public keys, base64 (fcq --local keygen --orchestrator "
+                          "prints one)")
+    for i, text in enumerate(value):
+        trust.parse_public_key(f, f"cluster.orchestrator_keys[{i}]", text)
+    return tuple(value)
 
 
 def check_broker_url(f: str, url: str, sentinel: bool) -> None:

@@ -36,6 +36,10 @@ from fcq_tasks.errors import GuestAgentError, GuestAgentTimeout, NoGuestAgent
 
 #: How often a session waiting for another one's lock looks again.
 LOCK_RETRY = 0.05
+#: The longest line fcq reads from a guest agent (its answers to fcq's few
+#: commands are a few hundred bytes), and the most it reads for one answer.
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_READ_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -137,12 +141,27 @@ class GuestAgent:
         if not chunk:
             raise GuestAgentError(f"{self.vm}: guest agent closed the channel", vm=self.vm)
         self._buf += chunk
+        if len(self._buf) > MAX_MESSAGE_BYTES:
+            # Called only while what is buffered is not yet what fcq waits
+            # for (a line's end, the sync marker). The guest is not fcq's to
+            # trust: such a buffer would grow the worker's memory without bound.
+            self._buf = b""
+            raise GuestAgentError(f"{self.vm}: guest agent sent more than "
+                                  f"{MAX_MESSAGE_BYTES} bytes without the end of an answer "
+                                  f"to {command}: dropped", vm=self.vm)
 
     def _read_message(self, deadline: float, command: str, kind: str) -> dict[str, Any]:
+        skipped = 0
         while True:
             while b"\n" not in self._buf:
                 self._recv(deadline, command, kind)
             line, self._buf = self._buf.split(b"\n", 1)
+            skipped += len(line) + 1
+            if skipped > MAX_READ_BYTES:
+                self._buf = b""
+                raise GuestAgentError(f"{self.vm}: guest agent sent more than "
+                                      f"{MAX_READ_BYTES} bytes without an answer to "
+                                      f"{command}: the channel is flooded", vm=self.vm)
             line = line.strip()
             if not line:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fcq_tasks import trust
@@ -32,3 +33,19 @@ def keygen(settings: HostSettings, write_record: bool = False) -> dict[str, Any]
         write_atomically(record_file, record, mode=0o644)
     return {"host": settings.host, "key_file": str(path), "created": created,
             "record_file": str(record_file), "record": record, "written": write_record}
+
+
+def orchestrator_keygen(path: Path) -> dict[str, Any]:
+    """Make the orchestrator's signing key at *path* unless it exists; give its public half.
+
+    Run on the orchestrator side, never on a hypervisor: the key signs
+    every imperative request (cluster/grants.py).
+    """
+    created = not path.exists()
+    if created:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = trust.generate_private_key(path)
+    else:
+        key = trust.load_private_key(path, "--orchestrator")
+    return {"key_file": str(path), "created": created,
+            "public_key": trust.public_key_text(key)}

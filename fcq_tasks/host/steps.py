@@ -229,6 +229,9 @@ class VMSteps(Looks):
         s = self.settings
         self.started = None
         s.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # mkdir leaves a directory that was there already as it was (0755
+        # seen): its sockets, pid files and serial logs are nobody else's.
+        s.run_dir.chmod(0o700)
         accel = detect_accelerator(s.accelerator)
         drives = [self.storage.drive(self.name, v) for v in VOLUMES]
         config = render_qemu_config(s, spec, accel, drives,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -55,12 +56,14 @@ def list_vms(settings: HostSettings) -> list[dict[str, Any]]:
     return rows
 
 
-def ensure_all(settings: HostSettings, held: HeldMonitors | None = None) -> dict[str, Any]:
+def ensure_all(settings: HostSettings, held: HeldMonitors | None = None,
+               move: Callable[[str], Callable[[str], None]] | None = None) -> dict[str, Any]:
     """Ensure every VM this host knows; one VM's failure never stops the others.
 
     *held*: the worker's open sweep monitors, on which a converged VM's run
     state is asked (a process that sweeps once, like ``fcq ensure --all``,
-    passes none).
+    passes none). *move*: VM → what to do when that VM is to move to
+    another host (the worker asks its controller); without it, logged.
 
     ``sweep_concurrency`` VMs are looked at side by side: a look waits on
     QEMU's monitor and on the storage (Ceph round trips on RBD), not on the
@@ -76,7 +79,8 @@ def ensure_all(settings: HostSettings, held: HeldMonitors | None = None) -> dict
     acting = threading.Lock()
 
     def one(name: str) -> dict[str, Any]:
-        agent = VMAgent(settings, name, storage)
+        agent = VMAgent(settings, name, storage,
+                        outmigrate_hook=None if move is None else move(name))
         agent.sweep_drained = drained
         agent.held_monitors = held
         agent.sweep_act_lock = acting

@@ -1,0 +1,117 @@
+"""`fcq controller`: the orchestrator side's own worker, holding the signing key.
+
+Hosts never send work to each other (a host's credentials command nothing
+but that host). When a host finds that a VM it runs is now declared for
+another host (a pushed config moved ``kvm_host``), it asks the controller,
+on the queue ``fcq.controller``, with a request signed by its *own* host
+key: "move vm01 from me to beta". The controller checks that signature
+against the host's record (``<cluster.hosts_dir>/<src>.yaml``), that the
+request has not expired, that the VM runs on that very host and that the
+host's own config declares the destination, and only then starts the
+migration, signed with the orchestrator's key like any ``fcq migrate``.
+
+What a host can therefore make the controller do: migrate a VM it runs
+itself to the host its config names, nothing else; a host that lies can
+give its own guests away, which root on it can do anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from typing import Any
+
+import structlog
+from kombu import Queue
+
+from fcq_tasks import trust
+from fcq_tasks.cluster.celeryapp import app, configure
+from fcq_tasks.cluster.taskargs import kwargs_repr
+from fcq_tasks.cluster.tasks import FcqTask, _check_name, current_settings
+from fcq_tasks.config import peers
+from fcq_tasks.config.settings import HostSettings
+from fcq_tasks.errors import BadRequest, FcqError, Refused, Unauthorized
+
+log = structlog.get_logger()
+
+#: The controller's queue: hosts send move requests here, nothing else.
+CONTROLLER_QUEUE = "fcq.controller"
+MOVE_PURPOSE = "fcq-move-wanted"
+
+
+def _move_fields(vm: str, src: str, dst: str, expires_at: float) -> dict[str, str]:
+    return {"vm": vm, "src": src, "dst": dst, "expires_at": repr(float(expires_at))}
+
+
+def request_move(settings: HostSettings, vm: str, dst: str) -> str:
+    """On a host: ask the controller to migrate *vm* from here to *dst*; the task id."""
+    key = trust.load_private_key(settings.host_key_file)
+    # Short: a sweep asks again next time if the VM still needs moving.
+    expires_at = time.time() + min(settings.cluster.request_ttl,
+                                   4 * settings.cluster.sweep_interval + 60)
+    kwargs = {"vm": vm, "src": settings.host, "dst": dst, "expires_at": expires_at,
+              "sig": trust.sign(key, MOVE_PURPOSE,
+                                _move_fields(vm, settings.host, dst, expires_at))}
+    result = app.send_task("fcq.move_wanted", kwargs=kwargs, queue=CONTROLLER_QUEUE,
+                           kwargsrepr=kwargs_repr(kwargs))
+    return str(result.id)
+
+
+@app.task(bind=True, base=FcqTask, name="fcq.move_wanted")
+def move_wanted(self: FcqTask, /, vm: object = None, src: object = None, dst: object = None,
+                expires_at: object = None, sig: object = None, **_: Any) -> dict[str, Any]:
+    """On the controller: start the migration host *src* asked for, once it checks out."""
+    from fcq_tasks.cluster.api import Orchestrator
+    settings = current_settings()
+    try:
+        name = _check_name("vm", vm, "a VM name")
+        source = _check_name("src", src, "the asking host's name")
+        target = _check_name("dst", dst, "the destination host's name")
+        if (isinstance(expires_at, bool) or not isinstance(expires_at, (int, float))
+                or not math.isfinite(expires_at)):
+            raise BadRequest("expires_at", f"must be seconds since the epoch (got {expires_at!r})")
+        peer = peers.load_peer(settings.cluster.hosts_dir, source)
+        if not isinstance(sig, str) or not trust.verify(
+                peer.public_key, MOVE_PURPOSE, _move_fields(name, source, target, expires_at),
+                sig):
+            raise Unauthorized(f"move of {name} from {source} to {target} refused: not "
+                               f"signed by {source}'s key (its record in "
+                               "cluster.hosts_dir); nothing was done", vm=name, field="sig",
+                               rule="a host asks for its own moves, signed")
+        if time.time() > expires_at:
+            raise Refused(f"move of {name} from {source} to {target} refused: the request "
+                          "expired; the host asks again at its next ensure", vm=name,
+                          field="expires_at")
+        with Orchestrator(settings) as orch:
+            record = orch.hosts().get(source)
+            if record is None or name not in record.get("running", []):
+                raise Refused(f"{name} does not run on {source} (its heartbeat says so): "
+                              "a host may only give away a VM it runs", vm=name, host=source)
+            declared = record.get("vms", {}).get(name, {}).get("kvm_host")
+            if declared != target:
+                raise Refused(f"{source}'s config declares {name} for {declared!r}, not "
+                              f"{target!r}: not moved", vm=name, host=source)
+            task_id = orch.migrate(name, target, src=source)
+    except FcqError as err:
+        log.warning("move-refused", vm=vm, src=src, dst=dst, error=err.message)
+        raise self.fail(err) from err
+    log.info("move-started", vm=name, src=source, dst=target, task_id=task_id)
+    return {"vm": name, "operation": "move", "from": source, "to": target,
+            "migration": task_id}
+
+
+def run_controller(settings: HostSettings, loglevel: str = "INFO") -> None:
+    """Run the controller: a worker of its own queue, which signs what it starts."""
+    from fcq_tasks.cluster import grants
+    grants.load_signing_key(settings)  # refused now, not at the first move
+    configure(settings)
+    app.conf.fcq_settings = settings
+    app.conf.task_queues = [Queue(CONTROLLER_QUEUE, routing_key=CONTROLLER_QUEUE)]
+    app.conf.worker_enable_remote_control = False
+    app.worker_main([
+        "worker", "--queues", CONTROLLER_QUEUE,
+        "--hostname", f"controller@{socket.gethostname()}",
+        "--pool", "threads", "--concurrency", "2",
+        "--without-mingle", "--without-gossip", "--task-events", "--loglevel", loglevel,
+    ])
