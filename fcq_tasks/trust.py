@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -52,6 +55,30 @@ def verify(key: Ed25519PublicKey, purpose: str, fields: dict[str, str], signatur
     except (InvalidSignature, binascii.Error, ValueError):
         return False
     return True
+
+
+def document_digest(doc: dict[str, Any]) -> str:
+    """SHA-256 of *doc* as canonical JSON (what a signed record or result says)."""
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sign_document(key: Ed25519PrivateKey, purpose: str, doc: dict[str, Any],
+                  **context: str) -> str:
+    """Sign *doc* (every key of it) for *purpose*; *context* binds it further (a task id)."""
+    return sign(key, purpose, {**context, "digest": document_digest(doc)})
+
+
+def verify_document(key: Ed25519PublicKey, purpose: str, doc: dict[str, Any], signature: object,
+                    **context: str) -> bool:
+    if not isinstance(signature, str):
+        return False
+    try:
+        digest = document_digest(doc)
+    except (TypeError, ValueError):
+        return False
+    return verify(key, purpose, {**context, "digest": digest}, signature)
 
 
 def public_key_text(key: Ed25519PrivateKey) -> str:
@@ -92,6 +119,17 @@ def load_private_key(path: Path, field: str = "host_key_file") -> Ed25519Private
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(str(path), field, "must be an Ed25519 key")
     return key
+
+
+def cached_private_key(path: Path, field: str = "host_key_file") -> Ed25519PrivateKey:
+    """load_private_key, read again only when the file changed (a key read per heartbeat)."""
+    st = os.stat(path)
+    return _cached_key(str(path), st.st_mtime_ns, st.st_ino, field)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_key(path: str, mtime_ns: int, inode: int, field: str) -> Ed25519PrivateKey:
+    return load_private_key(Path(path), field)
 
 
 def generate_private_key(path: Path) -> Ed25519PrivateKey:

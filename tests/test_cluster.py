@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import UnroutedTask
 from fcq_tasks.errors import RemoteError
 from tests.cluster import Cluster, send_signed
@@ -86,9 +87,8 @@ def test_redis_restart_loses_no_task(make_cluster: ClusterFactory) -> None:
     for i in range(3):
         alpha.write_vm(f"vm0{i}")
     orch = c.orchestrator()
-    c.redis.client().set("fcq:host:alpha", json.dumps(
-        {"host": "alpha", "queue": "host.alpha", "seen": time.time(), "booked_mb": 0,
-         "limit_mb": 0, "running": [], "vms": {}}))  # let submit() accept the host
+    # alpha's record, as its worker would sign it: let submit() accept the host.
+    registry.publish_host(registry.connect(alpha.settings), alpha.settings)
     ids = [orch.submit("start", f"vm0{i}", host="alpha") for i in range(3)]
     assert c.redis.client().llen("host.alpha") == 3
     c.redis.restart()

@@ -9,6 +9,7 @@ every refusal is checked to have changed nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 import uuid
@@ -111,21 +112,23 @@ def test_a_host_cannot_command_another(make_cluster: ClusterFactory) -> None:
     assert events(alpha).count("request-refused") == len(tasks)
 
 
-def test_a_replayed_grant_is_ignored(make_cluster: ClusterFactory) -> None:
+def test_a_replayed_grant_changes_nothing(make_cluster: ClusterFactory) -> None:
     """A genuine stop, copied and sent again after it ran (the VM started again
-    since), is ignored: no second stop, and the first run's result stays."""
+    since), does nothing: no second stop; it is answered with the first run's
+    result (which is what a redelivery after a lost result needs too)."""
     c: Cluster = make_cluster(("alpha",))
     alpha, _ = alpha_runs_vm01(c)
     orch = c.orchestrator()
     tid, kwargs = orch.signed("fcq.stop", "alpha", {"vm": "vm01", "host": "alpha"})
     orch.app.send_task("fcq.stop", kwargs=kwargs, queue="host.alpha", task_id=tid)
-    assert orch.wait(tid, timeout=120)["status"] == "stopped"
+    first = orch.wait(tid, timeout=120)
+    assert first["status"] == "stopped"
     assert orch.wait(orch.submit("start", "vm01"), timeout=120)["status"] == "running"
     pid = running_pid(alpha)
     orch.app.send_task("fcq.stop", kwargs=kwargs, queue="host.alpha", task_id=tid)
-    wait_for(lambda: "request-replay-ignored" in events(alpha), 30, "the replay to be seen")
+    wait_for(lambda: "request-replay-answered" in events(alpha), 30, "the replay to be seen")
     assert running_pid(alpha) == pid
-    assert orch.state(tid)[0] == "SUCCESS"  # the first run's, not overwritten
+    assert orch.wait(tid, timeout=30) == first  # the first run's result, signed again
 
 
 def test_hosts_ask_the_controller_and_it_checks(make_cluster: ClusterFactory) -> None:
@@ -237,3 +240,51 @@ def test_grant_checks_in_process(tmp_path: Any) -> None:
     spent = s.state_dir / "grants" / "id-1"
     assert spent.stat().st_mode & 0o777 == 0o600
     shutil.rmtree(host.base)
+
+
+def test_forged_heartbeats_and_results_are_not_believed(make_cluster: ClusterFactory) -> None:
+    """beta writes records in Redis as alpha would: a heartbeat for a host 'gamma'
+    it invented, one for alpha that claims room alpha does not have, and a
+    result for alpha's task. The orchestrator believes none of them; alpha's
+    own records still count, capped by the inventory's capacity."""
+    c: Cluster = make_cluster()
+    alpha_runs_vm01(c)
+    c.worker("beta")
+    orch = c.orchestrator()
+    client = c.redis.client()
+    record = json.loads(str(client.get("fcq:host:beta")))
+    # A host the inventory does not know, with room for anything.
+    client.set("fcq:host:gamma", json.dumps({**record, "host": "gamma", "queue": "host.gamma",
+                                             "limit_mb": 10**7, "booked_mb": 0}), ex=60)
+    # beta's own record, re-signed by nobody, claiming more room.
+    client.set("fcq:host:beta", json.dumps({**record, "limit_mb": 10**7}), ex=60)
+    hosts = orch.hosts()
+    assert "gamma" not in hosts and set(orch.untrusted) >= {"gamma"}
+    with pytest.raises(Exception, match="not signed"):
+        orch.submit("ensure", "vm01", host="gamma")
+    cli = c.fcq("hosts")
+    assert "host gamma: its heartbeat is not signed" in cli.stderr
+    # The inventory caps what a genuine heartbeat claims.
+    records = c.redis.dir / "hosts" / "alpha.yaml"
+    records.write_text(records.read_text() + "memory_mb: 300\n")
+    assert orch.hosts()["alpha"]["limit_mb"] == 300
+
+    # A result for a task sent to alpha, written by beta (signed with beta's key)
+    # before alpha's own: the task is one alpha has not run yet.
+    task_id = str(uuid.uuid4())
+    orch._remember(task_id, "alpha")
+    forged: dict[str, Any] = {"vm": "vm01", "host": "alpha", "operation": "ensure",
+                              "status": "stopped"}
+    beta_key = trust.load_private_key(c.hosts["beta"].settings.host_key_file)
+    forged["signature"] = {"host": "beta", "sig": trust.sign_document(
+        beta_key, "fcq-result", dict(forged), id=task_id)}
+    meta: dict[str, Any] = {"status": "SUCCESS", "result": forged, "traceback": None,
+                            "children": [], "date_done": "2026-12-08T00:00:00",
+                            "task_id": task_id}
+    client.set(f"celery-task-meta-{task_id}", json.dumps(meta))
+    with pytest.raises(RemoteError, match="not believed: it is signed by 'beta'"):
+        orch.wait(task_id, timeout=30)
+    # alpha's genuine result, once it is written, verifies.
+    genuine = orch.submit("ensure", "vm01")
+    assert orch.wait(genuine, timeout=60)["host"] == "alpha"
+    assert orch.state(genuine)[1]["signature"]["host"] == "alpha"

@@ -122,6 +122,9 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                   f"{r['limit_mb']:>8} {'yes' if r['drained'] else 'no':<8} "
                   f"{r['seen_ago']}s ago" for r in rows]
         out.table(rows, "\n".join(lines) if rows else "no live hosts")
+        for name in orch.untrusted:
+            say(f"fcq: warning: host {name}: its heartbeat is not signed by the key in its "
+                "record (cluster.hosts_dir): ignored", err=True)
     elif cmd == "ls":
         rows = fleet_rows(orch.hosts())
         lines = [f"{'VM':<20} {'STATE':<9} {'KVM_HOST':<12} {'ONLINE':<7} {'MB':>6} "

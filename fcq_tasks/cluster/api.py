@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fcq_tasks.cluster import grants, registry
 from fcq_tasks.cluster.celeryapp import client_app, host_queue
-from fcq_tasks.cluster.results import BROKER_ERRORS, follow, lost_result_store, renew_backend
+from fcq_tasks.cluster.results import (
+    BROKER_ERRORS,
+    follow,
+    lost_result_store,
+    renew_backend,
+)
+from fcq_tasks.cluster.results import verify as verify_result
 from fcq_tasks.cluster.taskargs import kwargs_repr
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
@@ -47,6 +53,10 @@ VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock", "
 EXPIRING_TASKS = grants.SIGNED_TASKS
 
 
+#: How many sent tasks an orchestrator remembers the host of (for wait()).
+SENT_KEPT = 10000
+
+
 class Orchestrator:
     """Submit VM operations to host queues and follow them. No I/O in here."""
 
@@ -55,6 +65,8 @@ class Orchestrator:
         self.app = client_app(settings)
         self._client: redis.Redis | None = None
         self._signing_key: Ed25519PrivateKey | None = None  # loaded at the first grant
+        self.untrusted: list[str] = []  # hosts whose heartbeats did not verify, last read
+        self._sent_to: dict[str, str] = {}  # task id → the host whose signature its result needs
 
     @property
     def client(self) -> redis.Redis:
@@ -129,10 +141,18 @@ class Orchestrator:
         self.close()
 
     def _registry(self) -> dict[str, dict[str, Any]]:
+        """Live hosts whose heartbeats their own keys signed (registry.trusted).
+
+        The names of the others (forged, unsigned, unknown to the
+        inventory's records) are kept in ``self.untrusted`` for the caller
+        to show.
+        """
         try:
-            return registry.hosts(self.client)
+            records = registry.hosts(self.client)
         except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
+        self.untrusted = []
+        return registry.trusted(records, self.settings.cluster.hosts_dir, self.untrusted)
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         return self._registry()
@@ -156,10 +176,15 @@ class Orchestrator:
             raise BadRequest("host", f"{NAME_RULE} (got {host!r})")
         try:
             # One GET: a start must not scan every host's record on the way.
-            alive = registry.host(self.client, host) is not None
+            record = registry.host(self.client, host)
         except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
-        if not alive:
+        if record is not None and registry.verified(record,
+                                                    self.settings.cluster.hosts_dir) is None:
+            raise Refused(f"host {host!r}: its heartbeat is not signed by the key in its "
+                          f"record ({self.settings.cluster.hosts_dir}/{host}.yaml): not "
+                          "believed, nothing sent", host=host)
+        if record is None:
             raise BadRequest("host", f"host {host!r} has no live worker (no heartbeat within "
                              f"{self.settings.cluster.registry_ttl} s)")
 
@@ -327,6 +352,9 @@ class Orchestrator:
                                   queue=host_queue(dst))
         body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
                                            queue=host_queue(src)))
+        body_id = str(uuid.uuid4())
+        body.set(task_id=body_id)
+        self._remember(body_id, dst)  # finish_migration runs there
         try:
             result = chord(header)(body)
             registry.record_job(self.client, result.id, "migrate", vm, f"{src}>{dst}",
@@ -380,6 +408,7 @@ class Orchestrator:
               vm: str) -> str:
         task_id, kwargs = self.signed(task, host, kwargs)
         try:
+            self._remember(task_id, host)
             result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host),
                                         kwargsrepr=kwargs_repr(kwargs), task_id=task_id)
             registry.record_job(self.client, result.id, operation, vm, host,
@@ -415,6 +444,9 @@ class Orchestrator:
              on_progress: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         """Wait for a task; return its result or raise the host's error as RemoteError.
 
+        A result is returned only when the host the task went to signed it
+        (results.verify); it comes without that signature.
+
         A Redis outage meanwhile is waited out (until *timeout*), and this
         orchestrator keeps working afterwards: see cluster/results.py.
         """
@@ -435,12 +467,43 @@ class Orchestrator:
         if on_progress is not None:
             on_progress(state, info if state != "SUCCESS" else None)
         if state == "SUCCESS" and isinstance(info, dict):
-            return info
+            why = verify_result(info, task_id, self._expected_signer(task_id),
+                                self.settings.cluster.hosts_dir)
+            if why is not None:
+                raise RemoteError({"error": "UntrustedResult", "message":
+                                   f"the result of task {task_id} is not believed: {why} "
+                                   "(a result written to Redis by someone else, or a host "
+                                   "without its key)", "task_id": task_id})
+            return {k: v for k, v in info.items() if k != "signature"}  # checked: done
         if state == "FAILURE":
             raise remote_error(info)
         # REVOKED (e.g. a sweep that expired in a queue) or anything unexpected.
         raise RemoteError({"error": "TaskNotDone", "message":
                            f"task {task_id} ended in state {state}: {info!r}"})
+
+    def _remember(self, task_id: str, host: str) -> None:
+        self._sent_to[task_id] = host
+        if len(self._sent_to) > SENT_KEPT:  # a long-lived orchestrator (fcq controller)
+            del self._sent_to[next(iter(self._sent_to))]
+
+    def _expected_signer(self, task_id: str) -> str | None:
+        """The host whose signature the result of *task_id* needs, if known.
+
+        Known for certain for what this orchestrator sent; for another
+        process's task (``fcq wait ID``), from the job record in Redis
+        (best effort: that record is as writable as the result).
+        """
+        if task_id in self._sent_to:
+            return self._sent_to[task_id]
+        try:
+            raw = self.client.get(registry.JOB_KEY + task_id)
+            job = json.loads(str(raw)) if raw else None
+        except (*BROKER_ERRORS, ValueError):
+            return None
+        host = job.get("host") if isinstance(job, dict) else None
+        if not isinstance(host, str):
+            return None
+        return host.split(">")[-1]  # a migration ("src>dst") ends on dst
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         """The most recent submitted tasks with their current state."""

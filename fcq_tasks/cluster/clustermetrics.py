@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -71,8 +72,11 @@ def host_of_queue_key(key: str) -> str | None:
 class ClusterState(Collector):
     """The cluster's gauges, read from Redis at every scrape."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, hosts_dir: Path | None = None) -> None:
         self.client = client
+        # Heartbeats are believed only when their hosts signed them (records
+        # in hosts_dir); without one (a test's bare collector) all are read.
+        self.hosts_dir = hosts_dir
         self.seen_hosts: set[str] = set()
         self._scanned: float | None = None  # monotonic time of the last queue scan
         self._lock = threading.Lock()
@@ -120,7 +124,8 @@ class ClusterState(Collector):
         alive.add_metric([], live)
         yield alive
         bad = GaugeMetricFamily("fcq_host_records_unreadable",
-                                "Heartbeat records this scrape could not read (left out)")
+                                "Heartbeat records this scrape could not read or whose "
+                                "signature did not verify (left out)")
         bad.add_metric([], len(unreadable))
         yield bad
         yield from (age, booked, limit)
@@ -137,6 +142,8 @@ class ClusterState(Collector):
     def _read(self) -> tuple[dict[str, dict[str, Any]], dict[str, int], list[str]]:
         unreadable: list[str] = []
         hosts = registry.hosts(self.client, unreadable)
+        if self.hosts_dir is not None:
+            hosts = registry.trusted(hosts, self.hosts_dir, unreadable)
         found: set[str] = set()
         now = time.monotonic()
         if self._scanned is None or now - self._scanned >= QUEUE_SCAN_EVERY:
@@ -162,7 +169,7 @@ def cluster_endpoint(settings: HostSettings) -> MetricsEndpoint:
         raise ConfigError(settings.source, "cluster.metrics_port",
                           "is 0 (off): `fcq metrics` needs a port to serve")
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(ClusterState(registry.connect(settings)))
+    reg.register(ClusterState(registry.connect(settings), settings.cluster.hosts_dir))
     return MetricsEndpoint(reg, c.metrics_address, c.metrics_port, c.metrics_auth_file,
                            settings.source, prefix="cluster.")
 

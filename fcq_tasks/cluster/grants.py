@@ -35,6 +35,7 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,15 @@ def check(settings: HostSettings, task: str, task_id: object,
     return True
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended: ``result`` (its value), ``rejected``/``failed`` (the
+    error's info), ``ignored`` (nothing to answer)."""
+
+    kind: str
+    value: Any = None
+
+
 def _spent_dir(settings: HostSettings) -> Path:
     return settings.state_dir / "grants"
 
@@ -173,18 +183,44 @@ def spent(settings: HostSettings, task_id: str) -> bool:
     return (_spent_dir(settings) / task_id).exists()
 
 
+def earlier_outcome(settings: HostSettings, task_id: str) -> Outcome | None:
+    """The outcome kept for request *task_id*; None if none can be read."""
+    try:
+        with open(_spent_dir(settings) / task_id, encoding="utf-8") as f:
+            raw = json.loads(f.read(MAX_OUTCOME_BYTES + 1))
+        return Outcome(str(raw["kind"]), raw.get("value"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 _prune_lock = threading.Lock()
 _last_prune = [0.0]
 
+#: An outcome larger than this is not kept (only that the request ran).
+MAX_OUTCOME_BYTES = 1 << 20
 
-def mark_spent(settings: HostSettings, task_id: str, expires_at: float) -> None:
-    """Remember that request *task_id* has run here, until it could no longer run anyway."""
+
+def mark_spent(settings: HostSettings, task_id: str, expires_at: float,
+               outcome: Outcome | None = None) -> None:
+    """Remember that request *task_id* has run here and how, until it could not run anyway.
+
+    Written whole or not at all (a temporary file renamed), on this host's
+    disk, mode 0600.
+    """
     directory = _spent_dir(settings)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / task_id
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    kept = outcome or Outcome("ignored")
+    try:
+        text = json.dumps({"expires_at": expires_at, "kind": kept.kind, "value": kept.value})
+    except (TypeError, ValueError):
+        text = ""
+    if not text or len(text) > MAX_OUTCOME_BYTES:
+        text = json.dumps({"expires_at": expires_at, "kind": "ignored"})
+    tmp = directory / f".{task_id}.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(f"{expires_at!r}\n")
+        out.write(text)
+    os.replace(tmp, directory / task_id)
     _prune(directory)
 
 
@@ -199,9 +235,9 @@ def _prune(directory: Path) -> None:
     with os.scandir(directory) as entries:
         for entry in entries:
             try:
-                with open(entry.path) as f:
-                    due = float(f.read(64))
-            except (OSError, ValueError):
+                with open(entry.path, encoding="utf-8") as f:
+                    due = float(json.loads(f.read(MAX_OUTCOME_BYTES + 1))["expires_at"])
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
             if wall > due + KEEP_MARGIN:
                 with contextlib.suppress(OSError):

@@ -14,16 +14,23 @@ from __future__ import annotations
 import functools
 import json
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import redis
+import structlog
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from fcq_tasks import trust
 from fcq_tasks.cluster.sentinel import MasterConnection
+from fcq_tasks.config import peers
+from fcq_tasks.config.peers import Peer
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.errors import ConfigError, FcqError
+
+log = structlog.get_logger()
 
 HOST_KEY = "fcq:host:"
 #: How often beating() reads the records it watches.
@@ -115,10 +122,65 @@ def host_record(settings: HostSettings) -> dict[str, Any]:
             "storage": settings.storage}
 
 
+#: What a host's signature on its heartbeat is for (trust.sign_document).
+HEARTBEAT_PURPOSE = "fcq-heartbeat"
+
+
 def publish_host(client: redis.Redis, settings: HostSettings, beat: str = "") -> None:
-    """Write this host's record; *beat* changes at every heartbeat of a live worker."""
-    client.set(HOST_KEY + settings.host, json.dumps({**host_record(settings), "beat": beat}),
-               ex=settings.cluster.registry_ttl)
+    """Write this host's record, signed with its key; *beat* changes at every heartbeat."""
+    record = {**host_record(settings), "beat": beat}
+    try:
+        key = trust.cached_private_key(settings.host_key_file)
+    except (OSError, ConfigError) as err:
+        # Published anyway, unsigned: readers that check (the orchestrator,
+        # placement) ignore it and say why; safety checks still see the
+        # host alive, which is the safe side.
+        log.warning("heartbeat-unsigned", host=settings.host,
+                    error=getattr(err, "message", str(err)))
+    else:
+        record["sig"] = trust.sign_document(key, HEARTBEAT_PURPOSE, record)
+    client.set(HOST_KEY + settings.host, json.dumps(record), ex=settings.cluster.registry_ttl)
+
+
+def verified(record: dict[str, Any], hosts_dir: Path) -> Peer | None:
+    """The writer's host record if *record* is a heartbeat its host signed, else None.
+
+    Redis is writable by every host: a record says who wrote it only
+    through its signature, checked against the writer's record in
+    *hosts_dir* (from the inventory, never from Redis).
+    """
+    name = record.get("host")
+    if not isinstance(name, str):
+        return None
+    try:
+        peer = peers.cached_peer(hosts_dir, name)
+    except (ConfigError, ValueError):
+        return None
+    body = {k: v for k, v in record.items() if k != "sig"}
+    return peer if trust.verify_document(peer.public_key, HEARTBEAT_PURPOSE, body,
+                                         record.get("sig")) else None
+
+
+def trusted(records: dict[str, dict[str, Any]], hosts_dir: Path,
+            ignored: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The records of *records* their hosts signed, capacity capped by the inventory.
+
+    What placement and the orchestrator act on. The names of the others go
+    to *ignored* (a forged, unsigned or unknown host's record). Not for
+    safety checks: there, any record counts as a sign of life.
+    """
+    out = {}
+    for name, record in records.items():
+        peer = verified(record, hosts_dir)
+        if peer is None:
+            if ignored is not None:
+                ignored.append(name)
+            continue
+        if peer.memory_mb is not None:
+            record = {**record, "limit_mb": min(int(record.get("limit_mb", 0)),
+                                                peer.memory_mb)}
+        out[name] = record
+    return out
 
 
 def beating(client: redis.Redis, names: set[str], registry_ttl: float) -> set[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import kombu.exceptions
@@ -38,7 +39,9 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
-from fcq_tasks.errors import SystemFailure
+from fcq_tasks import trust
+from fcq_tasks.config import peers
+from fcq_tasks.errors import ConfigError, SystemFailure
 
 log = structlog.get_logger()
 
@@ -49,6 +52,37 @@ BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
 #: that an outage comes back to :func:`follow` (which has a deadline) at once.
 CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                        "interval_max": 0.5}
+
+#: What a host's signature on a task's result is for (trust.sign_document).
+RESULT_PURPOSE = "fcq-result"
+
+
+def verify(info: dict[str, Any], task_id: str, expected: str | None,
+           hosts_dir: Path) -> str | None:
+    """Why result *info* of task *task_id* is not to be believed, or None if it is.
+
+    Believed: signed, for this task id, by host *expected* (where the task
+    was sent; None: by the host the signature names) with the key in that
+    host's record in *hosts_dir*.
+    """
+    signature = info.get("signature")
+    if not isinstance(signature, dict):
+        return "it is not signed"
+    signer = signature.get("host")
+    if not isinstance(signer, str):
+        return "its signature names no host"
+    if expected is not None and signer != expected:
+        return f"it is signed by {signer!r}, and the task was sent to {expected!r}"
+    try:
+        peer = peers.cached_peer(hosts_dir, signer)
+    except (ConfigError, ValueError) as err:
+        return f"its signer {signer!r} has no usable record: {err}"
+    body = {k: v for k, v in info.items() if k != "signature"}
+    if not trust.verify_document(peer.public_key, RESULT_PURPOSE, body, signature.get("sig"),
+                                 id=task_id):
+        return f"its signature does not verify with {signer}'s key"
+    return None
+
 
 #: The longest follow() goes without reading the task's state itself.
 POLL_EVERY = 2.0

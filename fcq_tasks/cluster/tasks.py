@@ -37,7 +37,8 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.signals import worker_shutdown
 
-from fcq_tasks.cluster import grants, registry
+from fcq_tasks import trust
+from fcq_tasks.cluster import grants, registry, results
 from fcq_tasks.cluster.celeryapp import app, host_queue
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
@@ -60,6 +61,10 @@ from fcq_tasks.host.agent import VMAgent
 from fcq_tasks.host.sweep import ensure_all
 
 log = structlog.get_logger()
+
+
+#: The two halves of a live migration (their chord counts each result once).
+MIGRATION_HALVES = frozenset({"fcq.inmigrate", "fcq.outmigrate"})
 
 
 def current_settings() -> HostSettings:
@@ -97,12 +102,14 @@ class FcqTask(Task):  # type: ignore[type-arg]
         """Run the task, after its grant verified if it is imperative (cluster/grants.py).
 
         Before anything else, so a forged or replayed request changes
-        nothing. The request's id is remembered as spent once it has run,
-        whatever its outcome, except when it is to be tried again (a busy
-        VM's retry: the same request, later).
+        nothing. Once a request has run to a result or to one of fcq's own
+        errors, its id is spent and that outcome kept with it: the same
+        message again (a replay, or the broker's redelivery of a message
+        whose result and acknowledgement were lost with Redis) gets that
+        outcome again and does nothing.
         """
         if self.name not in grants.SIGNED_TASKS:
-            return super().__call__(*args, **kwargs)
+            return self._signed_result(super().__call__(*args, **kwargs))
         settings = current_settings()
         task_id = self.request.id
         try:
@@ -112,26 +119,66 @@ class FcqTask(Task):  # type: ignore[type-arg]
                 check_expiry(str(what), self.name.removeprefix("fcq.").replace("_", "-"),
                              kwargs["expires_at"])
         except grants.Replayed as err:
-            # No result of its own: the request's first run keeps its result
-            # (and a migration half its place in the chord).
-            log.warning("request-replay-ignored", task=self.name, task_id=task_id,
-                        error=err.message)
-            raise Ignore(err.message) from err
+            return self._answer_replay(settings, str(task_id), err)
         except FcqError as err:
             log.warning("request-refused", task=self.name, task_id=task_id,
                         error=err.message)
             raise self.fail(err) from err
         if not signed:
-            return super().__call__(*args, **kwargs)
+            return self._signed_result(super().__call__(*args, **kwargs))
         assert isinstance(task_id, str)  # grants.check refuses anything else
+        due = kwargs["expires_at"]
         try:
             result = super().__call__(*args, **kwargs)
         except Retry:
             raise
-        except BaseException:
-            grants.mark_spent(settings, task_id, kwargs["expires_at"])
+        except TaskError as err:
+            grants.mark_spent(settings, task_id, due, grants.Outcome(
+                "rejected" if isinstance(err, TaskRejected) else "failed", err.info))
             raise
-        grants.mark_spent(settings, task_id, kwargs["expires_at"])
+        # Anything else (Redis gone mid-task, a bug, Ignore): the request did
+        # not end cleanly, and its redelivery may run it again, as before
+        # signed commands: tasks are idempotent, and it still expires.
+        grants.mark_spent(settings, task_id, due, grants.Outcome("result", result))
+        return self._signed_result(result)
+
+    def _answer_replay(self, settings: HostSettings, task_id: str,
+                       err: grants.Replayed) -> Any:
+        """The first run's outcome again, for a request that already ran here."""
+        earlier = grants.earlier_outcome(settings, task_id)
+        # A migration half keeps its place in the chord: never a second result.
+        if earlier is None or earlier.kind == "ignored" or self.name in MIGRATION_HALVES:
+            log.warning("request-replay-ignored", task=self.name, task_id=task_id,
+                        error=err.message)
+            raise Ignore(err.message) from err
+        log.warning("request-replay-answered", task=self.name, task_id=task_id,
+                    outcome=earlier.kind, detail="the first run's outcome, nothing done")
+        if earlier.kind == "rejected":
+            raise TaskRejected(earlier.value) from err
+        if earlier.kind == "failed":
+            raise TaskFailed(earlier.value) from err
+        return self._signed_result(earlier.value)
+
+    def _signed_result(self, result: Any) -> Any:
+        """*result* with this host's signature over it and the task id (results.verify).
+
+        Redis is writable by every host; the orchestrator believes a result
+        only when the host it sent the task to signed it.
+        """
+        settings = app.conf.get("fcq_settings")
+        if not isinstance(result, dict) or not isinstance(settings, HostSettings) \
+                or not self.request.id:
+            return result
+        try:
+            key = trust.cached_private_key(settings.host_key_file)
+            body = {k: v for k, v in result.items() if k != "signature"}
+            result = {**body, "signature": {
+                "host": settings.host,
+                "sig": trust.sign_document(key, results.RESULT_PURPOSE, body,
+                                           id=str(self.request.id))}}
+        except (OSError, ConfigError, TypeError, ValueError) as err:
+            log.warning("result-unsigned", task=self.name, task_id=self.request.id,
+                        error=getattr(err, "message", str(err)))
         return result
 
     def fail(self, err: FcqError) -> TaskError:

@@ -7,11 +7,19 @@ another's words from anyone else's (docs/security.md).
 
     migration_address: 192.0.2.11
     public_key: 9mQv…=        # fcq --local keygen prints the record
+    memory_mb: 262144         # optional: what placement may book there at most
+
+``memory_mb`` is the inventory's word on the host's capacity: placement
+(``fcq drain``, ``fcq evacuate``) books a host up to the lower of it and
+what the host's heartbeat claims, so a host cannot draw VMs to itself by
+claiming room it does not have.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +32,8 @@ from fcq_tasks.errors import ConfigError
 
 #: A record is two short lines; anything much longer is not one.
 MAX_RECORD_BYTES = 4096
-FIELDS = frozenset({"migration_address", "public_key"})
+REQUIRED = frozenset({"migration_address", "public_key"})
+FIELDS = REQUIRED | {"memory_mb"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,7 @@ class Peer:
     name: str
     migration_address: str           # an IP address, normalised (ipaddress's text form)
     public_key: Ed25519PublicKey
+    memory_mb: int | None = None     # the inventory's capacity, if it says
 
 
 def record_path(hosts_dir: Path, name: str) -> Path:
@@ -68,10 +78,27 @@ def load_peer(hosts_dir: Path, name: str) -> Peer:
     bad = v.unknown_keys(given, FIELDS, "")
     if bad:
         raise ConfigError(src, bad[0], "unknown field; known: " + ", ".join(sorted(FIELDS)))
-    for key in sorted(FIELDS - set(given)):
+    for key in sorted(REQUIRED - set(given)):
         raise ConfigError(src, key, "missing")
+    memory = given.get("memory_mb")
     return Peer(name, ip_text(src, "migration_address", given["migration_address"]),
-                trust.parse_public_key(src, "public_key", given["public_key"]))
+                trust.parse_public_key(src, "public_key", given["public_key"]),
+                None if memory is None else v.check_int(src, "memory_mb", memory, 0, 2**40))
+
+
+def cached_peer(hosts_dir: Path, name: str) -> Peer:
+    """load_peer, read again only when the record's file changed (readers of every heartbeat)."""
+    path = record_path(hosts_dir, name)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_peer(hosts_dir, name)  # raises, naming the file
+    return _cached_peer(str(hosts_dir), name, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_peer(hosts_dir: str, name: str, mtime_ns: int, inode: int) -> Peer:
+    return load_peer(Path(hosts_dir), name)
 
 
 def record_text(migration_address: str, public_key: str) -> str:
