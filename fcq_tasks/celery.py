@@ -45,8 +45,9 @@ app.conf.beat_scheduler = "fcq_beat.scheduler:SweepScheduler"
 app.conf.beat_max_loop_interval = 5
 _flower_auth(settings.cluster.flower_auth_file)
 try:
-    from fcq_tasks.cli.services import protect_flower_endpoints
+    from fcq_tasks.cli.services import make_flower_read_only, protect_flower_endpoints
     protect_flower_endpoints()
+    make_flower_read_only()
 except ImportError:  # Flower is not installed here: nothing to protect
     pass
 

@@ -63,6 +63,7 @@ def test_sentinel_settings_refused(cluster: dict[str, Any], field: str, rule: st
 def test_sentinel_settings_urls(tmp_path: Any) -> None:
     """The password goes into every sentinel:// part, the sentinels' into nothing logged."""
     (tmp_path / "p").write_text("s3cret\n")
+    (tmp_path / "p").chmod(0o600)
     c = parse_cluster_settings("host.yaml", {
         "broker_url": "sentinel://h1:26379/2;sentinel://h2/2", "sentinel_master": "fcq",
         "password_file": str(tmp_path / "p")})
