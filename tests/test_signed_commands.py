@@ -178,6 +178,16 @@ def test_unsigned_requests_only_while_a_setting_says_so(make_cluster: ClusterFac
                                 queue="host.alpha")
     assert refused(c, str(forged.id)).fields["error"] == "Unauthorized"
     assert alpha.agent("vm01").status()["status"] == "running"
+    # The orchestrator side: a heartbeat without any signature (a host not
+    # upgraded yet) counts; one with a wrong signature still does not.
+    client = c.redis.client()
+    record = json.loads(str(client.get("fcq:host:alpha")))
+    old = {k: v for k, v in record.items() if k != "sig"}
+    client.set("fcq:host:old", json.dumps({**old, "host": "old", "queue": "host.old"}), ex=60)
+    client.set("fcq:host:bad", json.dumps({**record, "host": "bad", "queue": "host.bad"}),
+               ex=60)
+    hosts = orch.hosts()
+    assert "old" in hosts and "bad" not in hosts and orch.untrusted == ["bad"]
 
 
 def test_rotation_two_keys_listed_both_accepted(make_cluster: ClusterFactory,

@@ -46,7 +46,7 @@ def _move_fields(vm: str, src: str, dst: str, expires_at: float) -> dict[str, st
 
 def request_move(settings: HostSettings, vm: str, dst: str) -> str:
     """On a host: ask the controller to migrate *vm* from here to *dst*; the task id."""
-    key = trust.load_private_key(settings.host_key_file)
+    key = trust.cached_private_key(settings.host_key_file)
     # Short: a sweep asks again next time if the VM still needs moving.
     expires_at = time.time() + min(settings.cluster.request_ttl,
                                    4 * settings.cluster.sweep_interval + 60)

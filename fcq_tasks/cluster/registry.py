@@ -162,16 +162,22 @@ def verified(record: dict[str, Any], hosts_dir: Path) -> Peer | None:
 
 
 def trusted(records: dict[str, dict[str, Any]], hosts_dir: Path,
-            ignored: list[str] | None = None) -> dict[str, dict[str, Any]]:
+            ignored: list[str] | None = None,
+            accept_unsigned: bool = False) -> dict[str, dict[str, Any]]:
     """The records of *records* their hosts signed, capacity capped by the inventory.
 
     What placement and the orchestrator act on. The names of the others go
     to *ignored* (a forged, unsigned or unknown host's record). Not for
     safety checks: there, any record counts as a sign of life.
+    *accept_unsigned* (cluster.accept_unsigned, a rolling upgrade): a record
+    without any signature, from a host older than signing, is kept too.
     """
     out = {}
     for name, record in records.items():
         peer = verified(record, hosts_dir)
+        if peer is None and accept_unsigned and "sig" not in record:
+            out[name] = record
+            continue
         if peer is None:
             if ignored is not None:
                 ignored.append(name)
