@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from fcq_tasks.cli.output import escaped
 from fcq_tasks.config.settings import load_host_settings
 from fcq_tasks.errors import ConfigError, GuestAgentError
 from fcq_tasks.hazmat.guestagent import MAX_MESSAGE_BYTES, AgentTimeouts, GuestAgent
+from tests.conftest import Host
 
 
 def flooding_agent(path: str, newlines: bool) -> threading.Thread:
@@ -112,3 +114,18 @@ def test_secret_files_readable_by_others_are_refused(tmp_path: Path, key: str) -
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and f"cluster.{key}" in out.stderr, out.stderr
     assert "has mode 0644" in out.stderr and "chmod 0600" in out.stderr
+
+
+def test_run_dir_is_made_private_and_the_serial_log_too(host: Host) -> None:
+    """A run directory left at 0755 (by hand, an older package) is 0700 once a VM
+    starts, and what QEMU writes there (serial log, sockets) is the host's only."""
+    host.settings.run_dir.mkdir(parents=True, exist_ok=True)
+    host.settings.run_dir.chmod(0o755)
+    host.write_vm("vm01")
+    agent = host.agent("vm01")
+    assert agent.start()["status"] == "running"
+    assert stat.S_IMODE(host.settings.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(agent.paths.serial_log.stat().st_mode) == 0o600
+    for sock in (agent.paths.qmp, agent.paths.ga):
+        assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0
+    agent.kill()
