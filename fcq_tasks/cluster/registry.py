@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -187,6 +188,21 @@ def trusted(records: dict[str, dict[str, Any]], hosts_dir: Path,
                                                 peer.memory_mb)}
         out[name] = record
     return out
+
+
+#: Every beat this process writes starts with it: what tells this worker's
+#: records from those of another process writing under the same host name.
+PROCESS_TOKEN = secrets.token_hex(4)
+
+
+def own_beat(suffix: str) -> str:
+    return f"{PROCESS_TOKEN}:{suffix}"
+
+
+def written_by_another(record: dict[str, Any] | None) -> bool:
+    """Whether *record* (this host's, as read now) was written by another process."""
+    return record is not None and not str(record.get("beat", "")).startswith(
+        PROCESS_TOKEN + ":")
 
 
 def beating(client: redis.Redis, names: set[str], registry_ttl: float) -> set[str]:

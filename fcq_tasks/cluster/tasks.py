@@ -80,7 +80,7 @@ def heartbeat(settings: HostSettings) -> None:
     try:
         # A beat of its own: a task just ran, so this worker is alive.
         registry.publish_host(registry.connect(settings), settings,
-                              f"task:{secrets.token_hex(4)}")
+                              registry.own_beat(f"task:{secrets.token_hex(4)}"))
     except Exception as err:  # the task's work is done; a missed heartbeat is not fatal
         log.warning("heartbeat-failed", error=str(err))
 

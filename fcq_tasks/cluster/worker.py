@@ -72,16 +72,33 @@ class Heartbeat:
     def _run(self) -> None:
         interval = self.settings.cluster.registry_ttl / 3
         # Changes at every beat, never repeats across workers: what tells a
-        # live record from one the wall clock kept (registry.beating).
+        # live record from one the wall clock kept (registry.beating), and
+        # this worker's records from another process's (written_by_another).
         token, count = secrets.token_hex(4), 0
         while not self._stop.is_set():
             count += 1
             try:
-                registry.publish_host(registry.connect(self.settings), self.settings,
-                                      f"{token}:{count}")
+                client = registry.connect(self.settings)
+                if count > 1:
+                    self._check_name(registry.host(client, self.settings.host))
+                registry.publish_host(client, self.settings, registry.own_beat(
+                    f"{token}:{count}"))
             except Exception as err:  # Redis away: keep trying, the worker reconnects too
                 log.warning("heartbeat-failed", host=self.settings.host, error=str(err))
             self._stop.wait(interval)
+
+    def _check_name(self, record: dict[str, Any] | None) -> None:
+        """Say so, loudly, when another process writes heartbeats under this host's name.
+
+        Locks and queues are by host name: two workers with one name (a
+        cloned settings file) would be one host twice.
+        """
+        if registry.written_by_another(record):
+            assert record is not None
+            log.error("heartbeat-conflict", host=self.settings.host,
+                      other_beat=str(record.get("beat")),
+                      detail="another process writes this host's heartbeat: two workers "
+                      "share one host name; stop one of them")
 
     def stop(self) -> None:
         self._stop.set()
@@ -121,6 +138,7 @@ def prepare_worker(settings: HostSettings) -> Celery:
     TaskTimer().connect()
 
     def on_init(**_: Any) -> None:
+        refuse_second_worker(settings)
         if watch is not None:
             watch.start()
         # Tried already in run_worker (`fcq worker`): a port found taken
@@ -166,6 +184,35 @@ def prepare_worker(settings: HostSettings) -> Celery:
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
     return app
+
+
+def refuse_second_worker(settings: HostSettings) -> None:
+    """Exit 2 when another live worker beats under this host's name.
+
+    Locks and queues are by host name, so a second worker of one name (a
+    settings file copied to another machine) would make two hosts one.
+    A record left by a worker that died does not stop this one: it is
+    watched for half a ttl (registry.beating), and only a record that keeps
+    changing is a live worker. Redis away: not checked now; the heartbeat
+    notices a clash later (``heartbeat-conflict``).
+    """
+    try:
+        client = registry.connect(settings)
+        record = registry.host(client, settings.host)
+        live = record is not None and bool(registry.beating(
+            client, {settings.host}, settings.cluster.registry_ttl))
+    except Exception as err:
+        log.warning("host-name-unchecked", host=settings.host, error=str(err))
+        return
+    if live:
+        assert record is not None
+        message = (f"host {settings.host!r} already has a live worker (its heartbeat keeps "
+                   f"changing: beat {record.get('beat')!r}, queue {record.get('queue')!r}): "
+                   "two workers with one host name would be one host twice; stop that one, "
+                   "or give this one its own `host` in its settings")
+        log.error("host-name-taken", host=settings.host, error=message)
+        print(f"fcq: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def open_metrics(endpoint: MetricsEndpoint) -> None:
