@@ -271,3 +271,40 @@ def test_sweep_skips_vm_with_operation_in_flight(make_host: HostFactory) -> None
     rows = {r["vm"]: r for r in json.loads(sweep.stdout)}
     assert rows["vm01"]["outcome"] == "skipped"
     assert rows["vm02"]["status"] == "running"
+
+
+def grown_then_asked_smaller(host: Host) -> None:
+    """vm01's root is 3 GiB (started once, stopped); its file now says 2."""
+    host.write_vm("vm01", disk=3)
+    agent = host.agent("vm01")
+    agent.ensure()
+    agent.stop()
+    host.write_vm("vm01", disk=2)
+
+
+@pytest.mark.parametrize("refusal", ["shrink", "memory", "elsewhere", "drained"])
+def test_a_refused_start_starts_nothing(make_host: HostFactory, refusal: str) -> None:
+    """Every refusal a start can meet is decided before QEMU starts: the error, and
+    no process, no lock, no run file (the CLI must never say "refused" while the
+    VM runs)."""
+    host = make_host(vm_max_total_memory=64 if refusal == "memory" else 4096)
+    if refusal == "shrink":
+        grown_then_asked_smaller(host)
+    else:
+        host.write_vm("vm01", kvm_host="beta" if refusal == "elsewhere" else "alpha")
+    if refusal == "drained":
+        from fcq_tasks.host.maintenance import mark_drained
+        mark_drained(host.settings, "maintenance")
+    agent = host.agent("vm01")
+    for attempt in (agent.start, agent.ensure):
+        if refusal == "elsewhere" and attempt == agent.ensure:
+            continue  # ensure leaves a VM declared for another host alone, by design
+        if refusal == "drained" and attempt == agent.ensure:
+            continue  # ensure on a drained host starts nothing and says so, no error
+        with pytest.raises(Refused):
+            attempt()
+        assert host.qemu_processes() == []
+        assert all(v.lock_owner is None for v in agent.storage.volumes("vm01"))
+        assert agent.paths.leftovers() == []
+    if refusal == "shrink":
+        assert agent.status()["root_bytes"] == 3 * GiB  # and nothing shrank

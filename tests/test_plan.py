@@ -97,11 +97,13 @@ def test_running_here_grows_root_and_never_shrinks() -> None:
     assert [(a.do, a.refusal) for a in big] == [(Do.REFUSE, "shrink")]
 
 
-def test_stopped_with_larger_root_starts_and_reports_shrink() -> None:
-    """The VM still starts on its bigger disk; the shrink request is refused, not obeyed."""
+def test_stopped_with_larger_root_is_refused_before_starting() -> None:
+    """A config asking for a smaller disk than the VM has is refused, and nothing
+    starts: a start reported as refused must not leave a QEMU running."""
     acts = plan(BASE, Observed(Run.STOPPED, LOCKS["free"], 8 * GiB), HOST)
-    assert [a.do for a in acts] == [Do.START, Do.REFUSE]
-    assert acts[1].refusal == "shrink"
+    assert [(a.do, a.refusal) for a in acts] == [(Do.REFUSE, "shrink")]
+    crashed = plan(BASE, Observed(Run.CRASHED, LOCKS["ours"], 8 * GiB), HOST)
+    assert [a.do for a in crashed] == [Do.CLEAN_UP, Do.REFUSE]
 
 
 def test_iops_converge() -> None:

@@ -188,11 +188,14 @@ def plan(spec: VMSpec, observed: Observed, host: str,
         old = observed.taking_over_from
         files = [Action(Do.CLEAN_UP, "ended without fcq: remove run files", keep_locks=True)
                  ] if run is Run.CRASHED else []
+        # Refused before anything is fenced, broken or started.
+        refusal = _shrink_refusal(spec, observed)
+        if refusal:
+            return [*files, *refusal]
         return [*files,
                 Action(Do.TAKE_OVER, f"a takeover from {old} broke some of its locks and "
                        "stopped halfway: fence and break the rest", host=old),
-                Action(Do.START, "online here, every lock now free"),
-                *_shrink_refusal(spec, observed)]
+                Action(Do.START, "online here, every lock now free")]
 
     if run in (Run.STOPPED, Run.CRASHED):
         if held:
@@ -212,8 +215,12 @@ def plan(spec: VMSpec, observed: Observed, host: str,
         if drained:
             return [*acts, Action(Do.NOTHING, "online here, but this host is drained for "
                                   "maintenance: not started (fcq undrain)")]
+        # A refusal is decided before anything starts: a start the CLI
+        # reports as refused must not leave a QEMU running.
+        refusal = _shrink_refusal(spec, observed)
+        if refusal:
+            return [*acts, *refusal]
         acts.append(Action(Do.START, "online here but not running"))
-        acts.extend(_shrink_refusal(spec, observed))
         return acts
 
     if run is Run.POSTMIGRATE:
