@@ -92,6 +92,21 @@ def test_day_two_tasks_through_the_cluster(make_cluster: ClusterFactory, tmp_pat
     push = json.loads(c.fcq("--json", "apply-config", str(pushed)).stdout)
     assert push["outcome"] == "ignored", push
     assert yaml.safe_load(old_file.read_text())["parameters"]["disk"] == 2
+    # The inventory raised its own copy to version 1 too, with the old disk:
+    # the same number, another desired state. Refused, not applied: the
+    # resize stays, and the message says what to push.
+    clash = yaml.safe_load(old_text)
+    clash["version"] = 1
+    pushed.write_text(yaml.safe_dump(clash))
+    refused = c.fcq("apply-config", str(pushed))
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "version 1 too" in refused.stderr and "disk_gib 2 here, 1 pushed" in refused.stderr
+    assert "push the file with version 2" in refused.stderr
+    assert yaml.safe_load(old_file.read_text())["parameters"]["disk"] == 2
+    # The same state at the same version (a push repeated) is still fine.
+    pushed.write_text(old_file.read_text())
+    again = json.loads(c.fcq("--json", "apply-config", str(pushed)).stdout)
+    assert again["actions"][0] == "write-config" and again["status"] == "running", again
     jobs = json.loads(c.fcq("--json", "jobs", "--limit", "10").stdout)
     ops = {(j["op"], j["vm"], j["host"], j["state"]) for j in jobs}
     for op in ("snapshot", "snapshots", "resize"):

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -42,7 +43,13 @@ from fcq_tasks.cluster import grants, registry, results
 from fcq_tasks.cluster.celeryapp import app, host_queue
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
-from fcq_tasks.config.vmspec import parse_vm_text, spec_path, vm_file_version
+from fcq_tasks.config.vmspec import (
+    VMSpec,
+    load_vm_spec,
+    parse_vm_text,
+    spec_path,
+    vm_file_version,
+)
 from fcq_tasks.errors import (
     BadRequest,
     ConfigError,
@@ -392,7 +399,10 @@ def apply_config(self: FcqTask, /, vm: str | None = None, config: str | None = N
                 # Broken beyond reading its version: any valid push repairs it.
                 log.warning("config-version-unreadable", vm=name, error=err.message)
                 current = None
-            # Equal is applied: pushing the same file twice is idempotent.
+            # Equal is applied when it says what this host's file says
+            # (pushing the same file twice is idempotent); see version_clash.
+            if current is not None and current == pushed:
+                version_clash(name, path, spec, pushed)
             if current is not None and current > pushed:
                 return {"vm": name, "host": settings.host, "operation": "apply-config",
                         "actions": [], "status": None, "outcome": "ignored",
@@ -415,6 +425,34 @@ def apply_config(self: FcqTask, /, vm: str | None = None, config: str | None = N
         return result
 
     return run_on_vm(self, "apply-config", name, host, write_and_ensure)
+
+
+def version_clash(name: str, path: Path, pushed_spec: VMSpec, version: int) -> None:
+    """Refuse a push whose version equals this host's file's but whose desired state differs.
+
+    fcq raises a file's version itself when an operator changes the VM's
+    desired state on its host (``fcq resize``). An inventory that raised its
+    own copy's version meanwhile sends the same number with the old state:
+    applying it would silently undo the resize (and every ensure after it
+    would refuse the shrink). Only ``kvm_host`` may differ at an equal
+    version: fcq's migrations rewrite it without raising the version.
+    """
+    try:
+        here = load_vm_spec(path.parent, name)
+    except (ConfigError, FcqError):
+        return  # a broken file: any valid push repairs it
+    if dataclasses.replace(here, kvm_host=None) == dataclasses.replace(pushed_spec,
+                                                                      kvm_host=None):
+        return
+    fields = [f.name for f in dataclasses.fields(VMSpec) if f.compare
+              and f.name != "kvm_host" and getattr(here, f.name) != getattr(pushed_spec, f.name)]
+    differs = ", ".join(f"{f} {getattr(here, f)!r} here, {getattr(pushed_spec, f)!r} pushed"
+                        for f in fields)
+    raise Refused(f"{name}: this host's file has version {version} too, with another desired "
+                  f"state ({differs}): it was changed on this host (fcq resize raises the "
+                  f"version); push the file with version {version + 1} or more and the "
+                  "state you want, nothing was written", vm=name, field="version",
+                  version=version, rule="an equal version must say the same")
 
 
 @app.task(bind=True, base=FcqTask, name="fcq.ping")
