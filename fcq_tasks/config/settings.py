@@ -49,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "storage": "local",
     "qemu_binary": "qemu-system-x86_64",
+    # Each QEMU in a cgroup of its own (hazmat/scope.py): auto, systemd,
+    # cgroupfs or none. Never the worker's, or a restart of its service
+    # powers off every guest.
+    "qemu_scope": "auto",
     "accelerator": "auto",
     "vm_max_total_memory": "auto",
     "shutdown_grace": 60.0,
@@ -137,6 +141,7 @@ class HostSettings:
     thaw_timeout: float = 30.0              # s: guest-fsfreeze-thaw may take
     snapshot_timeout: float = 300.0         # s: the storage snapshot may keep a guest frozen
     qemu_generation: int = 0                # generation of the installed QEMU binary
+    qemu_scope: str = "auto"                # where QEMU's cgroup is (hazmat/scope.py)
     upgrade_on_ensure: bool = False         # ensure moves VMs of older generations to it
     metrics_address: str = "127.0.0.1"      # where the worker serves /metrics
     metrics_port: int = 9741                # 0: no endpoint
@@ -210,6 +215,8 @@ def parse_host_settings(raw: dict[str, Any], source: str) -> HostSettings:
                                                     ("debug", "info", "warning", "error"))),
         "storage": storage,
         "qemu_binary": m.check(lambda: v.check_str(f, "qemu_binary", raw["qemu_binary"])),
+        "qemu_scope": m.check(lambda: v.check_choice(f, "qemu_scope", raw["qemu_scope"],
+                                                     ("auto", "systemd", "cgroupfs", "none"))),
         "accelerator": m.check(lambda: v.check_choice(f, "accelerator", raw["accelerator"],
                                                       ("auto", "kvm", "tcg"))),
         "vm_max_total_memory": m.check(lambda: _memory_limit(f, raw["vm_max_total_memory"])),

@@ -25,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import structlog
 
 from fcq_tasks.deadline import Deadline, poll_until
 from fcq_tasks.errors import QemuError
 from fcq_tasks.fileio import write_atomically
+from fcq_tasks.hazmat import scope
 from fcq_tasks.hazmat.monitor import Monitor
+
+log = structlog.get_logger()
 
 #: How often we look at a process we wait for.
 POLL_INTERVAL = 0.05
@@ -285,7 +289,8 @@ class QemuProcess:
     # -- life cycle -----------------------------------------------------
 
     def start(self, argv: list[str], memory_mb: int, timeout: float,
-              incoming: str | None = None, generation: int = 0) -> Identity:
+              incoming: str | None = None, generation: int = 0,
+              qemu_scope: str = "none") -> Identity:
         """Start QEMU in a session of its own and return once its monitor answers.
 
         Not ``-daemonize``: QEMU's seccomp sandbox (``-sandbox
@@ -297,19 +302,25 @@ class QemuProcess:
 
         *incoming*: the migration attempt this QEMU is to receive (recorded,
         so that a later look can tell an incoming copy from a paused VM).
+        *qemu_scope*: the cgroup QEMU goes into (hazmat/scope.py: never the
+        worker's, so that restarting the worker's service spares the guests).
         """
+        mode = scope.resolve(qemu_scope)
         for stale in (self.paths.pidfile, *self.paths.sockets):
             stale.unlink(missing_ok=True)
         deadline = Deadline.after(timeout, "QEMU's start")
         try:
             with open(self.paths.stderr_log, "wb", opener=_private) as err_out:
-                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_out,
+                popen = subprocess.Popen([*scope.command_prefix(mode, self.paths.name), *argv],
+                                         stdin=subprocess.DEVNULL, stdout=err_out,
                                          stderr=err_out, cwd="/", umask=0o077,
                                          start_new_session=True)
         except OSError as err:
             raise QemuError(f"{self.paths.name}: QEMU did not start: {err}",
                             vm=self.paths.name) from err
         try:
+            if mode == "cgroupfs":
+                self._move_to_scope(popen.pid, explicit=qemu_scope != "auto")
             pid = poll_until(lambda: None if popen.poll() is not None
                              else self._pid_from_pidfile(), deadline, START_POLL)
             if pid is None:
@@ -329,9 +340,23 @@ class QemuProcess:
         for sock in self.paths.sockets:
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(sock, 0o600)
-        threading.Thread(target=popen.wait, daemon=True,
-                         name=f"fcq-reap-{self.paths.name}").start()
+        def reap() -> None:
+            popen.wait()
+            if mode == "cgroupfs":
+                scope.forget(self.paths.name)
+        threading.Thread(target=reap, daemon=True, name=f"fcq-reap-{self.paths.name}").start()
         return ident
+
+    def _move_to_scope(self, pid: int, explicit: bool) -> None:
+        try:
+            scope.move(pid, self.paths.name)
+        except scope.ScopeError as err:
+            if explicit:
+                raise QemuError(f"{self.paths.name}: {err.strerror} (qemu_scope: cgroupfs)",
+                                vm=self.paths.name) from err
+            log.warning("qemu-scope-failed", vm=self.paths.name, error=err.strerror,
+                        detail="QEMU stays in the worker's cgroup: a stop of the worker's "
+                        "service would take it down too")
 
     def _start_failure(self, popen: subprocess.Popen[bytes], err: QemuError) -> QemuError:
         """*err*, or QEMU's own words if it exited: its status and what it wrote."""

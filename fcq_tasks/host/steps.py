@@ -263,7 +263,7 @@ class VMSteps(Looks):
                               instance=instance)
                 before = self.storage.clients(self.name) if self.storage.fences else {}
                 self.qemu.start(argv, spec.memory_mb, s.start_timeout, incoming=incoming,
-                                generation=s.qemu_generation)
+                                generation=s.qemu_generation, qemu_scope=s.qemu_scope)
                 # Its clients, on record for a fence that comes after their
                 # watches expired (a host cut off for more than ~30 s).
                 record_clients(self.qemu, self.storage.record_writers(self.name, before,

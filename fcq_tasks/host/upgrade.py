@@ -198,11 +198,11 @@ def _move(agent: VMAgent, spec: VMSpec, old_pid: int) -> dict[str, Any]:
         write_atomically(side.seed, agent.seed_data(spec))
         agent.progress("qemu-start")
         agent.log.info("upgrade-start", action="upgrade", argv=" ".join(argv),
-                       generation=s.qemu_generation)
+                       generation=s.qemu_generation, qemu_scope=s.qemu_scope)
         before = agent.storage.clients(agent.name) if agent.storage.fences else {}
         try:
             new.start(argv, spec.memory_mb, s.start_timeout, incoming="upgrade",
-                      generation=s.qemu_generation)
+                      generation=s.qemu_generation, qemu_scope=s.qemu_scope)
         except BaseException:
             _remove_new(agent, side)
             raise
