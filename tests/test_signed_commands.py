@@ -19,8 +19,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fcq_tasks import trust
-from fcq_tasks.cluster import grants
-from fcq_tasks.cluster.api import Orchestrator
+from fcq_tasks.cluster import grants, registry
+from fcq_tasks.cluster.api import Orchestrator, record_max_age
 from fcq_tasks.cluster.controller import CONTROLLER_QUEUE, MOVE_PURPOSE, _move_fields
 from fcq_tasks.errors import ConfigError, RemoteError, Unauthorized
 from tests.cluster import Cluster, send_signed
@@ -282,7 +282,7 @@ def test_forged_heartbeats_and_results_are_not_believed(make_cluster: ClusterFac
     # A result for a task sent to alpha, written by beta (signed with beta's key)
     # before alpha's own: the task is one alpha has not run yet.
     task_id = str(uuid.uuid4())
-    orch._remember(task_id, "alpha")
+    orch._remember(task_id, "alpha", "fcq.ensure")
     forged: dict[str, Any] = {"vm": "vm01", "host": "alpha", "operation": "ensure",
                               "status": "stopped"}
     beta_key = trust.load_private_key(c.hosts["beta"].settings.host_key_file)
@@ -294,7 +294,60 @@ def test_forged_heartbeats_and_results_are_not_believed(make_cluster: ClusterFac
     client.set(f"celery-task-meta-{task_id}", json.dumps(meta))
     with pytest.raises(RemoteError, match="not believed: it is signed by 'beta'"):
         orch.wait(task_id, timeout=30)
+    # alpha's genuine result of another task (a ping) under that id: not the
+    # answer to an ensure.
+    ping_id = str(uuid.uuid4())
+    orch._remember(ping_id, "alpha", "fcq.ensure")
+    orch.app.send_task("fcq.ping", queue="host.alpha", task_id=ping_id)
+    with pytest.raises(RemoteError, match=r"of fcq\.ping, and the task sent was fcq\.ensure"):
+        orch.wait(ping_id, timeout=30)
     # alpha's genuine result, once it is written, verifies.
     genuine = orch.submit("ensure", "vm01")
     assert orch.wait(genuine, timeout=60)["host"] == "alpha"
     assert orch.state(genuine)[1]["signature"]["host"] == "alpha"
+
+
+def test_copies_of_one_request_run_once_and_forged_callbacks_record_nothing(
+        make_cluster: ClusterFactory) -> None:
+    """beta pushes a genuine start twice at once (it read it from the queue): one
+    runs, the copy is ignored. A finish_migration with made-up halves, and the
+    controller's task sent to a host, are refused."""
+    from tests.test_cluster import SLOW_CREATE_VM
+    c: Cluster = make_cluster()
+    alpha = c.hosts["alpha"]
+    alpha.update_settings(create_vm=SLOW_CREATE_VM)  # the start takes 3 s
+    alpha.write_vm("vm01")
+    c.worker("alpha")
+    orch = c.orchestrator()
+    tid, kwargs = orch.signed("fcq.start", "alpha", {"vm": "vm01", "host": "alpha"})
+    for _ in range(2):
+        orch.app.send_task("fcq.start", kwargs=kwargs, queue="host.alpha", task_id=tid)
+    assert orch.wait(tid, timeout=120)["status"] == "running"
+    wait_for(lambda: "request-duplicate-ignored" in events(alpha), 30, "the copy to be seen")
+    assert events(alpha).count("qemu-start") == 1
+
+    made_up = [{"operation": "inmigrate", "host": "alpha", "status": "running"},
+               {"operation": "outmigrate", "host": "beta", "status": "stopped"}]
+    evil = attacker(c)
+    fake = evil.app.send_task("fcq.finish_migration", args=(made_up,),
+                              kwargs={"vm": "vm01", "attempt": "a1b2c3"}, queue="host.alpha")
+    err = refused(c, str(fake.id))
+    assert "a half's result is not believed" in err.message
+    move = evil.app.send_task("fcq.move_wanted", kwargs={"vm": "vm01"}, queue="host.alpha")
+    assert "does not run on a host" in refused(c, str(move.id)).message
+
+
+def test_an_old_genuine_heartbeat_is_not_believed(make_cluster: ClusterFactory) -> None:
+    """alpha's own signed record, written again later by beta (to keep a dead alpha
+    'alive'), is too old to count."""
+    c: Cluster = make_cluster(("alpha",))
+    alpha = c.hosts["alpha"]
+    key = trust.load_private_key(alpha.settings.host_key_file)
+    old = {"host": "alpha", "queue": "host.alpha", "seen": time.time() - 3600,
+           "booked_mb": 0, "limit_mb": 1024, "running": [], "vms": {}, "beat": "x:1"}
+    old["sig"] = trust.sign_document(key, registry.HEARTBEAT_PURPOSE, dict(old))
+    hosts_dir = c.redis.dir / "hosts"
+    assert registry.trusted({"alpha": old}, hosts_dir) == {"alpha": old}  # signed, yes
+    assert registry.trusted({"alpha": old}, hosts_dir, max_age=record_max_age(6)) == {}
+    c.redis.client().set("fcq:host:alpha", json.dumps(old), ex=60)
+    assert "alpha" not in c.orchestrator().hosts()

@@ -39,7 +39,15 @@ from fcq_tasks.cluster.results import verify as verify_result
 from fcq_tasks.cluster.taskargs import kwargs_repr
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
-from fcq_tasks.errors import BadRequest, FcqError, Refused, RemoteError, SystemFailure, TaskError
+from fcq_tasks.errors import (
+    BadRequest,
+    FcqError,
+    Refused,
+    RemoteError,
+    SystemFailure,
+    TaskError,
+    TaskRejected,
+)
 
 VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock", "lock",
                  "unlock")
@@ -51,6 +59,11 @@ VM_OPERATIONS = ("start", "stop", "restart", "ensure", "kill", "force_unlock", "
 #: a grant needs an expiry. ensure and sweeps converge to the config as it is
 #: now: always safe, they never expire this way.
 EXPIRING_TASKS = grants.SIGNED_TASKS
+
+
+def record_max_age(registry_ttl: int) -> float:
+    """How old a heartbeat's ``seen`` may be, by the reader's clock: its ttl plus skew."""
+    return registry_ttl + 120.0
 
 
 #: How many sent tasks an orchestrator remembers the host of (for wait()).
@@ -66,7 +79,8 @@ class Orchestrator:
         self._client: redis.Redis | None = None
         self._signing_key: Ed25519PrivateKey | None = None  # loaded at the first grant
         self.untrusted: list[str] = []  # hosts whose heartbeats did not verify, last read
-        self._sent_to: dict[str, str] = {}  # task id → the host whose signature its result needs
+        # task id → (host, task name) whose signature its result needs
+        self._sent_to: dict[str, tuple[str, str]] = {}
 
     @property
     def client(self) -> redis.Redis:
@@ -153,7 +167,8 @@ class Orchestrator:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         self.untrusted = []
         c = self.settings.cluster
-        return registry.trusted(records, c.hosts_dir, self.untrusted, c.accept_unsigned)
+        return registry.trusted(records, c.hosts_dir, self.untrusted, c.accept_unsigned,
+                                record_max_age(c.registry_ttl))
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         return self._registry()
@@ -182,10 +197,11 @@ class Orchestrator:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         c = self.settings.cluster
         if record is not None and not registry.trusted({host: record}, c.hosts_dir,
-                                                       accept_unsigned=c.accept_unsigned):
+                                                       accept_unsigned=c.accept_unsigned,
+                                                       max_age=record_max_age(c.registry_ttl)):
             raise Refused(f"host {host!r}: its heartbeat is not signed by the key in its "
-                          f"record ({self.settings.cluster.hosts_dir}/{host}.yaml): not "
-                          "believed, nothing sent", host=host)
+                          f"record ({self.settings.cluster.hosts_dir}/{host}.yaml), or is "
+                          "older than its ttl: not believed, nothing sent", host=host)
         if record is None:
             raise BadRequest("host", f"host {host!r} has no live worker (no heartbeat within "
                              f"{self.settings.cluster.registry_ttl} s)")
@@ -356,11 +372,11 @@ class Orchestrator:
                                            queue=host_queue(src)))
         body_id = str(uuid.uuid4())
         body.set(task_id=body_id)
-        self._remember(body_id, dst)  # finish_migration runs there
+        self._remember(body_id, dst, "fcq.finish_migration")  # runs there
         try:
             result = chord(header)(body)
             registry.record_job(self.client, result.id, "migrate", vm, f"{src}>{dst}",
-                                self.settings.cluster.result_expires)
+                                self.settings.cluster.result_expires, "fcq.finish_migration")
         except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         return str(result.id)
@@ -410,11 +426,11 @@ class Orchestrator:
               vm: str) -> str:
         task_id, kwargs = self.signed(task, host, kwargs)
         try:
-            self._remember(task_id, host)
+            self._remember(task_id, host, task)
             result = self.app.send_task(task, kwargs=kwargs, queue=host_queue(host),
                                         kwargsrepr=kwargs_repr(kwargs), task_id=task_id)
             registry.record_job(self.client, result.id, operation, vm, host,
-                                self.settings.cluster.result_expires)
+                                self.settings.cluster.result_expires, task)
         except BROKER_ERRORS as err:
             raise SystemFailure(f"Redis unreachable: {err}") from err
         except RuntimeError as err:
@@ -469,28 +485,46 @@ class Orchestrator:
         if on_progress is not None:
             on_progress(state, info if state != "SUCCESS" else None)
         if state == "SUCCESS" and isinstance(info, dict):
-            why = verify_result(info, task_id, self._expected_signer(task_id),
-                                self.settings.cluster.hosts_dir)
-            if why is not None and not ("signature" not in info
-                                        and self.settings.cluster.accept_unsigned):
-                raise RemoteError({"error": "UntrustedResult", "message":
-                                   f"the result of task {task_id} is not believed: {why} "
-                                   "(a result written to Redis by someone else, or a host "
-                                   "without its key)", "task_id": task_id})
-            return {k: v for k, v in info.items() if k != "signature"}  # checked: done
+            return self.believed(task_id, info)
         if state == "FAILURE":
             raise remote_error(info)
         # REVOKED (e.g. a sweep that expired in a queue) or anything unexpected.
         raise RemoteError({"error": "TaskNotDone", "message":
                            f"task {task_id} ended in state {state}: {info!r}"})
 
-    def _remember(self, task_id: str, host: str) -> None:
-        self._sent_to[task_id] = host
+    def believed(self, task_id: str, info: dict[str, Any]) -> dict[str, Any]:
+        """*info*, the successful result of *task_id*, once checked (without its signature).
+
+        Raises RemoteError (UntrustedResult) unless the host the task was
+        sent to signed it as the result of the task that was sent.
+        """
+        host, task = self._expected(task_id)
+        why = verify_result(info, task_id, host, self.settings.cluster.hosts_dir, task)
+        if why is not None and not ("signature" not in info
+                                    and self.settings.cluster.accept_unsigned):
+            raise RemoteError({"error": "UntrustedResult", "message":
+                               f"the result of task {task_id} is not believed: {why} "
+                               "(a result written to Redis by someone else, or a host "
+                               "without its key)", "task_id": task_id})
+        return {k: v for k, v in info.items() if k != "signature"}
+
+    def verified_state(self, task_id: str) -> tuple[str, Any]:
+        """state(), with a SUCCESS believed only as wait() believes it (else FAILURE)."""
+        state, info = self.state(task_id)
+        if state == "SUCCESS" and isinstance(info, dict):
+            try:
+                return state, self.believed(task_id, info)
+            except RemoteError as err:
+                return "FAILURE", TaskRejected({"message": err.message, **err.fields})
+        return state, info
+
+    def _remember(self, task_id: str, host: str, task: str) -> None:
+        self._sent_to[task_id] = (host, task)
         if len(self._sent_to) > SENT_KEPT:  # a long-lived orchestrator (fcq controller)
             del self._sent_to[next(iter(self._sent_to))]
 
-    def _expected_signer(self, task_id: str) -> str | None:
-        """The host whose signature the result of *task_id* needs, if known.
+    def _expected(self, task_id: str) -> tuple[str | None, str | None]:
+        """(host, task name) whose signature the result of *task_id* needs, as far as known.
 
         Known for certain for what this orchestrator sent; for another
         process's task (``fcq wait ID``), from the job record in Redis
@@ -502,11 +536,12 @@ class Orchestrator:
             raw = self.client.get(registry.JOB_KEY + task_id)
             job = json.loads(str(raw)) if raw else None
         except (*BROKER_ERRORS, ValueError):
-            return None
-        host = job.get("host") if isinstance(job, dict) else None
-        if not isinstance(host, str):
-            return None
-        return host.split(">")[-1]  # a migration ("src>dst") ends on dst
+            return None, None
+        if not isinstance(job, dict):
+            return None, None
+        host, task = job.get("host"), job.get("task")
+        return (host.split(">")[-1] if isinstance(host, str) else None,  # "src>dst": dst
+                task if isinstance(task, str) else None)
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         """The most recent submitted tasks with their current state."""

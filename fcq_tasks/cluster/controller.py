@@ -92,6 +92,19 @@ def move_wanted(self: FcqTask, /, vm: object = None, src: object = None, dst: ob
             if declared != target:
                 raise Refused(f"{source}'s config declares {name} for {declared!r}, not "
                               f"{target!r}: not moved", vm=name, host=source)
+            # The destination's own word too: a host cannot send a VM to a
+            # host whose config does not want it (or claim a VM it does not
+            # run while another host runs it).
+            hosts = orch.hosts()
+            wanted = hosts.get(target, {}).get("vms", {}).get(name, {}).get("kvm_host")
+            if wanted != target:
+                raise Refused(f"{target}'s config declares {name} for {wanted!r}, not "
+                              f"itself: not moved", vm=name, host=target)
+            others = sorted(h for h, r in hosts.items()
+                            if h != source and name in r.get("running", []))
+            if others:
+                raise Refused(f"{name} runs on {', '.join(others)} too: not moved from "
+                              f"{source}", vm=name, host=others[0])
             task_id = orch.migrate(name, target, src=source)
     except FcqError as err:
         log.warning("move-refused", vm=vm, src=src, dst=dst, error=err.message)
@@ -107,6 +120,7 @@ def run_controller(settings: HostSettings, loglevel: str = "INFO") -> None:
     grants.load_signing_key(settings)  # refused now, not at the first move
     configure(settings)
     app.conf.fcq_settings = settings
+    app.conf.fcq_role = "controller"  # runs fcq.move_wanted only (tasks.CONTROLLER_TASKS)
     app.conf.task_queues = [Queue(CONTROLLER_QUEUE, routing_key=CONTROLLER_QUEUE)]
     app.conf.worker_enable_remote_control = False
     app.worker_main([

@@ -185,7 +185,7 @@ def drain(orch: Orchestrator, host: str, on_event: OnEvent | None = None,
         time.sleep(POLL)
         for vm, (task, m, t0) in list(active.items()):
             try:
-                state, info = orch.state(task)
+                state, info = orch.verified_state(task)
             except FcqError:
                 continue  # Redis away for a moment: the migration goes on; look again
             if state not in ("SUCCESS", "FAILURE"):

@@ -163,8 +163,8 @@ def verified(record: dict[str, Any], hosts_dir: Path) -> Peer | None:
 
 
 def trusted(records: dict[str, dict[str, Any]], hosts_dir: Path,
-            ignored: list[str] | None = None,
-            accept_unsigned: bool = False) -> dict[str, dict[str, Any]]:
+            ignored: list[str] | None = None, accept_unsigned: bool = False,
+            max_age: float | None = None) -> dict[str, dict[str, Any]]:
     """The records of *records* their hosts signed, capacity capped by the inventory.
 
     What placement and the orchestrator act on. The names of the others go
@@ -172,9 +172,19 @@ def trusted(records: dict[str, dict[str, Any]], hosts_dir: Path,
     safety checks: there, any record counts as a sign of life.
     *accept_unsigned* (cluster.accept_unsigned, a rolling upgrade): a record
     without any signature, from a host older than signing, is kept too.
+    *max_age*: a record whose ``seen`` is older (its writer's wall clock) is
+    left out too: a genuine record written again by someone else later (a
+    replay, keeping a dead host alive) is signed, but old.
     """
     out = {}
+    now = time.time()
     for name, record in records.items():
+        seen = record.get("seen")
+        if max_age is not None and (not isinstance(seen, (int, float))
+                                    or now - seen > max_age):
+            if ignored is not None:
+                ignored.append(name)
+            continue
         peer = verified(record, hosts_dir)
         if peer is None and accept_unsigned and "sig" not in record:
             out[name] = record
@@ -279,11 +289,12 @@ def hosts(client: redis.Redis, unreadable: list[str] | None = None) -> dict[str,
 
 
 def record_job(client: redis.Redis, task_id: str, op: str, vm: str, host: str,
-               expires: int) -> None:
+               expires: int, task: str | None = None) -> None:
+    """*task*: the task's name, whose result is expected (Orchestrator.believed)."""
     now = time.time()
     pipe = client.pipeline()
     pipe.set(JOB_KEY + task_id, json.dumps({"id": task_id, "op": op, "vm": vm, "host": host,
-                                            "submitted": now}), ex=expires)
+                                            "task": task, "submitted": now}), ex=expires)
     pipe.zadd(JOBS_KEY, {task_id: now})
     pipe.zremrangebyrank(JOBS_KEY, 0, -JOBS_KEPT - 1)
     pipe.execute()

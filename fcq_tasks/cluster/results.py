@@ -58,12 +58,14 @@ RESULT_PURPOSE = "fcq-result"
 
 
 def verify(info: dict[str, Any], task_id: str, expected: str | None,
-           hosts_dir: Path) -> str | None:
+           hosts_dir: Path, task: str | None = None) -> str | None:
     """Why result *info* of task *task_id* is not to be believed, or None if it is.
 
-    Believed: signed, for this task id, by host *expected* (where the task
-    was sent; None: by the host the signature names) with the key in that
-    host's record in *hosts_dir*.
+    Believed: signed, for this task id and task name *task* (None: the one
+    the signature names), by host *expected* (where the task was sent;
+    None: by the host the signature names) with the key in that host's
+    record in *hosts_dir*. The name counts: another task run under the
+    same id (a ping sent with a start's id) answers something else.
     """
     signature = info.get("signature")
     if not isinstance(signature, dict):
@@ -77,9 +79,14 @@ def verify(info: dict[str, Any], task_id: str, expected: str | None,
         peer = peers.cached_peer(hosts_dir, signer)
     except (ConfigError, ValueError) as err:
         return f"its signer {signer!r} has no usable record: {err}"
+    signed_task = signature.get("task")
+    if not isinstance(signed_task, str):
+        return "its signature names no task"
+    if task is not None and signed_task != task:
+        return f"it is the result of {signed_task}, and the task sent was {task}"
     body = {k: v for k, v in info.items() if k != "signature"}
     if not trust.verify_document(peer.public_key, RESULT_PURPOSE, body, signature.get("sig"),
-                                 id=task_id):
+                                 id=task_id, task=signed_task):
         return f"its signature does not verify with {signer}'s key"
     return None
 

@@ -39,8 +39,10 @@ from celery.exceptions import Ignore, Retry
 from celery.signals import worker_shutdown
 
 from fcq_tasks import trust
-from fcq_tasks.cluster import grants, registry, results
+from fcq_tasks.cluster import grants, registry
 from fcq_tasks.cluster.celeryapp import app, host_queue
+from fcq_tasks.cluster.results import RESULT_PURPOSE
+from fcq_tasks.cluster.results import verify as verify_result
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.config.vmspec import (
@@ -69,6 +71,13 @@ from fcq_tasks.host.sweep import ensure_all
 
 log = structlog.get_logger()
 
+
+#: The controller's tasks (cluster/controller.py): run there and nowhere else.
+CONTROLLER_TASKS = frozenset({"fcq.move_wanted"})
+
+#: Ids of the signed requests this worker runs now (a duplicate waits for none).
+_in_flight: set[str] = set()
+_in_flight_lock = threading.Lock()
 
 #: The two halves of a live migration (their chord counts each result once).
 MIGRATION_HALVES = frozenset({"fcq.inmigrate", "fcq.outmigrate"})
@@ -115,6 +124,7 @@ class FcqTask(Task):  # type: ignore[type-arg]
         whose result and acknowledgement were lost with Redis) gets that
         outcome again and does nothing.
         """
+        self._refuse_other_role()
         if self.name not in grants.SIGNED_TASKS:
             return self._signed_result(super().__call__(*args, **kwargs))
         settings = current_settings()
@@ -135,8 +145,18 @@ class FcqTask(Task):  # type: ignore[type-arg]
             return self._signed_result(super().__call__(*args, **kwargs))
         assert isinstance(task_id, str)  # grants.check refuses anything else
         due = kwargs["expires_at"]
+        with _in_flight_lock:
+            duplicate = task_id in _in_flight
+            _in_flight.add(task_id)
+        if duplicate:
+            # A copy of a request this worker runs right now (pushed twice
+            # into the queue): it must not run a second time beside it.
+            log.warning("request-duplicate-ignored", task=self.name, task_id=task_id)
+            raise Ignore(f"{self.name} request {task_id} is running here already")
         try:
             result = super().__call__(*args, **kwargs)
+            # Spent before it stops counting as in flight: no gap for a copy.
+            grants.mark_spent(settings, task_id, due, grants.Outcome("result", result))
         except Retry:
             raise
         except TaskError as err:
@@ -146,8 +166,20 @@ class FcqTask(Task):  # type: ignore[type-arg]
         # Anything else (Redis gone mid-task, a bug, Ignore): the request did
         # not end cleanly, and its redelivery may run it again, as before
         # signed commands: tasks are idempotent, and it still expires.
-        grants.mark_spent(settings, task_id, due, grants.Outcome("result", result))
+        finally:
+            with _in_flight_lock:
+                _in_flight.discard(task_id)
         return self._signed_result(result)
+
+    def _refuse_other_role(self) -> None:
+        """Each process runs its own role's tasks only (a host never the controller's)."""
+        role = app.conf.get("fcq_role", "host")
+        if (role == "controller") != (self.name in CONTROLLER_TASKS):
+            err = Refused(f"{self.name} does not run on a {role} (fcq_tasks/cluster/"
+                          f"tasks.py: CONTROLLER_TASKS); nothing was done", task=self.name)
+            log.warning("request-refused", task=self.name, task_id=self.request.id,
+                        error=err.message)
+            raise self.fail(err)
 
     def _answer_replay(self, settings: HostSettings, task_id: str,
                        err: grants.Replayed) -> Any:
@@ -180,9 +212,9 @@ class FcqTask(Task):  # type: ignore[type-arg]
             key = trust.cached_private_key(settings.host_key_file)
             body = {k: v for k, v in result.items() if k != "signature"}
             result = {**body, "signature": {
-                "host": settings.host,
-                "sig": trust.sign_document(key, results.RESULT_PURPOSE, body,
-                                           id=str(self.request.id))}}
+                "host": settings.host, "task": self.name,
+                "sig": trust.sign_document(key, RESULT_PURPOSE, body,
+                                           id=str(self.request.id), task=self.name)}}
         except (OSError, ConfigError, TypeError, ValueError) as err:
             log.warning("result-unsigned", task=self.name, task_id=self.request.id,
                         error=getattr(err, "message", str(err)))
@@ -569,6 +601,23 @@ def finish_migration(self: FcqTask, /, results: Any = None, vm: str | None = Non
     callback_at = time.time()
     halves = {r.get("operation"): r for r in results or [] if isinstance(r, dict)}
     out, inn = halves.get("outmigrate", {}), halves.get("inmigrate", {})
+    settings = current_settings()
+    try:
+        # The halves' results come in the message, which anyone can send:
+        # "migrated" only on results the halves' hosts signed, this host's
+        # own incoming half among them.
+        attempt_id = _check_name("attempt", attempt, "a migration attempt id")
+        for half, signer in ((inn, settings.host), (out, None)):
+            why = verify_result(half, f"{attempt_id}-{'in' if half is inn else 'out'}",
+                                 signer, settings.cluster.hosts_dir,
+                                 "fcq.inmigrate" if half is inn else "fcq.outmigrate")
+            if why is not None and not (settings.cluster.accept_unsigned
+                                        and "signature" not in half):
+                raise Refused(f"{vm}: migration {attempt_id}: a half's result is not "
+                              f"believed: {why}; not recorded as migrated", vm=str(vm),
+                              attempt=attempt_id)
+    except FcqError as err:
+        raise self.fail(err) from err
     phases = migration_phases(out, inn, sent_at if isinstance(sent_at, float) else None,
                               callback_at)
     outcome = {"vm": vm, "operation": "migrate", "attempt": attempt, "outcome": "migrated",
@@ -580,7 +629,7 @@ def finish_migration(self: FcqTask, /, results: Any = None, vm: str | None = Non
                "transferred": out.get("transferred"), "phases": phases,
                "callback_at": callback_at}
     log.info("migrated", vm=vm, attempt=attempt, phases=phases)
-    heartbeat(current_settings())
+    heartbeat(settings)
     return outcome
 
 
