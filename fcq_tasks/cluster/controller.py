@@ -84,7 +84,8 @@ def move_wanted(self: FcqTask, /, vm: object = None, src: object = None, dst: ob
                           "expired; the host asks again at its next ensure", vm=name,
                           field="expires_at")
         with Orchestrator(settings) as orch:
-            record = orch.hosts().get(source)
+            hosts = orch.hosts()  # one read of the registry for every check below
+            record = hosts.get(source)
             if record is None or name not in record.get("running", []):
                 raise Refused(f"{name} does not run on {source} (its heartbeat says so): "
                               "a host may only give away a VM it runs", vm=name, host=source)
@@ -95,7 +96,6 @@ def move_wanted(self: FcqTask, /, vm: object = None, src: object = None, dst: ob
             # The destination's own word too: a host cannot send a VM to a
             # host whose config does not want it (or claim a VM it does not
             # run while another host runs it).
-            hosts = orch.hosts()
             wanted = hosts.get(target, {}).get("vms", {}).get(name, {}).get("kvm_host")
             if wanted != target:
                 raise Refused(f"{target}'s config declares {name} for {wanted!r}, not "
