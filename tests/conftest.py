@@ -183,7 +183,8 @@ def make_host(guest: Path) -> Iterator[HostFactory]:
             child.communicate()  # reaps it and closes its pipes
         for proc in host.qemu_processes():
             proc.kill()
-        shutil.rmtree(host.base, ignore_errors=True)
+        if not os.environ.get("FCQ_TEST_KEEP"):  # kept for a post-mortem
+            shutil.rmtree(host.base, ignore_errors=True)
 
 
 @pytest.fixture

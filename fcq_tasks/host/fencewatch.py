@@ -10,6 +10,14 @@ runs this watch in a thread of its own, which needs Ceph and nothing else:
 every ``fence_check_interval`` seconds it reads the blocklist once (one mon
 command) and kills each QEMU of this host whose clients it names.
 
+The watch has a Ceph connection of its own, with a short operation
+timeout, and looks at the blocklist before anything else. A host that hung
+while it was fenced wakes up with its process's connection blocklisted
+too; such a connection fails some calls at once and lets others (the
+monitor's) wait for their whole timeout. So a failed call drops the
+watch's connection and the next round, at once, opens a new one: the kill
+never waits behind the process's other Ceph work or a broken session.
+
 Killing is always right for such a QEMU: its clients stay blocklisted for
 ``ceph.blocklist_seconds`` (a week by default), so it can never write its
 disks again, and the guest runs (or will run) elsewhere. The VM's run files
@@ -18,8 +26,11 @@ stay; the next ensure cleans up and follows the locks.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -28,13 +39,16 @@ from fcq_tasks import metrics
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.fileio import write_atomically
 from fcq_tasks.hazmat.qemu import QemuProcess, VMRunPaths, identity_names
-from fcq_tasks.storage import Storage, open_storage
+from fcq_tasks.storage import cephconn, fence
 from fcq_tasks.storage.hostwatch import HostWatch
 
 log = structlog.get_logger()
 
 #: How often a lost host watch is registered again when the fence check is off.
 HOLD_INTERVAL = 5.0
+#: s: the longest one of the watch's own Ceph calls may take (or op_timeout
+#: if shorter); then its connection is dropped and opened anew.
+CALL_TIMEOUT = 5.0
 
 
 def record_clients(qemu: QemuProcess, addrs: list[str]) -> None:
@@ -55,8 +69,9 @@ def _clients(paths: VMRunPaths) -> tuple[int, int, list[str]] | None:
         return None
 
 
-def check_once(settings: HostSettings, storage: Storage) -> list[str]:
-    """Kill every QEMU of this host whose clients are blocklisted; return their VMs."""
+def check_once(settings: HostSettings,
+               blocklisted: Callable[[list[str]], list[str]]) -> list[str]:
+    """Kill every QEMU of this host whose clients *blocklisted* names; return their VMs."""
     found: dict[str, tuple[QemuProcess, list[str]]] = {}
     for name in identity_names(settings.run_dir):
         paths = VMRunPaths(settings.run_dir, name)
@@ -71,8 +86,7 @@ def check_once(settings: HostSettings, storage: Storage) -> list[str]:
         found[name] = (qemu, noted[2])
     if not found:
         return []
-    fenced = set(storage.fenced_clients(sorted({a for _, addrs in found.values()
-                                                for a in addrs})))
+    fenced = set(blocklisted(sorted({a for _, addrs in found.values() for a in addrs})))
     killed = []
     for name, (qemu, addrs) in sorted(found.items()):
         hit = sorted(set(addrs) & fenced)
@@ -110,20 +124,40 @@ class FenceWatch:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        storage = open_storage(self.settings)
-        assert self.settings.ceph is not None
-        sign = HostWatch(self.settings.ceph, self.settings.host)
+        ceph = self.settings.ceph
+        assert ceph is not None
+        conn: Any = None
+        sign: HostWatch | None = None
         wait = 0.0
         while not self._stop.wait(wait):
             wait = self.interval or HOLD_INTERVAL
             try:
+                if conn is None:
+                    conn = cephconn.open_connection(ceph, min(ceph.op_timeout, CALL_TIMEOUT))
+                    sign = HostWatch(ceph, self.settings.host, conn)
+                if self.interval:
+                    # First: a guest fenced while this host hung dies before
+                    # this worker tries anything else on Ceph.
+                    check_once(self.settings, functools.partial(fence.blocklisted, conn))
+                assert sign is not None
                 sign.hold()
-            except Exception as err:  # Ceph away: again next time
-                log.warning("host-watch-failed", error=str(err))
-            if not self.interval:
-                continue
-            try:
-                check_once(self.settings, storage)
-            except Exception as err:  # Ceph away: look again next time, never die
-                log.warning("fence-watch-failed", error=str(err))
-        sign.close()
+            except Exception as err:  # Ceph away, or this connection fenced: a new one
+                log.warning("fence-watch-failed", error=str(err),
+                            detail="the watch's Ceph connection is opened anew")
+                _retire(sign, conn)
+                conn, sign = None, None
+                wait = min(wait, 1.0)
+        _retire(sign, conn)
+
+
+def _retire(sign: HostWatch | None, conn: Any) -> None:
+    """Close *sign* and shut *conn* down, in the background: a fenced session
+    may take its whole timeout to shut down, and the watch must go on."""
+    def close() -> None:
+        if sign is not None:
+            sign.close()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.shutdown()
+    if sign is not None or conn is not None:
+        threading.Thread(target=close, daemon=True, name="fcq-fence-retire").start()

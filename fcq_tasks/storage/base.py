@@ -147,10 +147,6 @@ class Storage(Protocol):
         """Clients holding *host*'s storage-side sign of life (RBD: storage/hostwatch.py)."""
         ...
 
-    def fenced_clients(self, addrs: list[str]) -> list[str]:
-        """Those of *addrs* (record_writers' clients) that are blocklisted now."""
-        ...
-
     def other_watchers(self, vm: str) -> dict[str, list[str]]:
         """Per volume, the clients other than this process that have it open (RBD: watch it)."""
         ...

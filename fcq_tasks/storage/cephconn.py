@@ -44,26 +44,36 @@ def connection(ceph: CephSettings) -> Any:
         conn = _connections.get(key)
         if conn is not None:
             return conn
-        timeout = str(int(ceph.op_timeout))
-        conn = rados.Rados(conffile=str(ceph.conf), rados_id=ceph.client_id, conf={
-            "keyring": str(ceph.keyring),
-            # fcq fences explicitly (fence.py): breaking a lock must not
-            # also blocklist whatever client happened to take it.
-            "rbd_blocklist_on_break_lock": "false",
-            # A cluster that does not answer makes a call fail, not hang a
-            # worker thread forever.
-            "rados_mon_op_timeout": timeout,
-            "rados_osd_op_timeout": timeout,
-            "client_mount_timeout": timeout,
-        })
-        try:
-            conn.connect(timeout=int(ceph.op_timeout))
-        except rados.Error as err:
-            conn.shutdown()
-            raise StorageError(f"cannot connect to Ceph as client.{ceph.client_id} "
-                               f"({ceph.conf}): {err}") from err
+        conn = open_connection(ceph)
         _connections[key] = conn
         return conn
+
+
+def open_connection(ceph: CephSettings, timeout: float | None = None) -> Any:
+    """A new connection of its own, for a caller that must not share the process's.
+
+    *timeout* (s, default ``ceph.op_timeout``) bounds every monitor and OSD
+    operation on it.
+    """
+    seconds = str(max(1, int(ceph.op_timeout if timeout is None else timeout)))
+    conn = rados.Rados(conffile=str(ceph.conf), rados_id=ceph.client_id, conf={
+        "keyring": str(ceph.keyring),
+        # fcq fences explicitly (fence.py): breaking a lock must not
+        # also blocklist whatever client happened to take it.
+        "rbd_blocklist_on_break_lock": "false",
+        # A cluster that does not answer makes a call fail, not hang a
+        # worker thread forever.
+        "rados_mon_op_timeout": seconds,
+        "rados_osd_op_timeout": seconds,
+        "client_mount_timeout": seconds,
+    })
+    try:
+        conn.connect(timeout=int(seconds))
+    except rados.Error as err:
+        conn.shutdown()
+        raise StorageError(f"cannot connect to Ceph as client.{ceph.client_id} "
+                           f"({ceph.conf}): {err}") from err
+    return conn
 
 
 def drop(ceph: CephSettings, conn: Any) -> None:

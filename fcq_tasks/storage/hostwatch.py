@@ -35,9 +35,11 @@ def watch_object(host: str) -> str:
 class HostWatch:
     """This worker's watch on its host object; hold() (re)registers it, idempotently."""
 
-    def __init__(self, ceph: CephSettings, host: str) -> None:
+    def __init__(self, ceph: CephSettings, host: str, conn: Any = None) -> None:
+        """*conn*: the connection to watch on (default: the process's own)."""
         self.ceph = ceph
         self.host = host
+        self._conn = conn
         self._watch: Any = None
         self._ioctx: Any = None
         self._lost = threading.Event()
@@ -47,7 +49,7 @@ class HostWatch:
             return
         self.close()
         self._lost.clear()
-        conn = cephconn.connection(self.ceph)
+        conn = self._conn if self._conn is not None else cephconn.connection(self.ceph)
         ioctx = conn.open_ioctx(self.ceph.pool)
         try:
             obj = watch_object(self.host)

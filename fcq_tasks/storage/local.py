@@ -261,9 +261,6 @@ class LocalStorage:
     def host_watchers(self, host: str) -> list[str]:
         return []  # no shared storage to hold a sign on
 
-    def fenced_clients(self, addrs: list[str]) -> list[str]:
-        return []  # nothing is ever fenced here
-
     def other_watchers(self, vm: str) -> dict[str, list[str]]:
         return {}  # no clients known: local files are written by this host only
 

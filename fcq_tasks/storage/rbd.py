@@ -473,10 +473,6 @@ class RbdStorage:
     def host_watchers(self, host: str) -> list[str]:
         return hostwatch.host_watchers(self.ceph, host)
 
-    def fenced_clients(self, addrs: list[str]) -> list[str]:
-        """Those of *addrs* that the cluster's blocklist names (one mon command)."""
-        return fence.blocklisted(cephconn.connection(self.ceph), addrs)
-
     def take_over(self, vm: str, volume: str, from_host: str,
                   expect_cookie: str | None) -> list[str]:
         """Fence *from_host*'s clients and hand its lock to this host on its behalf.
