@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from fcq_tasks.cluster import grants
+from fcq_tasks.cluster import grants, redisacl
 from fcq_tasks.cluster.api import Orchestrator
 from fcq_tasks.host.hostkeys import orchestrator_keygen
 from tests.conftest import Host, HostFactory
@@ -49,6 +49,23 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD,
                            decode_responses=True)
+
+    def url_for(self, user: str) -> str:
+        return f"redis://{user}@127.0.0.1:{self.port}/0"
+
+    def add_user(self, role: str, host: str | None = None) -> tuple[str, Path]:
+        """A Redis ACL user of *role* (redisacl.permissions), with a password file."""
+        user = redisacl.username(role, host)
+        password = uuid.uuid4().hex
+        path = self.dir / f"password-{user}"
+        path.write_text(password + "\n")
+        path.chmod(0o600)
+        # The very line `fcq config redis-acl` prints for an ACL file.
+        rule = redisacl.acl_rule(role, password, host).split()
+        assert rule[:2] == ["user", user]
+        client: Any = self.client()  # redis-py's execute_command is untyped
+        client.execute_command("ACL", "SETUSER", *rule[1:])
+        return user, path
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -89,9 +106,16 @@ class Cluster:
     hosts: dict[str, Host]
     services: list[Service] = field(default_factory=list)
     orchestrators: list[Orchestrator] = field(default_factory=list)
+    #: With Redis ACL users (make_cluster(acl=True)): the settings of the
+    #: other roles, "orchestrator" (the CLI and the controller), "beat" and
+    #: "reader" (Flower, fcq metrics), each with its own Redis user.
+    roles: dict[str, Host] = field(default_factory=dict)
+
+    def _host(self, name: str) -> Host:
+        return self.hosts[name] if name in self.hosts else self.roles[name]
 
     def settings_file(self, host: str = "alpha") -> Path:
-        return self.hosts[host].settings_file
+        return self._host(host).settings_file
 
     def orchestrator(self) -> Orchestrator:
         """An orchestrator for this cluster, closed by stop_all().
@@ -100,12 +124,13 @@ class Cluster:
         collector frees it, maybe in a later test after this Redis is gone:
         then its consumer retries a reconnect for 20 s in that test's thread.
         """
-        orch = Orchestrator(self.hosts["alpha"].settings)
+        side = self.roles.get("orchestrator") or self.hosts["alpha"]
+        orch = Orchestrator(side.settings)
         self.orchestrators.append(orch)
         return orch
 
     def spawn(self, command: str, host: str = "alpha", *extra: str) -> Service:
-        log = self.hosts[host].base / f"{command}-{len(self.services)}.log"
+        log = self._host(host).base / f"{command}-{len(self.services)}.log"
         env = {**os.environ, "FCQ_CONFIG": str(self.settings_file(host))}
         with open(log, "wb") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "fcq_tasks", command, *extra],
@@ -116,9 +141,20 @@ class Cluster:
         return service
 
     def worker(self, host: str) -> Service:
+        """*host*'s worker, registered; and the cluster's controller, as in production
+        (a migration's chord ends on it)."""
+        self.controller()
         service = self.spawn("worker", host)
         self.wait_registered(host)
         return service
+
+    def controller(self) -> Service:
+        """The controller (from alpha's settings, which hold the orchestrator key),
+        started if none runs."""
+        for s in self.services:
+            if s.name.startswith("controller@") and s.proc.poll() is None:
+                return s
+        return self.spawn("controller", "orchestrator" if self.roles else next(iter(self.hosts)))
 
     def wait_registered(self, host: str, timeout: float = 30) -> None:
         key = f"fcq:host:{host}"
@@ -205,12 +241,26 @@ def migration_settings(visibility_timeout: int) -> dict[str, Any]:
 
 
 def make_cluster(make_host: HostFactory, redis_server: RedisServer, names: tuple[str, ...],
-                 storage: Callable[[str], dict[str, Any]] | None = None,
+                 storage: Callable[[str], dict[str, Any]] | None = None, acl: bool = False,
                  **cluster_overrides: Any) -> Cluster:
-    """Hosts *names* on one Redis; *storage* gives each host's storage settings."""
+    """Hosts *names* on one Redis; *storage* gives each host's storage settings.
+
+    *acl*: every host, and every other role (Cluster.roles), talks to Redis
+    as its own ACL user (cluster/redisacl.py) instead of the shared password.
+    """
     cluster = cluster_settings(redis_server, **cluster_overrides)
-    hosts = {n: make_host(n, cluster=cluster,
+
+    def as_user(role: str, host: str | None = None) -> dict[str, Any]:
+        if not acl:
+            return cluster
+        user, password_file = redis_server.add_user(role, host)
+        return {**cluster, "broker_url": redis_server.url_for(user),
+                "password_file": str(password_file)}
+    hosts = {n: make_host(n, cluster=as_user("host", n),
                           **migration_settings(int(cluster["visibility_timeout"])),
                           **(storage(n) if storage else {}))
              for n in names}
-    return Cluster(redis_server, hosts)
+    roles = {role: make_host(role, cluster=as_user(role),
+                             **migration_settings(int(cluster["visibility_timeout"])))
+             for role in (("orchestrator", "beat", "reader") if acl else ())}
+    return Cluster(redis_server, hosts, roles=roles)

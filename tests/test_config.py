@@ -330,3 +330,24 @@ def test_host_settings_report_every_broken_setting(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2
     assert len([x for x in out.stderr.splitlines() if x.startswith("fcq: error:")]) == 4
+
+
+def test_config_check_reads_host_settings_files_too(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A host's settings file is checked as settings, not as a VM file; its unknown
+    top-level keys are warnings (errors with --strict), a bad value an error."""
+    good = tmp_path / "host.yaml"
+    good.write_text("host: alpha\nshutdown_grase: 5\n")
+    assert main(["--json", "config", "check", str(good)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "host settings" and out["host"] == "alpha"
+    assert out["warnings"] == [f"{good}: shutdown_grase: unknown setting, ignored"]
+    assert main(["config", "check", "--strict", str(good)]) == 2
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("host: alpha\ncluster:\n  broker_url: http://redis\n  visibilty_timeout: 5\n")
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    # Inside a section a typo is an error: it would silently change what the
+    # host talks to or trusts (docs/configuration.md).
+    assert "cluster.visibilty_timeout: unknown setting" in err, err

@@ -71,6 +71,14 @@ def test_placement_reasons() -> None:
     assert fenced["known"].reason == "no live host can fence it (storage local): gamma"
     assert place([("x", 1)], "alpha", {"alpha": record(1)})[0].reason == \
         "no other live host that is not drained"
+    # A drain needs RBD on both sides, like an evacuation: refused in the plan,
+    # before any half starts (local storage cannot live-migrate).
+    to_local = place([("known", 128)], "alpha", {"alpha": record(1), "gamma": hosts["gamma"]})
+    assert to_local[0].dst is None and to_local[0].reason == \
+        "no live host can receive it by live migration (storage local): gamma"
+    from_local = place([("known", 128)], "gamma", hosts)[0]
+    assert from_local.dst is None and from_local.exit_code == 4
+    assert from_local.reason.startswith("gamma keeps its VMs on local storage")
 
 
 def test_drained_host_plans_no_start(make_host: Any) -> None:

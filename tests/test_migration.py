@@ -192,7 +192,6 @@ def test_pushing_a_new_kvm_host_migrates_the_vm(make_cluster: ClusterFactory) ->
     """apply-config with kvm_host: beta is all it takes: alpha's ensure asks the
     controller (hosts never send each other work), which starts the migration."""
     c = shared_pair(make_cluster)
-    c.spawn("controller")
     src = c.hosts["alpha"].base / "moved" / "vm01.cfg"
     src.parent.mkdir()
     src.write_text((c.hosts["alpha"].settings.vm_config_dir / "vm01.cfg").read_text()
@@ -261,3 +260,21 @@ def test_migration_limit_per_host(make_cluster: ClusterFactory) -> None:
         orch.wait(orch.migrate("vm02", "beta"), timeout=120)
     assert c.hosts["alpha"].agent("vm02").status()["status"] == "running"
     assert len(c.hosts["beta"].qemu_processes()) <= 1  # only vm01's incoming copy
+
+
+def test_a_migration_ends_when_the_controller_comes(make_cluster: ClusterFactory) -> None:
+    """The chord's callback waits in the controller's queue while no controller
+    runs (hosts send it without declaring the queue: the orchestrator bound it),
+    and the migration is recorded once one starts."""
+    c = shared_pair(make_cluster)
+    controller = c.controller()
+    c.kill9(controller)
+    c.services.remove(controller)
+    orch = c.orchestrator()
+    task = orch.migrate("vm01", "beta")
+    wait_for(lambda: where(c) == {"alpha": 0, "beta": 1}, 120, "vm01 to move to beta")
+    wait_for(lambda: c.redis.client().llen("fcq.controller") == 1, 30,
+             "the callback to wait in the controller's queue")
+    assert orch.state(task)[0] == "PENDING"
+    c.controller()
+    assert orch.wait(task, timeout=120)["outcome"] == "migrated"

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fcq_tasks import trust
 from fcq_tasks.cluster import grants, registry
 from fcq_tasks.cluster.api import Orchestrator, record_max_age
-from fcq_tasks.cluster.controller import CONTROLLER_QUEUE, MOVE_PURPOSE, _move_fields
+from fcq_tasks.cluster.celeryapp import CONTROLLER_QUEUE
+from fcq_tasks.cluster.controller import MOVE_PURPOSE, _move_fields
 from fcq_tasks.errors import ConfigError, RemoteError, Unauthorized
 from tests.cluster import Cluster, send_signed
 from tests.conftest import Host, new_host
@@ -138,7 +139,6 @@ def test_hosts_ask_the_controller_and_it_checks(make_cluster: ClusterFactory) ->
     alpha, pid = alpha_runs_vm01(c)
     c.hosts["beta"].write_vm("vm01", kvm_host="alpha")
     c.worker("beta")
-    c.spawn("controller")
     evil = attacker(c)
     beta_key = trust.load_private_key(c.hosts["beta"].settings.host_key_file)
     alpha_key = trust.load_private_key(alpha.settings.host_key_file)
@@ -329,12 +329,14 @@ def test_copies_of_one_request_run_once_and_forged_callbacks_record_nothing(
     made_up = [{"operation": "inmigrate", "host": "alpha", "status": "running"},
                {"operation": "outmigrate", "host": "beta", "status": "stopped"}]
     evil = attacker(c)
-    fake = evil.app.send_task("fcq.finish_migration", args=(made_up,),
-                              kwargs={"vm": "vm01", "attempt": "a1b2c3"}, queue="host.alpha")
+    fake = evil.app.send_task("fcq.finish_migration", args=(made_up,), queue=CONTROLLER_QUEUE,
+                              kwargs={"vm": "vm01", "attempt": "a1b2c3", "src": "beta",
+                                      "dst": "alpha"})
     err = refused(c, str(fake.id))
     assert "a half's result is not believed" in err.message
-    move = evil.app.send_task("fcq.move_wanted", kwargs={"vm": "vm01"}, queue="host.alpha")
-    assert "does not run on a host" in refused(c, str(move.id)).message
+    for task in ("fcq.move_wanted", "fcq.finish_migration", "fcq.migration_failed"):
+        sent = evil.app.send_task(task, kwargs={"vm": "vm01"}, queue="host.alpha")
+        assert "does not run on a host" in refused(c, str(sent.id)).message
 
 
 def test_an_old_genuine_heartbeat_is_not_believed(make_cluster: ClusterFactory) -> None:

@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "every mistake of every file; writes nothing")
     check.add_argument("files", nargs="+", metavar="FILE|DIR")
     check.add_argument("--strict", action="store_true", help="unknown keys are errors too")
+    acl = csub.add_parser("redis-acl", help="print the Redis ACL file line for a role's user "
+                          "(docs/security.md); the password goes in as its SHA-256")
+    acl.add_argument("role", choices=("host", "orchestrator", "beat", "reader"))
+    acl.add_argument("--host", help="the host's name (role host only)")
+    acl.add_argument("--password-file", required=True, metavar="FILE",
+                     help="the user's password (mode 0600), as in its cluster.password_file")
+    acl.add_argument("--user", help="the user name (default fcq-host-HOST or fcq-ROLE)")
     sp = sub.add_parser("worker", help="run this host's Celery worker")
     sp.add_argument("--host", help="host name (default: the settings' host)")
     sp.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -178,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(args.json)
     if args.command == "config":
         from fcq_tasks.cli import local
-        local.check_configs(args.files, args.strict, out)
+        if args.config_command == "redis-acl":
+            local.redis_acl(args.role, args.host, Path(args.password_file), args.user, out)
+        else:
+            local.check_configs(args.files, args.strict, out)
         return out.finish()
     if args.local and args.command in CLUSTER_ONLY:
         parser.error(f"{args.command} is a cluster command; drop --local")

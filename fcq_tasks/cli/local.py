@@ -10,11 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fcq_tasks.cli.output import (
     EXIT_INPUT,
     Output,
     describe,
     describe_status,
+    escaped,
     ls_table,
     parse_size_gib,
     plan_table,
@@ -88,10 +91,23 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
                 if not NAME_RE.match(vm):
                     raise BadRequest("VM", f"{NAME_RULE} (got {vm!r})")
                 result = VM_ACTIONS[args.command](VMAgent(settings, vm))
+                if args.command == "status" and _unknown(result):
+                    raise BadRequest("VM", f"{vm} is unknown on {settings.host}: no config "
+                                     f"in {settings.vm_config_dir}, not running, no volume "
+                                     "or lock")
                 out.result(result, describe_status(result) if args.command == "status"
                            else describe(result))
+                for warning in result.get("warnings") or []:
+                    say(f"fcq: warning: {escaped(str(warning), keep_lines=False)}", err=True)
             except FcqError as err:
                 out.error(err, vm)
+
+
+def _unknown(status: dict[str, Any]) -> bool:
+    """A status that knows nothing of its VM: no config, no process, no volume, no lock."""
+    return bool(status.get("config_error")) and status.get("status") == "stopped" \
+        and status.get("pid") is None and status.get("root_bytes") is None \
+        and not any((status.get("locks") or {}).values())
 
 
 def monitor(agent: VMAgent, commands: list[str] | None, out: Output) -> None:
@@ -122,9 +138,27 @@ def _vm(name: str) -> str:
     return name
 
 
-def check_configs(paths: list[str], strict: bool, out: Output) -> None:
-    """Check VM files (a directory: its *.cfg files); every mistake of every file, one line each.
+def redis_acl(role: str, host: str | None, password_file: Path, user: str | None,
+              out: Output) -> None:
+    """The Redis ACL file line of *role*'s user (cluster/redisacl.py)."""
+    from fcq_tasks.cluster import redisacl
+    from fcq_tasks.config.clustersettings import read_secret
+    try:
+        password = read_secret(password_file, "--password-file") or ""
+        line = redisacl.acl_rule(role, password, host, user)
+    except FcqError as err:
+        out.error(err)
+        return
+    name = line.split()[1]
+    out.result({"user": name, "acl": line}, line)
 
+
+def check_configs(paths: list[str], strict: bool, out: Output) -> None:
+    """Check VM files (a directory: its *.cfg files) and host settings files; every
+    mistake of every file, one line each.
+
+    A file is read as host settings when its top level has settings keys
+    (``host``, ``cluster``, ``vm_config_dir``, …) and no VM's ``parameters``.
     Writes nothing. Says which files it checked: a directory without VM
     files is an error, not a silent "ok".
     """
@@ -142,8 +176,44 @@ def check_configs(paths: list[str], strict: bool, out: Output) -> None:
         _check_one(path, strict, out)
 
 
+def _is_settings_file(path: Path) -> bool:
+    from fcq_tasks.config.settings import DEFAULTS
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the VM file check says what is wrong with it
+    return isinstance(data, dict) and "parameters" not in data and "name" not in data \
+        and any(k in DEFAULTS for k in data)
+
+
+def _check_settings(path: Path, strict: bool, out: Output) -> None:
+    from fcq_tasks.config.settings import load_host_settings
+    name = str(path)
+    try:
+        settings = load_host_settings(path)
+    except ConfigErrors as many:
+        for err in many.errors:
+            out.error(err, None)
+        return
+    except FcqError as err:
+        out.error(err, None)
+        return
+    for w in settings.warnings:
+        say(f"fcq: {'error' if strict else 'warning'}: {w}", err=True)
+    if strict and settings.warnings:
+        out.code = max(out.code, EXIT_INPUT)
+        out.records.append({"file": name, "ok": False, "warnings": list(settings.warnings)})
+        return
+    out.result({"file": name, "ok": True, "host": settings.host, "kind": "host settings",
+                "warnings": list(settings.warnings)},
+               f"{name}: ok (host settings of {settings.host})")
+
+
 def _check_one(path: Path, strict: bool, out: Output) -> None:
     name = str(path)
+    if _is_settings_file(path):
+        _check_settings(path, strict, out)
+        return
     try:
         spec = parse_vm_file(path)
     except ConfigErrors as many:

@@ -14,6 +14,7 @@ from fcq_tasks.cli.output import (
     EXIT_SYSTEM,
     Output,
     describe,
+    escaped,
     parse_size_gib,
     plan_table,
     say,
@@ -144,6 +145,13 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
         out.table(rows, "\n".join(lines))
     elif cmd == "wait":
         for task_id in args.ids:
+            if not orch.known_task(task_id):
+                # Celery calls every id it never heard of PENDING: waiting
+                # would last the whole timeout for nothing.
+                out.error(BadRequest("TASK_ID", f"no task {task_id!r} is known: not sent by "
+                                     "fcq, mistyped, or its record expired "
+                                     "(cluster.result_expires)"))
+                continue
             follow(orch, task_id, task_id[:8], args, out, quiet)
     elif cmd == "apply-config":
         for name in args.files:
@@ -244,6 +252,8 @@ def follow(orch: Orchestrator, task_id: str, label: str, args: argparse.Namespac
         out.result(result, text)
     else:
         out.result(result, describe(result))
+    for warning in result.get("warnings") or []:
+        say(f"fcq: warning: {escaped(str(warning), keep_lines=False)}", err=True)
 
 
 def watch_migration(orch: Orchestrator, vm: str) -> None:

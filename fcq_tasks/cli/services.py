@@ -111,4 +111,9 @@ def run_flower(settings: HostSettings, no_auth: bool) -> None:
     protect_flower_endpoints()
     make_flower_read_only()
     app = configure(settings)
+    # Its event consumer is a kombu consumer too: bookkeeping of its own,
+    # as for every worker (cluster/redisacl.py).
+    from fcq_tasks.cluster.redisacl import unacked_keys
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                         **unacked_keys("flower")}
     app.start(argv)

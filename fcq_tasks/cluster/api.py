@@ -25,14 +25,25 @@ from typing import Any
 import kombu.pools
 import redis
 from celery.result import AsyncResult
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from kombu import Exchange, Queue
 
 from fcq_tasks.cluster import grants, registry
-from fcq_tasks.cluster.celeryapp import client_app, host_queue
+from fcq_tasks.cluster.celeryapp import (
+    CONTROLLER_QUEUE,
+    CONTROLLER_TASKS,
+    client_app,
+    host_queue,
+)
 from fcq_tasks.cluster.results import (
     BROKER_ERRORS,
+    CONTROLLER_SIGNER,
     follow,
     lost_result_store,
+    redis_failure,
     renew_backend,
 )
 from fcq_tasks.cluster.results import verify as verify_result
@@ -164,7 +175,7 @@ class Orchestrator:
         try:
             records = registry.hosts(self.client)
         except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable: {err}") from err
+            raise redis_failure(err) from err
         self.untrusted = []
         c = self.settings.cluster
         return registry.trusted(records, c.hosts_dir, self.untrusted, c.accept_unsigned,
@@ -194,7 +205,7 @@ class Orchestrator:
             # One GET: a start must not scan every host's record on the way.
             record = registry.host(self.client, host)
         except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable: {err}") from err
+            raise redis_failure(err) from err
         c = self.settings.cluster
         if record is not None and not registry.trusted({host: record}, c.hosts_dir,
                                                        accept_unsigned=c.accept_unsigned,
@@ -305,9 +316,11 @@ class Orchestrator:
     def migrate(self, vm: str, dst: str, src: str | None = None) -> str:
         """Live-migrate *vm* to host *dst*; return the chord's task id (finish_migration).
 
-        chord(group(inmigrate@dst, outmigrate@src), finish_migration@dst),
-        with migration_failed@src as errback: whatever fails, the source
-        converges at once.
+        chord(group(inmigrate@dst, outmigrate@src), finish_migration@controller),
+        with migration_failed@controller as errback: whatever fails, both
+        hosts sweep at once. Callback and errback run on the controller
+        (``fcq controller``), never on a host: the half that ends last sends
+        them, and no host writes another host's queue.
         """
         from celery import chord, group
         if not NAME_RE.match(vm):
@@ -327,10 +340,19 @@ class Orchestrator:
         if vm not in hosts[dst]["vms"]:
             raise BadRequest("host", f"{dst} has no config for {vm}: push it first "
                              "(fcq apply-config)")
+        for side in (src, dst):
+            # Refused before any half starts: on local storage the destination
+            # half would start a QEMU for nothing.
+            kind = hosts[side].get("storage")
+            if kind != "rbd":
+                raise Refused(f"{vm}: {side} keeps its VMs on {kind} storage: live migration "
+                              "needs RBD on both hosts (docs/ceph.md); nothing was started",
+                              vm=vm, host=side)
         if hosts[dst].get("drained"):
             # Fast feedback only: dst refuses it itself when its half runs.
             raise Refused(f"{vm}: host {dst} is drained for maintenance: it receives no VMs "
                           f"(fcq undrain {dst})", vm=vm, host=dst)
+        self._declare_controller_queue()  # before anything is claimed
         attempt = uuid.uuid4().hex[:16]
         from fcq_tasks.host.migration import attempt_seconds, claim_attempt, key_ttl
         # One attempt per VM at a time: the claim expires after the longest
@@ -339,7 +361,7 @@ class Orchestrator:
         memory_mb = int(hosts[src]["vms"].get(vm, {}).get("memory_mb", 1024))
         ttl = int(attempt_seconds(self.settings, memory_mb)
                   + 2 * self.settings.migration_peer_grace) + 60
-        common = {"vm": vm, "attempt": attempt}
+        common: dict[str, Any] = {"vm": vm, "attempt": attempt}
         in_id, in_kwargs = self.signed("fcq.inmigrate", dst, {**common, "src": src,
                                                               "host": dst}, f"{attempt}-in")
         out_id, out_kwargs = self.signed("fcq.outmigrate", src, {**common, "dst": dst,
@@ -353,7 +375,7 @@ class Orchestrator:
                 self.client.set(f"fcq:mig:{vm}:{attempt}:request", json.dumps(halves),
                                 ex=key_ttl(self.settings))
         except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable: {err}") from err
+            raise redis_failure(err) from err
         if other is not None:
             raise Refused(f"{vm}: migration {other} is already in flight "
                           "(fcq migrate --abort to stop it)", vm=vm, attempt=other)
@@ -364,21 +386,28 @@ class Orchestrator:
             self.app.signature("fcq.outmigrate", kwargs=out_kwargs,
                                kwargsrepr=kwargs_repr(out_kwargs),
                                queue=host_queue(src), task_id=out_id))
-        # Wall clock: the callback, on another host, measures the queueing from it.
+        # Wall clock: the callback, on another machine, measures the queueing from it.
+        # declare=[]: a host sends them, and a host may not bind queues
+        # (cluster/redisacl.py); the controller declares its queue itself.
+        # The errback's result is read by nobody (ignore_result), so its
+        # sender does not subscribe to it, which a host may not either.
         body = self.app.signature("fcq.finish_migration",
-                                  kwargs={**common, "sent_at": time.time()},
-                                  queue=host_queue(dst))
-        body.link_error(self.app.signature("fcq.migration_failed", kwargs=common,
-                                           queue=host_queue(src)))
+                                  kwargs={**common, "src": src, "dst": dst,
+                                          "sent_at": time.time()},
+                                  queue=CONTROLLER_QUEUE, declare=[])
+        body.link_error(self.app.signature("fcq.migration_failed",
+                                           kwargs={**common, "src": src, "dst": dst},
+                                           queue=CONTROLLER_QUEUE, declare=[],
+                                           ignore_result=True))
         body_id = str(uuid.uuid4())
         body.set(task_id=body_id)
-        self._remember(body_id, dst, "fcq.finish_migration")  # runs there
+        self._remember(body_id, CONTROLLER_SIGNER, "fcq.finish_migration")  # runs there
         try:
             result = chord(header)(body)
             registry.record_job(self.client, result.id, "migrate", vm, f"{src}>{dst}",
                                 self.settings.cluster.result_expires, "fcq.finish_migration")
         except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable: {err}") from err
+            raise redis_failure(err) from err
         return str(result.id)
 
     def abort_migration(self, vm: str) -> str:
@@ -432,14 +461,14 @@ class Orchestrator:
             registry.record_job(self.client, result.id, operation, vm, host,
                                 self.settings.cluster.result_expires, task)
         except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable: {err}") from err
+            raise redis_failure(err) from err
         except RuntimeError as err:
             # Subscribing to the new task's result found Redis gone and Celery
             # gave its result consumer up: rebuild it for the next call.
             if not lost_result_store(err):
                 raise
             renew_backend(self.app)
-            raise SystemFailure(f"Redis unreachable: {err.__cause__}") from err
+            raise redis_failure(err.__cause__ or err) from err
         return str(result.id)
 
     def state(self, task_id: str) -> tuple[str, Any]:
@@ -447,7 +476,32 @@ class Orchestrator:
         try:
             return res.state, res.info
         except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable: {err}") from err
+            raise redis_failure(err) from err
+
+    def _declare_controller_queue(self) -> None:
+        """Bind the controller's queue, as the controller does when it starts.
+
+        The half that ends last sends the chord's callback there without
+        declaring it (a host may not: cluster/redisacl.py); kombu drops a
+        message for an exchange nothing is bound to. Bound here first, the
+        callback waits in the queue even for a controller not started yet.
+        """
+        try:
+            with self.app.connection_for_write() as conn:
+                Queue(CONTROLLER_QUEUE, Exchange(CONTROLLER_QUEUE),
+                      routing_key=CONTROLLER_QUEUE)(conn.default_channel).declare()
+        except BROKER_ERRORS as err:
+            raise redis_failure(err) from err
+
+    def known_task(self, task_id: str) -> bool:
+        """Whether *task_id* was sent through fcq (its job record) or has a state
+        beyond PENDING (Celery's word for any id it never heard of)."""
+        try:
+            if self.client.exists(registry.JOB_KEY + task_id):
+                return True
+        except BROKER_ERRORS as err:
+            raise redis_failure(err) from err
+        return self.state(task_id)[0] != "PENDING"
 
     def migration_progress(self, vm: str) -> tuple[str, Any] | None:
         """State of the source half of vm's migration in flight (its copy progress)."""
@@ -499,7 +553,8 @@ class Orchestrator:
         sent to signed it as the result of the task that was sent.
         """
         host, task = self._expected(task_id)
-        why = verify_result(info, task_id, host, self.settings.cluster.hosts_dir, task)
+        why = verify_result(info, task_id, host, self.settings.cluster.hosts_dir, task,
+                            self._controller_keys())
         if why is not None and not ("signature" not in info
                                     and self.settings.cluster.accept_unsigned):
             raise RemoteError({"error": "UntrustedResult", "message":
@@ -517,6 +572,15 @@ class Orchestrator:
             except RemoteError as err:
                 return "FAILURE", TaskRejected({"message": err.message, **err.fields})
         return state, info
+
+    def _controller_keys(self) -> list[Ed25519PublicKey]:
+        """The keys the controller's results may be signed with: the orchestrator keys
+        these settings accept, and the public half of the one they hold."""
+        keys = list(grants.public_keys(self.settings))
+        if self.settings.cluster.orchestrator_key_file is not None:
+            with contextlib.suppress(FcqError, OSError):
+                keys.append(self.signing_key().public_key())
+        return keys
 
     def _remember(self, task_id: str, host: str, task: str) -> None:
         self._sent_to[task_id] = (host, task)
@@ -540,7 +604,9 @@ class Orchestrator:
         if not isinstance(job, dict):
             return None, None
         host, task = job.get("host"), job.get("task")
-        return (host.split(">")[-1] if isinstance(host, str) else None,  # "src>dst": dst
+        if task in CONTROLLER_TASKS:
+            return CONTROLLER_SIGNER, str(task)
+        return (host if isinstance(host, str) else None,
                 task if isinstance(task, str) else None)
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -548,7 +614,7 @@ class Orchestrator:
         try:
             rows = registry.recent_jobs(self.client, limit)
         except BROKER_ERRORS as err:
-            raise SystemFailure(f"Redis unreachable: {err}") from err
+            raise redis_failure(err) from err
         for row in rows:
             state, info = self.state(row["id"])
             row["state"] = state

@@ -37,6 +37,14 @@ from fcq_tasks.config.settings import HostSettings
 #: The queue a host's worker consumes.
 QUEUE_PREFIX = "host."
 
+#: The controller's queue (cluster/controller.py): hosts' move requests and
+#: the migrations' chord callbacks, so that no host writes another's queue.
+CONTROLLER_QUEUE = "fcq.controller"
+
+#: The controller's tasks (cluster/controller.py): run there and nowhere else.
+CONTROLLER_TASKS = frozenset({"fcq.move_wanted", "fcq.finish_migration",
+                              "fcq.migration_failed"})
+
 #: Celery's default queue. Nobody consumes it; nothing may be sent there.
 UNROUTED = "fcq.unrouted"
 
@@ -65,6 +73,10 @@ def celery_config(settings: HostSettings) -> dict[str, Any]:
         # deaf to a Sentinel failover. Every socket gets a deadline.
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": SOCKET_TIMEOUT,
+        # One Redis list per queue, named exactly after it (kombu's default
+        # adds three priority lists per queue): what per-host ACL users
+        # grant (cluster/redisacl.py). fcq sends no priorities.
+        "priority_steps": [0],
     }
     backend_transport: dict[str, Any] = {"visibility_timeout": c.visibility_timeout}
     if c.sentinel_master is not None:
@@ -83,7 +95,13 @@ def celery_config(settings: HostSettings) -> dict[str, Any]:
         sentinel["sentinel_kwargs"] = sentinel_kwargs
         transport.update(sentinel)
         backend_transport.update(sentinel)
+    tls: dict[str, Any] = {}
+    if c.tls is not None:
+        # kombu, given a rediss:// URL without options, does not verify the
+        # server's certificate: fcq always passes them, verifying.
+        tls = {"broker_use_ssl": c.tls, "redis_backend_use_ssl": c.tls}
     return {
+        **tls,
         "broker_url": url,
         "broker_transport": transport_for(url),
         "result_backend": result_backend_url(url),

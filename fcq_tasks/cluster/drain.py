@@ -69,16 +69,17 @@ def place(vms: list[tuple[str, int]], src: str, hosts: dict[str, dict[str, Any]]
           fencing: bool = False, preferred: dict[str, str] | None = None) -> list[Move]:
     """Where each of *vms* (name, MB) on *src* goes; a Move without dst says why not.
 
-    *fencing*: only hosts whose storage can fence a dead host (evacuate).
+    Only hosts on RBD: live migration (drain) and fencing (*fencing*:
+    evacuate) both need it.
     *preferred*: VM → the host its config already names (``kvm_host``),
     taken when it can: the VM was on its way there anyway, and a move
     elsewhere would race the migration its own ensure starts.
     """
     candidates = {h: r for h, r in hosts.items() if h != src and not r.get("drained")}
-    unfit = {}
-    if fencing:
-        unfit = {h: r for h, r in candidates.items() if r.get("storage") != "rbd"}
-        candidates = {h: r for h, r in candidates.items() if h not in unfit}
+    # Live migration and fencing both need the VM's disks on RBD, here and there.
+    unfit = {h: r for h, r in candidates.items() if r.get("storage") != "rbd"}
+    candidates = {h: r for h, r in candidates.items() if h not in unfit}
+    local_src = not fencing and hosts.get(src, {}).get("storage") not in (None, "rbd")
     free = {h: free_mb(r) for h, r in candidates.items()}
     moves = []
     for vm, memory in sorted(vms, key=lambda x: (-x[1], x[0])):
@@ -86,8 +87,13 @@ def place(vms: list[tuple[str, int]], src: str, hosts: dict[str, dict[str, Any]]
         knowing = [h for h, r in candidates.items()
                    if vm in r.get("vms", {}) and "error" not in r["vms"][vm]]
         fits = [h for h in knowing if free[h] >= memory]
-        if not candidates:
-            move.reason = ("no live host can fence it (storage local): " + ", ".join(sorted(unfit))
+        if local_src:
+            move.reason = (f"{src} keeps its VMs on local storage: they cannot live-migrate "
+                           "(stop them, or move their disks by hand)")
+        elif not candidates:
+            what = "fence it" if fencing else "receive it by live migration"
+            move.reason = (f"no live host can {what} (storage local): "
+                           + ", ".join(sorted(unfit))
                            if unfit else "no other live host that is not drained")
         elif not knowing:
             move.reason = ("no other live host has its config: push it first "

@@ -102,13 +102,14 @@ def load_signing_key(settings: HostSettings) -> Ed25519PrivateKey:
                           "not set: imperative requests (start, stop, migrate, …) are "
                           "signed with the orchestrator's key, and this machine does not "
                           "hold it (hypervisors never do; docs/security.md)")
-    return trust.load_private_key(path, "cluster.orchestrator_key_file")
+    return trust.cached_private_key(path, "cluster.orchestrator_key_file")
 
 
 _keys_cache: dict[tuple[str, ...], list[Ed25519PublicKey]] = {}
 
 
-def _public_keys(settings: HostSettings) -> list[Ed25519PublicKey]:
+def public_keys(settings: HostSettings) -> list[Ed25519PublicKey]:
+    """The orchestrator keys *settings* accept (cluster.orchestrator_keys), parsed once."""
     texts = settings.cluster.orchestrator_keys
     keys = _keys_cache.get(texts)
     if keys is None:
@@ -140,7 +141,7 @@ def check(settings: HostSettings, task: str, task_id: object,
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
         raise BadRequest("task_id", f"must be letters, digits and '-' (got {task_id!r})")
     sig = given.get("sig") if isinstance(given, dict) else None
-    keys = _public_keys(settings)
+    keys = public_keys(settings)
     try:
         fields = _fields(task, task_id, settings.host, kwargs)
     except (TypeError, ValueError) as err:  # not JSON-able as given: not what was signed

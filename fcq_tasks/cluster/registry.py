@@ -55,7 +55,7 @@ def connect(settings: HostSettings) -> redis.Redis:
     if c.sentinel_master is not None:
         return _sentinel_client(tuple(c.sentinels), c.sentinel_master, c.db, c.password(),
                                 c.sentinel_password())
-    return _client(c.url_with_password())
+    return _client(c.url_with_password(), tuple(sorted((c.tls or {}).items())))
 
 
 #: Seconds any registry command may take (a Redis that stopped answering).
@@ -63,9 +63,9 @@ TIMEOUT = 10
 
 
 @functools.lru_cache(maxsize=8)
-def _client(url: str) -> redis.Redis:
+def _client(url: str, tls: tuple[tuple[str, Any], ...] = ()) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                                decode_responses=True)
+                                decode_responses=True, **dict(tls))
 
 
 @functools.lru_cache(maxsize=8)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import structlog
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fcq_tasks import trust
 from fcq_tasks.config import peers
@@ -48,6 +49,34 @@ log = structlog.get_logger()
 #: What talking to Redis can raise, through redis-py or through kombu.
 BROKER_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError)
 
+#: Redis's own words (through redis-py or wrapped by kombu) → what is wrong.
+_REDIS_REFUSALS = (
+    (("wrongpass", "invalid username-password", "invalid password"),
+     "Redis refused the credentials (wrong password or user name, or the user is "
+     "disabled): check cluster.password_file and the user in cluster.broker_url"),
+    (("without any password configured", "no password is set", "client sent auth, but"),
+     "Redis has no password set, but cluster.password_file gives one: set requirepass "
+     "(or an ACL user) on Redis, or drop password_file"),
+    (("noauth", "authentication required", "already authenticated"),
+     "Redis requires a password: set cluster.password_file"),
+    (("noperm", "no permissions"),
+     "Redis refused this user a command or key: its ACL rules (fcq config redis-acl, "
+     "docs/security.md)"),
+    (("certificate verify failed",),
+     "Redis's TLS certificate is not trusted: check cluster.tls_ca_file"),
+)
+
+
+def redis_failure(err: BaseException, doing: str = "") -> SystemFailure:
+    """A SystemFailure that says what is wrong with Redis: refused credentials are
+    not "unreachable"."""
+    text = str(err)
+    lowered = text.lower()
+    for needles, meaning in _REDIS_REFUSALS:
+        if any(n in lowered for n in needles):
+            return SystemFailure(f"{meaning}{doing} ({text})")
+    return SystemFailure(f"Redis unreachable{doing}: {text}")
+
 #: The result backend's own reconnect retries in an orchestrator: short, so
 #: that an outage comes back to :func:`follow` (which has a deadline) at once.
 CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
@@ -56,9 +85,14 @@ CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0
 #: What a host's signature on a task's result is for (trust.sign_document).
 RESULT_PURPOSE = "fcq-result"
 
+#: The signer the controller's results name: it signs them with the
+#: orchestrator's key. Not a host name (NAME_RE), so no host record stands in.
+CONTROLLER_SIGNER = "@controller"
+
 
 def verify(info: dict[str, Any], task_id: str, expected: str | None,
-           hosts_dir: Path, task: str | None = None) -> str | None:
+           hosts_dir: Path, task: str | None = None,
+           orchestrator_keys: Sequence[Ed25519PublicKey] = ()) -> str | None:
     """Why result *info* of task *task_id* is not to be believed, or None if it is.
 
     Believed: signed, for this task id and task name *task* (None: the one
@@ -66,6 +100,8 @@ def verify(info: dict[str, Any], task_id: str, expected: str | None,
     None: by the host the signature names) with the key in that host's
     record in *hosts_dir*. The name counts: another task run under the
     same id (a ping sent with a start's id) answers something else.
+    *expected* CONTROLLER_SIGNER: signed by the controller, with one of
+    *orchestrator_keys*.
     """
     signature = info.get("signature")
     if not isinstance(signature, dict):
@@ -75,18 +111,21 @@ def verify(info: dict[str, Any], task_id: str, expected: str | None,
         return "its signature names no host"
     if expected is not None and signer != expected:
         return f"it is signed by {signer!r}, and the task was sent to {expected!r}"
-    try:
-        peer = peers.cached_peer(hosts_dir, signer)
-    except (ConfigError, ValueError) as err:
-        return f"its signer {signer!r} has no usable record: {err}"
+    if signer == CONTROLLER_SIGNER:
+        keys = list(orchestrator_keys)
+    else:
+        try:
+            keys = [peers.cached_peer(hosts_dir, signer).public_key]
+        except (ConfigError, ValueError) as err:
+            return f"its signer {signer!r} has no usable record: {err}"
     signed_task = signature.get("task")
     if not isinstance(signed_task, str):
         return "its signature names no task"
     if task is not None and signed_task != task:
         return f"it is the result of {signed_task}, and the task sent was {task}"
     body = {k: v for k, v in info.items() if k != "signature"}
-    if not trust.verify_document(peer.public_key, RESULT_PURPOSE, body, signature.get("sig"),
-                                 id=task_id, task=signed_task):
+    if not any(trust.verify_document(key, RESULT_PURPOSE, body, signature.get("sig"),
+                                     id=task_id, task=signed_task) for key in keys):
         return f"its signature does not verify with {signer}'s key"
     return None
 

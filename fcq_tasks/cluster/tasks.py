@@ -40,9 +40,8 @@ from celery.signals import worker_shutdown
 
 from fcq_tasks import trust
 from fcq_tasks.cluster import grants, registry
-from fcq_tasks.cluster.celeryapp import app, host_queue
-from fcq_tasks.cluster.results import RESULT_PURPOSE
-from fcq_tasks.cluster.results import verify as verify_result
+from fcq_tasks.cluster.celeryapp import CONTROLLER_TASKS, app, host_queue
+from fcq_tasks.cluster.results import CONTROLLER_SIGNER, RESULT_PURPOSE
 from fcq_tasks.config.settings import HostSettings
 from fcq_tasks.config.validate import NAME_RE, NAME_RULE
 from fcq_tasks.config.vmspec import (
@@ -72,8 +71,6 @@ from fcq_tasks.host.sweep import ensure_all
 log = structlog.get_logger()
 
 
-#: The controller's tasks (cluster/controller.py): run there and nowhere else.
-CONTROLLER_TASKS = frozenset({"fcq.move_wanted"})
 
 #: Ids of the signed requests this worker runs now (a duplicate waits for none).
 _in_flight: set[str] = set()
@@ -176,7 +173,7 @@ class FcqTask(Task):  # type: ignore[type-arg]
         role = app.conf.get("fcq_role", "host")
         if (role == "controller") != (self.name in CONTROLLER_TASKS):
             err = Refused(f"{self.name} does not run on a {role} (fcq_tasks/cluster/"
-                          f"tasks.py: CONTROLLER_TASKS); nothing was done", task=self.name)
+                          f"celeryapp.py: CONTROLLER_TASKS); nothing was done", task=self.name)
             log.warning("request-refused", task=self.name, task_id=self.request.id,
                         error=err.message)
             raise self.fail(err)
@@ -209,10 +206,14 @@ class FcqTask(Task):  # type: ignore[type-arg]
                 or not self.request.id:
             return result
         try:
-            key = trust.cached_private_key(settings.host_key_file)
+            if app.conf.get("fcq_role") == "controller":
+                # The controller answers for the orchestrator side, with its key.
+                key, signer = grants.load_signing_key(settings), CONTROLLER_SIGNER
+            else:
+                key, signer = trust.cached_private_key(settings.host_key_file), settings.host
             body = {k: v for k, v in result.items() if k != "signature"}
             result = {**body, "signature": {
-                "host": settings.host, "task": self.name,
+                "host": signer, "task": self.name,
                 "sig": trust.sign_document(key, RESULT_PURPOSE, body,
                                            id=str(self.request.id), task=self.name)}}
         except (OSError, ConfigError, TypeError, ValueError) as err:
@@ -587,62 +588,3 @@ def outmigrate(self: FcqTask, /, vm: str | None = None, attempt: str | None = No
     from fcq_tasks.host import migration
     return _migration_half(self, "outmigrate", vm, host, attempt, "dst", dst,
                            migration.outmigrate)
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.finish_migration")
-def finish_migration(self: FcqTask, /, results: Any = None, vm: str | None = None,
-                     attempt: str | None = None, sent_at: float | None = None,
-                     **_: Any) -> dict[str, Any]:
-    """Chord body: both halves succeeded; record and return the outcome.
-
-    *sent_at*: when the orchestrator sent the chord (wall clock), for the phases.
-    """
-    from fcq_tasks.host.migration.phases import migration_phases
-    callback_at = time.time()
-    halves = {r.get("operation"): r for r in results or [] if isinstance(r, dict)}
-    out, inn = halves.get("outmigrate", {}), halves.get("inmigrate", {})
-    settings = current_settings()
-    try:
-        # The halves' results come in the message, which anyone can send:
-        # "migrated" only on results the halves' hosts signed, this host's
-        # own incoming half among them.
-        attempt_id = _check_name("attempt", attempt, "a migration attempt id")
-        for half, signer in ((inn, settings.host), (out, None)):
-            why = verify_result(half, f"{attempt_id}-{'in' if half is inn else 'out'}",
-                                 signer, settings.cluster.hosts_dir,
-                                 "fcq.inmigrate" if half is inn else "fcq.outmigrate")
-            if why is not None and not (settings.cluster.accept_unsigned
-                                        and "signature" not in half):
-                raise Refused(f"{vm}: migration {attempt_id}: a half's result is not "
-                              f"believed: {why}; not recorded as migrated", vm=str(vm),
-                              attempt=attempt_id)
-    except FcqError as err:
-        raise self.fail(err) from err
-    phases = migration_phases(out, inn, sent_at if isinstance(sent_at, float) else None,
-                              callback_at)
-    outcome = {"vm": vm, "operation": "migrate", "attempt": attempt, "outcome": "migrated",
-               "from": out.get("host"), "to": inn.get("host"), "status": inn.get("status"),
-               "total_ms": out.get("total_ms"), "downtime_ms": out.get("downtime_ms"),
-               # The guest's pause beyond QEMU's downtime: source saw the copy
-               # completed → destination's `cont` (the resume alone without marks).
-               "handover_ms": phases.get("handover", inn.get("resume_ms")),
-               "transferred": out.get("transferred"), "phases": phases,
-               "callback_at": callback_at}
-    log.info("migrated", vm=vm, attempt=attempt, phases=phases)
-    heartbeat(settings)
-    return outcome
-
-
-@app.task(bind=True, base=FcqTask, name="fcq.migration_failed")
-def migration_failed(self: FcqTask, /, *args: Any, vm: str | None = None,
-                     attempt: str | None = None, **_: Any) -> dict[str, Any]:
-    """Chord errback: a half failed. Converge this host's side now, don't wait for a sweep."""
-    settings = current_settings()
-    log.warning("migration-failed", vm=vm, attempt=attempt)
-    try:
-        result = VMAgent(dataclasses.replace(settings, operation_wait=settings.cluster
-                                             .task_busy_wait), check_vm(vm)).ensure()
-    except FcqError as err:
-        result = {"vm": vm, "outcome": "error", **err.to_dict()}
-    heartbeat(settings)
-    return {"vm": vm, "attempt": attempt, "operation": "migration-failed", "ensure": result}

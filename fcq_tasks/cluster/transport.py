@@ -17,10 +17,11 @@ unacknowledged index when it was delivered, and the periodic
 has passed, exactly as after a worker crash. So the restore is skipped for a
 detached channel, and the worker goes on to reconnect.
 
-Used through ``broker_transport`` (see celeryapp): ``redis://`` URLs get
-:class:`Transport`, ``sentinel://`` URLs :class:`SentinelTransport`;
-``rediss://`` and ``redis+socket://`` keep kombu's own (kombu checks TLS
-settings by the transport's alias name), without this fix.
+Used through ``broker_transport`` (see celeryapp): ``redis://`` and
+``rediss://`` URLs get :class:`Transport` (TLS through ``broker_use_ssl``,
+which celeryapp always sets for rediss://, verifying the server),
+``sentinel://`` URLs :class:`SentinelTransport`; ``redis+socket://`` keeps
+kombu's own, without this fix.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 
 def transport_for(url: str) -> str | None:
-    """The ``broker_transport`` for *url*: fcq's for redis:// and sentinel://, else kombu's."""
+    """The ``broker_transport`` for *url*: fcq's for redis://, rediss:// and sentinel://,
+    else kombu's."""
     scheme = url.split("://", 1)[0]
-    if scheme == "redis":
+    if scheme in ("redis", "rediss"):
         return f"{__name__}:Transport"
     if scheme == "sentinel":
         return f"{__name__}:SentinelTransport"

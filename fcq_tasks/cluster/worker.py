@@ -24,10 +24,11 @@ import structlog
 from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.consumer import Consumer
-from kombu import Connection, Queue
+from kombu import Connection, Exchange, Queue
 
 from fcq_tasks.cluster import registry
 from fcq_tasks.cluster.celeryapp import configure, host_queue
+from fcq_tasks.cluster.redisacl import unacked_keys
 from fcq_tasks.cluster.workermetrics import TaskTimer, worker_endpoint
 from fcq_tasks.config.clustersettings import sanitized
 from fcq_tasks.config.settings import HostSettings
@@ -122,10 +123,17 @@ def prepare_worker(settings: HostSettings) -> Celery:
     queue = host_queue(settings.host)
     # A plain `celery worker` consumes task_queues: only this host's queue,
     # never the default one (nothing is routed there).
-    app.conf.task_queues = [Queue(queue, routing_key=queue)]
+    # Its own exchange, named after it, as Celery makes for a queue it
+    # sends to (not the default exchange, whose one binding table every
+    # host would have to write: cluster/redisacl.py).
+    app.conf.task_queues = [Queue(queue, Exchange(queue), routing_key=queue)]
     app.conf.worker_pool = "threads"
     app.conf.worker_consumer = f"{__name__}:PromptConsumer"
     app.conf.worker_concurrency = settings.cluster.worker_concurrency
+    # Its unacknowledged messages under keys of its own, which its Redis
+    # user may touch (cluster/redisacl.py); a restart restores them.
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                         **unacked_keys(settings.host)}
     # Celery's remote control lets any Redis client stop this worker's
     # consumer or shut it down; fcq has its own ping and heartbeat.
     app.conf.worker_enable_remote_control = False

@@ -100,6 +100,9 @@ def record(task_name: str, state: str, retval: object, seconds: float) -> None:
         outcome = "changed" if sweep_counts(retval)["changed"] else "unchanged"
     metrics.OPERATIONS.labels(operation=operation, result=result,
                               outcome=outcome).observe(seconds)
+    if operation == "outmigrate" and state == "FAILURE":
+        # The source half failed: the guest stays (or is back) here.
+        metrics.MIGRATIONS.labels(outcome="failed").inc()
     if state != "SUCCESS" or not isinstance(retval, dict):
         return
     if operation == "ensure_host":
@@ -112,7 +115,7 @@ def record(task_name: str, state: str, retval: object, seconds: float) -> None:
         metrics.MIGRATION_DURATION.observe(float(retval["total_ms"]) / 1000)
         metrics.MIGRATION_DOWNTIME.observe(float(retval.get("downtime_ms") or 0) / 1000)
         metrics.MIGRATION_BYTES.inc(int(retval.get("transferred") or 0))
-    elif operation == "finish_migration":
+    elif operation == "inmigrate" and retval.get("status") == "running":
         metrics.MIGRATIONS.labels(outcome="migrated").inc()
     if operation in ("inmigrate", "outmigrate") and retval.get("rescue"):
         metrics.MIGRATION_RESCUES.labels(side=operation.removesuffix("migrate"),
@@ -139,14 +142,6 @@ class TaskTimer:
     def _prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         with self._lock:
             self._started[self._key(task_id)] = time.monotonic()
-        # The migration failed once its errback runs, whatever becomes of the
-        # errback itself (its clean-up may fail or be retried): counted at
-        # its start, not only when it succeeds.
-        if getattr(task, "name", "") == TASK_PREFIX + "migration_failed":
-            try:
-                metrics.MIGRATIONS.labels(outcome="failed").inc()
-            except Exception as err:  # a metric must never fail a task
-                log.warning("metrics-record-failed", task=task.name, error=str(err))
 
     def _postrun(self, task_id: str | None = None, task: Any = None, retval: object = None,
                  state: str | None = None, **_: Any) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from fcq_tasks import trust
@@ -33,6 +35,12 @@ CLUSTER_DEFAULTS: dict[str, object] = {
     # sentinel_password_file the sentinels' own (if they require one).
     "sentinel_master": None,
     "sentinel_password_file": None,
+    # TLS to Redis (a rediss:// broker_url): the CA that signed Redis's
+    # certificate (default: the system's), and this client's own
+    # certificate and key when Redis asks for one (tls-auth-clients).
+    "tls_ca_file": None,
+    "tls_cert_file": None,
+    "tls_key_file": None,
     "result_expires": 86400,
     "visibility_timeout": 1800,
     "restore_interval": 5,
@@ -93,6 +101,26 @@ class ClusterSettings:
     orchestrator_keys: tuple[str, ...] = ()   # base64 Ed25519 public keys that may grant
     orchestrator_key_file: Path | None = None  # the private key: orchestrator side only
     accept_unsigned: bool = False             # rolling upgrade only: requests without grants
+    tls_ca_file: Path | None = None           # rediss://: the CA of Redis's certificate
+    tls_cert_file: Path | None = None         # rediss://: this client's certificate ...
+    tls_key_file: Path | None = None          # ... and its key
+
+    @property
+    def tls(self) -> dict[str, Any] | None:
+        """TLS options for redis-py, kombu and Celery's backend (rediss:// only), else None.
+
+        The server's certificate is always verified: kombu's own default
+        for a rediss:// URL without options is not to verify it.
+        """
+        if urlsplit(self.broker_url).scheme != "rediss":
+            return None
+        opts: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        for key, path in (("ssl_ca_certs", self.tls_ca_file),
+                          ("ssl_certfile", self.tls_cert_file),
+                          ("ssl_keyfile", self.tls_key_file)):
+            if path is not None:
+                opts[key] = str(path)
+        return opts
 
     @property
     def busy_retry_chain(self) -> float:
@@ -119,10 +147,10 @@ class ClusterSettings:
 
     def password(self) -> str | None:
         """The Redis servers' password, from password_file (None without one)."""
-        return _read_secret(self.password_file, "cluster.password_file")
+        return read_secret(self.password_file, "cluster.password_file")
 
     def sentinel_password(self) -> str | None:
-        return _read_secret(self.sentinel_password_file, "cluster.sentinel_password_file")
+        return read_secret(self.sentinel_password_file, "cluster.sentinel_password_file")
 
     def url_with_password(self) -> str:
         """The broker URL with the password from password_file filled in.
@@ -136,7 +164,7 @@ class ClusterSettings:
         return ";".join(_with_password(part, password) for part in self.broker_url.split(";"))
 
 
-def _read_secret(path: Path | None, field: str) -> str | None:
+def read_secret(path: Path | None, field: str) -> str | None:
     """A secret file's text; refused when group or others may read it."""
     if path is None:
         return None
@@ -224,7 +252,18 @@ def parse_cluster_settings(f: str, value: object) -> ClusterSettings:
         orchestrator_keys=_public_keys(f, raw["orchestrator_keys"]),
         orchestrator_key_file=opt_path("orchestrator_key_file"),
         accept_unsigned=v.check_bool(f, "cluster.accept_unsigned", raw["accept_unsigned"]),
+        tls_ca_file=opt_path("tls_ca_file"),
+        tls_cert_file=opt_path("tls_cert_file"),
+        tls_key_file=opt_path("tls_key_file"),
     )
+    tls_keys = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file")
+                if raw[k] is not None]
+    if tls_keys and urlsplit(url).scheme != "rediss":
+        raise ConfigError(f, f"cluster.{tls_keys[0]}", "is for TLS to Redis: only with a "
+                          "rediss:// cluster.broker_url")
+    if (raw["tls_cert_file"] is None) != (raw["tls_key_file"] is None):
+        raise ConfigError(f, "cluster.tls_cert_file", "and cluster.tls_key_file go together "
+                          "(a client certificate and its key)")
     # Busy retries resend the request with its original expires_at: a ttl
     # shorter than the chain would turn "busy, try again" into "expired".
     chain = settings.busy_retry_chain

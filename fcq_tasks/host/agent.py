@@ -393,17 +393,21 @@ class VMAgent(VMSteps):
         with self.locked():
             spec = self.spec()
             self._check_may_start(spec)
+            warnings = []
             if not spec.online:
                 self.log.warning("start-offline-vm", action="start",
                                  detail="config says online: false; the next ensure stops it")
+                warnings.append(f"{self.name}: its config says online: false: the next "
+                                "ensure stops it again (push online: true to keep it)")
             found = self.observe()
             if found.run in (Run.RUNNING, Run.PAUSED, Run.INMIGRATE, Run.RECEIVED):
-                return self._result("start", "here", found, [], found)
+                return {**self._result("start", "here", found, [], found),
+                        "warnings": warnings}
             maintenance.refuse_if_drained(self.settings, self.name, "start")
             maintenance.refuse_if_held(self.settings, self.name)
             online = dataclasses.replace(spec, online=True, kvm_host=self.settings.host)
             # What we just found, under the same operation lock: still what is.
-            return self._converge(online, "start", found)
+            return {**self._converge(online, "start", found), "warnings": warnings}
 
     def _refuse_impostor(self, found: Observed) -> None:
         """Nothing that assumes 'no QEMU here' may run next to a process we cannot identify."""
@@ -424,16 +428,22 @@ class VMAgent(VMSteps):
             # The monitor is asked to power off, not to describe the VM first.
             found = self.glance()
             self._refuse_impostor(found)
-            done = []
+            done, how, warnings = [], None, []
             if self.process() is not None:
-                self.stop_qemu()
+                how = self.stop_qemu()
                 done.append("stop")
+            if how in ("quit", "kill"):
+                warnings.append(f"{self.name}: the guest ignored the power button for "
+                                f"{self.settings.shutdown_grace:g} s (shutdown_grace): QEMU "
+                                + ("was told to quit" if how == "quit" else "was killed")
+                                + "; the guest did not shut down cleanly")
             if found.run is not Run.STOPPED or any(
                     o == self.settings.host for o in found.lock_owners.values()):
                 # Locks held by hand (fcq lock) stay held: only fcq unlock gives them back.
                 self.clean_up(keep_locks=maintenance.held(self.settings, self.name))
                 done.append("clean-up")
-            return self._result("stop", "stopped", found, done, self.glance())
+            return {**self._result("stop", "stopped", found, done, self.glance()),
+                    "how": how, "warnings": warnings}
 
     def restart(self) -> dict[str, Any]:
         with self.locked():

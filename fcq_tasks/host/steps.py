@@ -374,10 +374,12 @@ class VMSteps(Looks):
         self.claim_locks()
         self.log.info("claimed", action="claim")
 
-    def stop_qemu(self) -> None:
+    def stop_qemu(self) -> str | None:
+        """Power the guest off: ``acpi`` (it shut down), ``quit`` (it ignored the power
+        button for shutdown_grace), ``kill`` (QEMU did not quit either); None: none ran."""
         proc = self.process()
         if proc is None:
-            return
+            return None
         grace = self.settings.shutdown_grace
         deadline = Deadline.after(grace, "the guest's power-off")
         self.log.info("powerdown", action="stop", grace=grace)
@@ -394,7 +396,7 @@ class VMSteps(Looks):
                 self.log.warning("powerdown-failed", action="stop", error=str(err))
             if self.qemu.wait_gone(proc, min(POWERDOWN_REPEAT, deadline.remaining())):
                 self.log.info("stopped", action="stop", how="acpi")
-                return
+                return "acpi"
             if deadline.passed():
                 break
         self.log.warning("quit", action="stop", detail=f"guest ignored ACPI for {grace} s")
@@ -405,9 +407,10 @@ class VMSteps(Looks):
             self.log.warning("quit-failed", action="stop", error=str(err))
         if self.qemu.wait_gone(proc, self.settings.qmp_timeout):
             self.log.info("stopped", action="stop", how="quit")
-            return
+            return "quit"
         self.log.warning("kill", action="stop", detail="QEMU did not exit: SIGKILL")
         self.qemu.kill(proc)
+        return "kill"
 
     def kill_qemu(self) -> None:
         """End the VM's QEMU now, without asking the guest.

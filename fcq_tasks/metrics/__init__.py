@@ -56,8 +56,8 @@ MIGRATION_BYTES = Counter(
     registry=REGISTRY)
 MIGRATIONS = Counter(
     "fcq_migrations",
-    "Whole live migrations: migrated where the chord ended (the destination), "
-    "failed where its errback started (the source)",
+    "Whole live migrations: migrated where the guest now runs (the destination's half "
+    "succeeded), failed where it stayed (the source's half failed)",
     ("outcome",), registry=REGISTRY)
 MIGRATION_RESCUES = Counter(
     "fcq_migration_rescues",
