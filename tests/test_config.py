@@ -341,6 +341,9 @@ def test_config_check_reads_host_settings_files_too(tmp_path: Path,
     assert main(["--json", "config", "check", str(good)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "host settings" and out["host"] == "alpha"
+    # --json after the subcommand means the same.
+    assert main(["config", "check", str(good), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == out
     assert out["warnings"] == [f"{good}: shutdown_grase: unknown setting, ignored"]
     assert main(["config", "check", "--strict", str(good)]) == 2
     capsys.readouterr()

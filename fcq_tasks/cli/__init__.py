@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from fcq_tasks import __version__
 from fcq_tasks.cli.output import Output, say
@@ -157,7 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "Prometheus")
     sp = sub.add_parser("flower", help="run Flower (basic auth unless --no-auth)")
     sp.add_argument("--no-auth", action="store_true", help="demo only: no authentication")
+    _global_options_after(sub)
     return p
+
+
+def _global_options_after(sub: Any) -> None:
+    """--json, -q and --local are accepted after the subcommand too (`fcq status vm01
+    --json`); SUPPRESS keeps a subcommand from resetting what came before it."""
+    for sp in sub.choices.values():
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print results as JSON")
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no log or progress lines")
+        if sp.prog.split()[-1] != "config":
+            sp.add_argument("--local", action="store_true", default=argparse.SUPPRESS,
+                            help="act on this host directly, without the cluster")
+        for action in sp._actions:  # `fcq config check ... --json`
+            if isinstance(action, argparse._SubParsersAction):
+                _global_options_after(action)
 
 
 def _wait_options(sp: argparse.ArgumentParser) -> None:
