@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,21 +24,48 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 class TeeLogger:
-    """Writes each event to a JSON-lines file and a text stream, best effort."""
+    """Writes each event to a JSON-lines file and a text stream, best effort.
+
+    The file is opened again when it was moved or removed (logrotate): the
+    check is one stat() per line, as logging's WatchedFileHandler does;
+    without it a rotated log would be written forever under its old name.
+    """
 
     def __init__(self, json_file: Path | None, stream: TextIO | None) -> None:
         self.json_file = json_file
         self.stream = stream
         self._fh: TextIO | None = None
+        self._ident: tuple[int, int] | None = None  # (dev, ino) of the open file
+        self._lock = threading.Lock()
+
+    def _rotated(self) -> bool:
+        assert self.json_file is not None
+        try:
+            st = os.stat(self.json_file)
+        except OSError:
+            return True  # moved away or removed: a new file at the path
+        return (st.st_dev, st.st_ino) != self._ident
 
     def _json_out(self) -> TextIO | None:
-        if self._fh is None and self.json_file is not None:
+        if self.json_file is None:
+            return None
+        if self._fh is not None and not self._rotated():
+            return self._fh
+        with self._lock:
+            if self._fh is not None and not self._rotated():
+                return self._fh  # another thread reopened it meanwhile
             try:
                 self.json_file.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.json_file, "a", buffering=1)  # noqa: SIM115 - kept open
+                fh = open(self.json_file, "a", buffering=1)  # noqa: SIM115 - kept open
+                st = os.fstat(fh.fileno())
             except OSError:
-                self.json_file = None  # give up on the file, keep the VM operation going
-        return self._fh
+                # Give up on the file, keep the VM operation going.
+                self.json_file, self._fh = None, None
+                return None
+            # The old file is not closed here: another thread may be writing
+            # its line to it right now; it closes when the last one lets go.
+            self._fh, self._ident = fh, (st.st_dev, st.st_ino)
+            return fh
 
     def msg(self, json_line: str, text_line: str) -> None:
         fh = self._json_out()

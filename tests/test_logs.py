@@ -26,6 +26,25 @@ def test_json_file_and_text_stream(tmp_path: Path) -> None:
     assert "started" in stream.getvalue() and "vm=vm01" in stream.getvalue()
 
 
+def test_a_rotated_log_is_reopened(tmp_path: Path) -> None:
+    """logrotate moves the file away (or removes it): the next line goes to a new
+    file under the configured name, not on into the old one."""
+    path = tmp_path / "fcq.log"
+    logs.configure(path, "info", stream=None)
+    log = structlog.get_logger()
+    log.info("before")
+    path.rename(tmp_path / "fcq.log.1")
+    log.info("after-move")
+    log.info("after-move-2")
+    path.unlink()
+    log.info("after-remove")
+
+    def events(p: Path) -> list[str]:
+        return [json.loads(line)["event"] for line in p.read_text().splitlines()]
+    assert events(tmp_path / "fcq.log.1") == ["before"]
+    assert events(path) == ["after-remove"]
+
+
 def test_broken_destinations_are_survived(tmp_path: Path) -> None:
     """An unwritable log file and a closed stream cost the line, not the caller."""
     stream = io.StringIO()
