@@ -17,7 +17,7 @@ VENV=${VENV:-.venv}
 LOCK=requirements/lock.txt
 APT_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-guest-agent qemu-block-extra seabios
-    busybox-static xfsprogs util-linux kmod cpio gzip redis-server curl
+    busybox-static xfsprogs util-linux kmod cpio gzip redis-server curl systemd
     python3 python3-venv python3-dev
     ceph-mon ceph-osd ceph-common python3-rados python3-rbd
 )
