@@ -68,7 +68,8 @@ def test_progress_is_plain_lines_when_piped() -> None:
     show("SUCCESS", None)
     text = stream.getvalue()
     assert "\r" not in text and text.count("\n") == 3
-    assert "copying transferred=50 remaining=50" in text and "vm01 copy: success" in text
+    assert "copying transferred=50 B remaining=50 B" in text and "vm01 copy: success" in text
+    assert "speed=9.54 MiB/s" in text and "mbps" not in text  # QEMU's Mbit/s, as MiB/s
 
 
 def test_drain_view_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

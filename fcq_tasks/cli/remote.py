@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from fcq_tasks import units
 from fcq_tasks.cli.output import (
     EXIT_SYSTEM,
     Output,
@@ -25,6 +26,23 @@ from fcq_tasks.errors import BadRequest, FcqError
 
 #: Steps of work whose progress is a sequence of known steps: step → (n, of).
 SEQUENCED_STEPS = {"frozen": (1, 3), "snapshotted": (2, 3), "thawed": (3, 3)}
+
+
+#: Progress fields under the name a person reads (the value is converted too).
+LABELS = {"mbps": "speed", "expected_downtime": "expected-downtime"}
+
+
+def human(key: str, value: Any) -> str:
+    """A progress field as a person reads it (JSON keeps the exact numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key in ("transferred", "remaining", "total", "bytes", "size"):
+        return units.size(value)
+    if key == "mbps":
+        return units.rate_mbit(value)
+    if key.endswith("_ms") or key in ("expected_downtime", "downtime"):
+        return units.duration_ms(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class Progress:
@@ -57,7 +75,8 @@ class Progress:
             extra = {k: v for k, v in info.items()
                      if k not in ("vm", "host", "operation", "step")}
             step = str(info.get("step"))
-            detail = f" {step}" + "".join(f" {k}={v}" for k, v in extra.items())
+            detail = f" {step}" + "".join(f" {LABELS.get(k, k)}={human(k, v)}"
+                                          for k, v in extra.items())
             fraction = fraction_done(step, extra)
         elif state == "PENDING":
             detail = " (queued)"

@@ -43,6 +43,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 
+from fcq_tasks import units
 from fcq_tasks.config.vmspec import VMSpec
 
 
@@ -267,8 +268,8 @@ def plan(spec: VMSpec, observed: Observed, host: str,
     if run is Run.PAUSED:
         return acts or [Action(Do.NOTHING, "paused: left for the operator")]
     if observed.root_bytes is not None and observed.root_bytes < spec.disk_bytes:
-        acts.append(Action(Do.GROW_ROOT, f"root {observed.root_bytes} < {spec.disk_bytes} bytes",
-                           size=spec.disk_bytes))
+        acts.append(Action(Do.GROW_ROOT, f"root {units.size(observed.root_bytes)} < "
+                           f"{units.size(spec.disk_bytes)}", size=spec.disk_bytes))
     acts.extend(_shrink_refusal(spec, observed))
     want_limits = (spec.iops or 0, spec.bps or 0)
     if observed.iops is not None and (observed.iops, observed.bps) != want_limits:
@@ -298,6 +299,6 @@ def _plan_handed_to_us(spec: VMSpec, observed: Observed, host: str,
 
 def _shrink_refusal(spec: VMSpec, observed: Observed) -> list[Action]:
     if observed.root_bytes is not None and observed.root_bytes > spec.disk_bytes:
-        return [Action(Do.REFUSE, f"root is {observed.root_bytes} bytes, config asks "
-                       f"{spec.disk_bytes}: disks never shrink", refusal="shrink")]
+        return [Action(Do.REFUSE, f"root is {units.size(observed.root_bytes)}, config asks "
+                       f"{units.size(spec.disk_bytes)}: disks never shrink", refusal="shrink")]
     return []
