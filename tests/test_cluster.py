@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import sys
 import time
@@ -56,6 +57,11 @@ def test_cli_start_wait_jobs_hosts(make_cluster: ClusterFactory) -> None:
     jobs = json.loads(c.fcq("--json", "jobs").stdout)
     assert [(j["op"], j["vm"], j["state"]) for j in jobs] == [("stop", "vm01", "SUCCESS"),
                                                               ("start", "vm01", "SUCCESS")]
+    # Sent when, and how long it took from sending to its result.
+    assert all(isinstance(j["seconds"], float) and 0 < j["seconds"] < 120 for j in jobs), jobs
+    table = c.fcq("jobs").stdout.splitlines()
+    assert table[0].split()[:3] == ["TASK", "SENT", "TOOK"]
+    assert re.search(r" \d\d:\d\d:\d\d +\d+(\.\d+)? m?s +stop ", table[1]), table[1]
     hosts = json.loads(c.fcq("--json", "hosts").stdout)
     assert hosts["host"] == "alpha" and hosts["vms"] == 1
 

@@ -28,6 +28,17 @@ from fcq_tasks.errors import BadRequest, FcqError
 SEQUENCED_STEPS = {"frozen": (1, 3), "snapshotted": (2, 3), "thawed": (3, 3)}
 
 
+def _clock(epoch: Any) -> str:
+    """When a job was sent, local time of day (HH:MM:SS)."""
+    if not isinstance(epoch, (int, float)):
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
+
+
+def _took(seconds: Any) -> str:
+    return "-" if not isinstance(seconds, (int, float)) else units.duration_ms(seconds * 1000)
+
+
 #: Progress fields under the name a person reads (the value is converted too).
 LABELS = {"mbps": "speed", "expected_downtime": "expected-downtime"}
 
@@ -157,8 +168,11 @@ def run(settings: HostSettings, args: argparse.Namespace, out: Output) -> None:
         out.table(rows, "\n".join(lines))
     elif cmd == "jobs":
         rows = orch.jobs(args.limit)
-        lines = [f"{'TASK':<36} {'OP':<13} {'VM':<16} {'HOST':<10} STATE"]
-        lines += [f"{r['id']:<36} {r['op']:<13} {r['vm']:<16} {r['host']:<10} {r['state']}"
+        lines = [f"{'TASK':<36} {'SENT':<8} {'TOOK':>8} {'OP':<13} {'VM':<16} "
+                 f"{'HOST':<10} STATE"]
+        lines += [f"{r['id']:<36} {_clock(r.get('submitted')):<8} "
+                  f"{_took(r.get('seconds')):>8} {r['op']:<13} {r['vm']:<16} {r['host']:<10} "
+                  f"{r['state']}"
                   + (f" ({r['step']})" if r.get("step") else "")
                   + (f": {r['error']}" if r.get("error") else "") for r in rows]
         out.table(rows, "\n".join(lines))

@@ -503,6 +503,12 @@ class Orchestrator:
             raise redis_failure(err) from err
         return self.state(task_id)[0] != "PENDING"
 
+    def _date_done(self, task_id: str) -> float | None:
+        try:
+            return _utc_seconds(AsyncResult(task_id, app=self.app).date_done)
+        except (*BROKER_ERRORS, ValueError, TypeError):
+            return None
+
     def migration_progress(self, vm: str) -> tuple[str, Any] | None:
         """State of the source half of vm's migration in flight (its copy progress)."""
         from fcq_tasks.host.migration import current_key
@@ -618,11 +624,30 @@ class Orchestrator:
         for row in rows:
             state, info = self.state(row["id"])
             row["state"] = state
+            done = self._date_done(row["id"]) if state in ("SUCCESS", "FAILURE") else None
+            if done is not None and isinstance(row.get("submitted"), (int, float)):
+                # From sending to the result: queueing included, as the operator waited.
+                row["seconds"] = round(max(0.0, done - float(row["submitted"])), 3)
             if state == "PROGRESS" and isinstance(info, dict):
                 row["step"] = info.get("step")
             elif state == "FAILURE":
                 row["error"] = remote_error(info).message
         return rows
+
+
+def _utc_seconds(value: Any) -> float | None:
+    """Celery's date_done (a datetime, naive UTC or aware; or an ISO string) as epoch s."""
+    import datetime
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime.datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    return float(value.timestamp())
 
 
 def remote_error(info: Any) -> FcqError:
