@@ -73,6 +73,9 @@ class RedisServer:
              "--requirepass", PASSWORD, "--dir", str(self.dir), "--appendonly", "yes",
              "--appendfsync", "always", "--save", "", "--logfile", str(self.dir / "log")],
             stdout=subprocess.DEVNULL)
+        self.wait_up()
+
+    def wait_up(self) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -80,7 +83,9 @@ class RedisServer:
                     return
             except redis.RedisError:
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not come up")
+        log = self.dir / "log"
+        raise RuntimeError("redis-server did not come up: "
+                           + (log.read_text(errors="replace")[-500:] if log.exists() else ""))
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -15,7 +15,6 @@ import ipaddress
 import shutil
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,15 +94,7 @@ class TlsRedisServer(RedisServer):
              "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no",
              "--bind", "127.0.0.1", "--requirepass", PASSWORD, "--dir", str(self.dir),
              "--save", "", "--logfile", str(self.dir / "log")], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server (TLS) did not come up: "
-                           + (self.dir / "log").read_text()[-500:])
+        self.wait_up()
 
 
 @pytest.fixture

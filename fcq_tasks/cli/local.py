@@ -186,11 +186,22 @@ def _is_settings_file(path: Path) -> bool:
         and any(k in DEFAULTS for k in data)
 
 
-def _check_settings(path: Path, strict: bool, out: Output) -> None:
+def _check_one(path: Path, strict: bool, out: Output) -> None:
+    """One file, a VM's or a host's settings: ok, its warnings, or every mistake."""
     from fcq_tasks.config.settings import load_host_settings
     name = str(path)
+    settings_file = _is_settings_file(path)
     try:
-        settings = load_host_settings(path)
+        if settings_file:
+            settings = load_host_settings(path)
+            warnings = list(settings.warnings)
+            record = {"file": name, "ok": True, "host": settings.host, "kind": "host settings"}
+            text = f"{name}: ok (host settings of {settings.host})"
+        else:
+            spec = parse_vm_file(path)
+            warnings = list(spec.warnings)
+            record = {"file": name, "ok": True, "vm": spec.name}
+            text = f"{name}: ok ({spec.name})"
     except ConfigErrors as many:
         for err in many.errors:
             out.error(err, None)
@@ -198,37 +209,10 @@ def _check_settings(path: Path, strict: bool, out: Output) -> None:
     except FcqError as err:
         out.error(err, None)
         return
-    for w in settings.warnings:
+    for w in warnings:
         say(f"fcq: {'error' if strict else 'warning'}: {w}", err=True)
-    if strict and settings.warnings:
+    if strict and warnings:
         out.code = max(out.code, EXIT_INPUT)
-        out.records.append({"file": name, "ok": False, "warnings": list(settings.warnings)})
+        out.records.append({"file": name, "ok": False, "warnings": warnings})
         return
-    out.result({"file": name, "ok": True, "host": settings.host, "kind": "host settings",
-                "warnings": list(settings.warnings)},
-               f"{name}: ok (host settings of {settings.host})")
-
-
-def _check_one(path: Path, strict: bool, out: Output) -> None:
-    name = str(path)
-    if _is_settings_file(path):
-        _check_settings(path, strict, out)
-        return
-    try:
-        spec = parse_vm_file(path)
-    except ConfigErrors as many:
-        for err in many.errors:
-            out.error(err, None)
-        return
-    except FcqError as err:
-        out.error(err, None)
-        return
-    if spec.warnings:
-        for w in spec.warnings:
-            say(f"fcq: {'error' if strict else 'warning'}: {w}", err=True)
-        if strict:
-            out.code = max(out.code, EXIT_INPUT)
-            out.records.append({"file": name, "ok": False, "warnings": list(spec.warnings)})
-            return
-    out.result({"file": name, "ok": True, "vm": spec.name, "warnings": list(spec.warnings)},
-               f"{name}: ok ({spec.name})")
+    out.result({**record, "warnings": warnings}, text)
