@@ -128,6 +128,11 @@ def test_a_hosts_user_cannot_touch_other_hosts(make_cluster: ClusterFactory) -> 
                     lambda: raw.execute_command("CLIENT", "LIST"),
                     lambda: raw.execute_command("SHUTDOWN", "NOSAVE"),
                     lambda: raw.execute_command("EVAL", "return redis.call('flushall')", "0"),
+                    lambda: evil.delete("fcq.controller"),
+                    lambda: evil.ltrim("fcq.controller", 0, 0),
+                    lambda: evil.set("fcq.controller", "x"),
+                    lambda: raw.execute_command("CLIENT", "TRACKING", "ON", "BCAST"),
+                    lambda: evil.move("fcq:host:alpha", 3),
                     lambda: raw.execute_command("SCRIPT", "FLUSH"),
                     lambda: raw.execute_command("ACL", "LIST"),
                     lambda: evil.lpush("fcq:jobs", "x"),
@@ -142,6 +147,7 @@ def test_a_hosts_user_cannot_touch_other_hosts(make_cluster: ClusterFactory) -> 
             sub.get_message(timeout=1)
     # Its own: its heartbeat, and the controller's queue (send only).
     assert evil.get("fcq:host:alpha")
+    assert evil.lpush("fcq.controller", "a request the controller checks") >= 1
     with pytest.raises(redis.exceptions.NoPermissionError):
         evil.lrange("fcq.controller", 0, -1)
     assert c.redis.client().lrange("host.beta", 0, -1) == ["a request beta must get"]

@@ -10,10 +10,10 @@ read the other hosts' heartbeats. Its channels are the results' notices
 and the task events (which it publishes; it could listen to them too:
 task names, VM and host names, results, never a request's arguments). No
 role may run FLUSH*, CONFIG, KEYS, DEBUG, SHUTDOWN, MONITOR,
-ACL or INFO (Redis's ``@dangerous``). Scripts stay: kombu's mutex is
-redis-py's lock, which releases itself with a Lua script; Redis checks
-what a script calls against the user's rules, so a script can do nothing
-its user could not.
+ACL or INFO (Redis's ``@dangerous``), nor MOVE/COPY to another database
+or client-side tracking. A host sends to the controller's queue with LPUSH
+and nothing else (a selector): it cannot read, trim or delete it. Scripts
+stay allowed (Celery's chord join runs one on the hosts): see _SCRIPTS.
 
 Key names each role touches are listed in docs/security.md. Three choices
 make the host rules possible:
@@ -46,10 +46,15 @@ ROLES = ("host", "controller", "orchestrator", "beat", "reader")
 KOMBU_PREFIX = "fcq:kombu:"
 
 #: Commands no role needs. @dangerous has FLUSH*, CONFIG, KEYS, DEBUG,
-#: SHUTDOWN, MONITOR, ACL, INFO, CLIENT KILL, ...; of scripting, EVAL,
-#: EVALSHA and SCRIPT LOAD are used (redis-py's lock), nothing else.
+#: SHUTDOWN, MONITOR, ACL, INFO, CLIENT KILL, ...; MOVE and COPY reach other
+#: databases; client-side tracking reports changes to keys one may not read.
 _BASE = ["resetkeys", "resetchannels", "-@all", "+@all", "-@dangerous", "-@scripting",
-         "+eval", "+evalsha", "+script|load", "+script|exists"]
+         "-move", "-copy", "-client|tracking"]
+#: Scripts: Celery's chord join (on the hosts), redis-py's lock (kombu's
+#: mutex), beat's lock. Redis checks what a script calls against its
+#: caller's rules; but a script that never ends stops Redis for everyone,
+#: and SCRIPT KILL cannot stop one that wrote (docs/security.md: not closed).
+_SCRIPTS = ["+eval", "+evalsha", "+script|load", "+script|exists"]
 #: Channels: results' notices (Celery subscribes to what it sends, even
 #: inside a worker, e.g. a chord's errback) and task events; no patterns.
 _CHANNELS = ["-psubscribe", "-ssubscribe", "&celery-task-meta-*", "&/*.celeryev/*"]
@@ -77,19 +82,19 @@ def permissions(role: str, host: str | None = None) -> list[str]:
         raise BadRequest("host", f"{NAME_RULE} (got {host!r})")
     if role == "host":
         queue = f"host.{host}"
-        return [*_BASE, *_CHANNELS,
+        return [*_BASE, *_SCRIPTS, *_CHANNELS,
                 f"~{queue}",                          # its queue: BRPOP, and restores
                 f"~{KOMBU_PREFIX}{host}:*",          # its unacked messages
                 f"~_kombu.binding.{queue}",          # its queue's binding (declared at start)
                 f"~_kombu.binding_permanent.{queue}",
                 "%R~_kombu.binding.fcq.controller",  # routing what it sends
-                "%W~fcq.controller",                 # move requests, chord callbacks
+                "(%W~fcq.controller +lpush)",        # send only: move requests, callbacks
                 "~celery-task-meta-*",               # results (Celery reads before it writes)
                 "~celery-taskset-meta-*",            # a chord's join counters
                 f"%W~fcq:host:{host}", "%R~fcq:host:*",  # its heartbeat; the others'
                 "~fcq:mig:*"]                        # migration rendezvous
     if role == "beat":
-        return [*_BASE, *_CHANNELS,
+        return [*_BASE, *_SCRIPTS, *_CHANNELS,
                 "%W~host.*",                         # sweeps to every host's queue
                 "~_kombu.binding.*", "~_kombu.binding_permanent.*",
                 "~fcq:beat", "%R~fcq:host:*",
@@ -110,7 +115,7 @@ def permissions(role: str, host: str | None = None) -> list[str]:
                 "&*"]
     # The orchestrator side (fcq CLI, the controller) sends to every host
     # and follows results: every key, still none of the dangerous commands.
-    return [*_BASE, "~*", "&*"]
+    return [*_BASE, *_SCRIPTS, "~*", "&*"]
 
 
 def acl_rule(role: str, password: str, host: str | None = None,
