@@ -92,6 +92,7 @@ class Orchestrator:
         self.untrusted: list[str] = []  # hosts whose heartbeats did not verify, last read
         # task id → (host, task name) whose signature its result needs
         self._sent_to: dict[str, tuple[str, str]] = {}
+        self._controller_bound = False  # the controller's queue declared (migrate)
 
     @property
     def client(self) -> redis.Redis:
@@ -486,12 +487,15 @@ class Orchestrator:
         message for an exchange nothing is bound to. Bound here first, the
         callback waits in the queue even for a controller not started yet.
         """
+        if self._controller_bound:
+            return  # a binding stays in Redis: once per orchestrator is enough
         try:
             with self.app.connection_for_write() as conn:
                 Queue(CONTROLLER_QUEUE, Exchange(CONTROLLER_QUEUE),
                       routing_key=CONTROLLER_QUEUE)(conn.default_channel).declare()
         except BROKER_ERRORS as err:
             raise redis_failure(err) from err
+        self._controller_bound = True
 
     def known_task(self, task_id: str) -> bool:
         """Whether *task_id* was sent through fcq (its job record) or has a state
@@ -502,12 +506,6 @@ class Orchestrator:
         except BROKER_ERRORS as err:
             raise redis_failure(err) from err
         return self.state(task_id)[0] != "PENDING"
-
-    def _date_done(self, task_id: str) -> float | None:
-        try:
-            return _utc_seconds(AsyncResult(task_id, app=self.app).date_done)
-        except (*BROKER_ERRORS, ValueError, TypeError):
-            return None
 
     def migration_progress(self, vm: str) -> tuple[str, Any] | None:
         """State of the source half of vm's migration in flight (its copy progress)."""
@@ -622,9 +620,14 @@ class Orchestrator:
         except BROKER_ERRORS as err:
             raise redis_failure(err) from err
         for row in rows:
-            state, info = self.state(row["id"])
+            # One result object per row: state, info and date_done from one read.
+            res: AsyncResult[Any] = AsyncResult(row["id"], app=self.app)
+            try:
+                state, info = str(res.state), res.info  # str: fcq's own states too (PROGRESS)
+                done = _utc_seconds(res.date_done) if state in ("SUCCESS", "FAILURE") else None
+            except BROKER_ERRORS as err:
+                raise redis_failure(err) from err
             row["state"] = state
-            done = self._date_done(row["id"]) if state in ("SUCCESS", "FAILURE") else None
             if done is not None and isinstance(row.get("submitted"), (int, float)):
                 # From sending to the result: queueing included, as the operator waited.
                 row["seconds"] = round(max(0.0, done - float(row["submitted"])), 3)
